@@ -1,0 +1,1 @@
+"""Build tooling for the replication appliance: render, build, assemble, verify, deploy, bundle."""

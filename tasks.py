@@ -1,0 +1,120 @@
+"""Invoke tasks: the user manual of the build (`invoke --list`, `invoke --help TASK`).
+
+Each task parses its options, calls one function of `appliance_build`, and turns a known
+failure (BuildError) into a clean exit with its message.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from invoke import Collection, Context, Exit, task
+
+from appliance_build.errors import BuildError
+
+INVENTORY_HELP = "inventory under inventory/ to use (default: local, the local KVM build)"
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Show a BuildError as its message and exit 1, instead of a traceback."""
+    try:
+        yield
+    except BuildError as exc:
+        raise Exit(f"error: {exc}", code=1) from None
+    except KeyboardInterrupt:
+        raise Exit("interrupted", code=130) from None
+
+
+def _inventory(c: Context, inventory: str | None) -> str:
+    return inventory or c.config.get("appliance", {}).get("inventory", "local")
+
+
+@task(help={"inventory": INVENTORY_HELP})
+def render(c: Context, inventory: str | None = None) -> None:
+    """Render the Packer template, answer file, first-boot scripts and Ansible vars into build/."""
+    from appliance_build import render as rendering
+
+    with user_errors():
+        out = rendering.render_inventory(_inventory(c, inventory))
+        print(f"rendered into {out}")
+
+
+@task(help={"inventory": INVENTORY_HELP})
+def validate(c: Context, inventory: str | None = None) -> None:
+    """Render, then packer fmt/validate, ansible syntax-check + lint, and OVF checks."""
+    from appliance_build import validate as validation
+
+    with user_errors():
+        validation.validate_all(_inventory(c, inventory))
+
+
+@task(
+    name="build-ova",
+    help={
+        "inventory": INVENTORY_HELP,
+        "iso": "path of a local Windows Server 2016 ISO (default: the pinned evaluation ISO download)",
+        "force": "overwrite an OVA of the same version already in dist/",
+    },
+)
+def build_ova(c: Context, inventory: str | None = None, iso: str | None = None, force: bool = False) -> None:
+    """The main job: build dist/<name>-<version>.ova (+ .sha256) with Packer and Ansible."""
+    from appliance_build import build as building
+
+    with user_errors():
+        ova = building.build_ova(_inventory(c, inventory), iso=iso, force=force)
+        print(f"built {ova}")
+
+
+@task(
+    name="assemble-ova",
+    help={
+        "disks": "comma-separated VMDKs in order: OS, cache, retention",
+        "out": "OVA to write (default: dist/<name>-<version>.ova)",
+        "inventory": INVENTORY_HELP,
+    },
+)
+def assemble_ova(c: Context, disks: str, out: str | None = None, inventory: str | None = None) -> None:
+    """Write an OVA (descriptor from the inventory, manifest, disks) from three VMDKs."""
+    from appliance_build.ova import assemble
+
+    with user_errors():
+        path = assemble.assemble_from_inventory(_inventory(c, inventory), disks.split(","), out)
+        print(f"wrote {path}")
+
+
+@task(name="verify-ova", help={"ova": "OVA file (or folder with an .ovf) to check"})
+def verify_ova(c: Context, ova: str) -> None:
+    """Check any OVA against the OVF schema and the appliance requirements; print a table."""
+    from appliance_build.ova import verify
+
+    with user_errors():
+        report = verify.verify_package(ova)
+        print(report.table())
+        report.raise_for_failures()
+
+
+@task(help={"k": "only run tests matching this expression", "x": "stop at the first failure"})
+def test(c: Context, k: str | None = None, x: bool = False) -> None:
+    """Run the whole test suite (starts MariaDB, Azurite, vcsim and sshd on free loopback ports)."""
+    args = ["python", "-m", "pytest"]
+    if k:
+        args += ["-k", k]
+    if x:
+        args.append("-x")
+    result = c.run(" ".join(_quote(a) for a in args), warn=True, pty=False)
+    # pytest exits 5 when no test ran: treat that as a failure, never as a pass.
+    if result.exited != 0:
+        raise Exit(f"tests failed (pytest exit {result.exited})", code=result.exited or 1)
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+TASKS: list[Callable[..., Any]] = [render, validate, build_ova, assemble_ova, verify_ova, test]
+ns = Collection(*TASKS)
+ns.configure({"appliance": {"inventory": "local"}})
