@@ -1,0 +1,1 @@
+"""OVF descriptor, OVA reading/writing and verification."""
