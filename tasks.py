@@ -115,6 +115,38 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
-TASKS: list[Callable[..., Any]] = [render, validate, build_ova, assemble_ova, verify_ova, test]
+@task(
+    help={
+        "inventory": INVENTORY_HELP,
+        "python_runtime": "local copy of python-3.11.9-amd64.exe to put in the bundle "
+                          "(default: the installer downloads it and checks its pinned SHA-256)",
+        "dist": "output folder (default: dist)",
+    },
+)
+def bundle(c: Context, inventory: str | None = None, python_runtime: str | None = None, dist: str = "dist") -> None:
+    """Build dist/replication-appliance-installer-<version>.zip (+ SHA256SUMS) for physical servers."""
+    from pathlib import Path
+
+    from appliance_build.packaging import bundle as bundling
+
+    with user_errors():
+        out = bundling.build_bundle(Path(dist), inventory=_inventory(c, inventory),
+                                    python_runtime=Path(python_runtime) if python_runtime else None)
+        print(f"built {out}")
+
+
+@task(name="agent-packages", help={"dist": "output folder (default: dist)"})
+def agent_packages(c: Context, dist: str = "dist") -> None:
+    """Build dist/mobility-agent-<version>-windows.zip and -linux.tar.gz (+ SHA256SUMS)."""
+    from pathlib import Path
+
+    from appliance_build.packaging import agent_packages as packaging
+
+    with user_errors():
+        for out in packaging.build_agent_packages(Path(dist)):
+            print(f"built {out}")
+
+
+TASKS: list[Callable[..., Any]] = [render, validate, build_ova, assemble_ova, verify_ova, test, bundle, agent_packages]
 ns = Collection(*TASKS)
 ns.configure({"appliance": {"inventory": "local"}})
