@@ -1,0 +1,109 @@
+"""Journal segments: records are whole frames back to back. A sealed segment is split per
+disk (its DATA frames plus every MARKER, so each disk sees every consistency point), then
+compressed with zstd and encrypted with AES-256-GCM under that disk's data key. The blob's
+name and key id are the associated data, so a blob cannot be swapped or replayed elsewhere."""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ..common.errors import ApplianceError
+from .frames import HEADER_SIZE, FrameError, Header, IncompleteFrame, Kind, check_payload, decode_header
+
+FORMAT = "zstd+aes256gcm/1"
+NONCE = 12
+ZSTD_LEVELS = (1, 2, 3)
+
+
+class SegmentError(ApplianceError):
+    """A log blob cannot be opened (wrong key, altered or truncated) or parsed."""
+
+
+@dataclass(frozen=True)
+class Record:
+    header: Header
+    payload: memoryview
+
+
+def iter_records(buf: bytes | memoryview) -> Iterator[Record]:
+    """Every whole, checksum-valid record; stops (without error) at a torn or corrupt tail.
+    Use `valid_prefix` to learn where that tail starts."""
+    for rec, _ in _scan(buf):
+        yield rec
+
+
+def _scan(buf: bytes | memoryview) -> Iterator[tuple[Record, int]]:
+    mv = memoryview(buf)
+    pos = 0
+    while pos + HEADER_SIZE <= len(mv):
+        try:
+            h = decode_header(mv[pos:pos + HEADER_SIZE])
+            end = pos + HEADER_SIZE + h.length
+            if end > len(mv):
+                raise IncompleteFrame(end - len(mv))
+            payload = mv[pos + HEADER_SIZE:end]
+            check_payload(mv[pos:pos + HEADER_SIZE], h, payload)
+        except (FrameError, IncompleteFrame):
+            return
+        yield Record(h, payload), end
+        pos = end
+
+
+def valid_prefix(buf: bytes | memoryview) -> tuple[int, int]:
+    """(length of the valid prefix, last sequence in it or -1)."""
+    end, last = 0, -1
+    for rec, e in _scan(buf):
+        end, last = e, rec.header.seq
+    return end, last
+
+
+def split_by_disk(buf: bytes | memoryview, disk_count: int) -> list[bytes]:
+    mv = memoryview(buf)
+    parts: list[list[memoryview]] = [[] for _ in range(disk_count)]
+    pos = 0
+    for rec, end in _scan(mv):
+        whole = mv[pos:end]
+        if rec.header.kind is Kind.DATA:
+            parts[rec.header.disk].append(whole)
+        elif rec.header.kind is Kind.MARKER:
+            for p in parts:
+                p.append(whole)
+        pos = end
+    if pos != len(mv):
+        raise SegmentError(f"sealed segment is corrupt at byte {pos} of {len(mv)}: refusing to upload it")
+    return [b"".join(p) for p in parts]
+
+
+def blob_name(machine: uuid.UUID, disk: int, segno: int) -> str:
+    return f"logs/{machine}/{disk}/{segno:012d}.log"
+
+
+def _aad(name: str, key_id: str) -> bytes:
+    return f"{FORMAT}|{name}|{key_id}".encode()
+
+
+def seal(plain: bytes | memoryview, key: bytes, name: str, key_id: str, level: int = 1) -> bytes:
+    if level not in ZSTD_LEVELS:
+        raise SegmentError(f"zstd level {level} is not allowed: use one of {ZSTD_LEVELS}")
+    packed = zstandard.ZstdCompressor(level=level).compress(plain)
+    nonce = os.urandom(NONCE)
+    return nonce + AESGCM(key).encrypt(nonce, packed, _aad(name, key_id))
+
+
+def unseal(blob: bytes, key: bytes, name: str, key_id: str) -> bytes:
+    if len(blob) < NONCE + 16:
+        raise SegmentError(f"log blob {name} is truncated ({len(blob)} bytes)")
+    try:
+        packed = AESGCM(key).decrypt(blob[:NONCE], blob[NONCE:], _aad(name, key_id))
+    except InvalidTag:
+        raise SegmentError(f"log blob {name} fails authentication: wrong data key or the blob was altered") from None
+    try:
+        return zstandard.ZstdDecompressor().decompress(packed, max_output_size=1 << 31)
+    except zstandard.ZstdError as e:
+        raise SegmentError(f"log blob {name} does not decompress: {e}") from None

@@ -1,0 +1,297 @@
+"""The data port: mutual TLS, one session per machine, every frame validated, journaled, and
+acknowledged only once fsynced. Below the throttle threshold of cache free space the server
+stops reading (TCP flow control slows the agent; nothing is dropped) and says so in ACKs."""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..common.secrets import MasterKey
+from ..common.tls import ROLE_AGENT, identity_from_der
+from ..dataplane.frames import (HEADER_SIZE, ErrorCode, Flag, Frame, FrameError, Kind, check_payload,
+                                decode_header, encode, error_frame)
+from ..dataplane.session import MachineDirectory, Session
+from ..storage.base import BlobStore
+from ..storage.keyring import DataKeyring
+from .journal import Journals, MachineJournal
+from .stats import HealthReport, Stats, write_report
+from .uploader import Uploader
+
+log = logging.getLogger(__name__)
+NIL = uuid.UUID(int=0)
+HEALTH_FILE = "health.json"
+
+
+@dataclass
+class ProcessServerConfig:
+    cache_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 9443
+    segment_max_bytes: int = 32 * 1024 * 1024
+    segment_max_age: float = 5.0
+    throttle_free_fraction: float = 0.20
+    # The cache disk's usable size; None = the whole file system holding cache_dir.
+    cache_capacity_bytes: int | None = None
+    upload_concurrency: int = 4
+    zstd_level: int = 1
+    flush_bytes: int = 8 * 1024 * 1024
+    idle_timeout: float = 300.0
+
+
+class _PeerClosed(Exception):
+    pass
+
+
+class _Reader:
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self.sock = sock
+
+    def exact(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        mv = memoryview(buf)
+        got = 0
+        while got < n:
+            r = self.sock.recv_into(mv[got:], n - got)
+            if r == 0:
+                if got == 0:
+                    raise _PeerClosed()
+                raise FrameError(ErrorCode.MALFORMED, f"connection closed inside a frame ({got} of {n} bytes)")
+            got += r
+        return buf
+
+    def more_waiting(self) -> bool:
+        return self.sock.pending() > 0 or bool(select.select([self.sock], [], [], 0)[0])
+
+
+class ProcessServer:
+    def __init__(self, config: ProcessServerConfig, ssl_context: ssl.SSLContext, directory: MachineDirectory,
+                 store: BlobStore, master_key: MasterKey) -> None:
+        self.config = config
+        self._ctx = ssl_context
+        self._directory = directory
+        self.stats = Stats()
+        self.journals = Journals(config.cache_dir, config.segment_max_bytes, config.segment_max_age)
+        self.stats.recovered_torn_bytes = sum(j.recovered_torn_bytes for j in self.journals.all())
+        self.uploader = Uploader(store, DataKeyring(store, master_key), self._disk_count, self.stats,
+                                 config.upload_concurrency, config.zstd_level)
+        self._listener: socket.socket | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._sessions: dict[uuid.UUID, socket.socket] = {}
+        self._session_locks: dict[uuid.UUID, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self._throttled = False
+        self._report: HealthReport | None = None
+        self.port = config.port
+
+    def _disk_count(self, machine: uuid.UUID) -> int:
+        rec = self._directory.machine(machine)
+        if rec is None:
+            raise FrameError(ErrorCode.NOT_AUTHORIZED, f"machine {machine} is no longer registered")
+        return len(rec.disk_sizes)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> int:
+        for j in self.journals.all():
+            for seg in j.pending():
+                self.uploader.submit(seg)
+        self._listener = socket.create_server((self.config.host, self.config.port), backlog=64)
+        self.port = self._listener.getsockname()[1]
+        self._refresh()
+        for target, name in ((self._accept_loop, "ps-accept"), (self._monitor_loop, "ps-monitor")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("process server listening on %s:%d", self.config.host, self.port)
+        return self.port
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            for s in self._sessions.values():
+                _shutdown(s)
+        for t in self._threads:
+            t.join(timeout=5)
+        self.journals.close()
+        self.uploader.close(wait=False)
+
+    # -- health and back-pressure ---------------------------------------------------------
+    def health(self) -> HealthReport:
+        return self._refresh()
+
+    def _refresh(self) -> HealthReport:
+        cache = self.config.cache_dir
+        used = backlog = segments = 0
+        for p in cache.glob("*/*"):
+            if p.suffix in (".open", ".sealed"):
+                try:
+                    size = p.stat().st_size
+                except FileNotFoundError:
+                    continue
+                used += size
+                backlog += size
+                segments += p.suffix == ".sealed"
+        fs = os.statvfs(cache)
+        fs_total, fs_free = fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize
+        cap = self.config.cache_capacity_bytes
+        total = cap if cap else fs_total
+        free = min(fs_free, max(total - used, 0)) if cap else fs_free
+        fraction = free / total if total else 0.0
+        self._throttled = fraction < self.config.throttle_free_fraction
+        self.stats.set_throttled(self._throttled)
+        report = self.stats.report(total, used, fraction, backlog, segments)
+        write_report(cache / HEALTH_FILE, report)
+        self._report = report
+        return report
+
+    def _monitor_loop(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                for j in self.journals.all():
+                    seg = j.seal_if_old()
+                    if seg is not None:
+                        self.uploader.submit(seg)
+                self._refresh()
+            except Exception:
+                log.exception("process server monitor failed")
+
+    # -- connections ----------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                raw, addr = self._listener.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(raw, addr), name=f"ps-conn-{addr[1]}", daemon=True)
+            t.start()
+
+    def _serve(self, raw: socket.socket, addr) -> None:
+        raw.settimeout(30)
+        try:
+            sock = self._ctx.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            log.warning("TLS handshake from %s refused: %s", addr[0], e)
+            raw.close()
+            return
+        self.stats.connection(+1)
+        try:
+            sock.settimeout(self.config.idle_timeout)
+            self._session(sock, addr)
+        except (OSError, _PeerClosed) as e:
+            log.info("connection from %s ended: %s", addr[0], e)
+        finally:
+            self.stats.connection(-1)
+            _shutdown(sock)
+
+    def _send(self, sock: ssl.SSLSocket, frame: Frame) -> None:
+        sock.sendall(encode(frame))
+
+    def _refuse(self, sock: ssl.SSLSocket, machine: uuid.UUID, err: FrameError) -> None:
+        log.warning("refused frame from machine %s: %s", machine, err)
+        try:
+            self._send(sock, error_frame(machine, err.code, str(err)))
+        except OSError:
+            pass
+
+    def _session(self, sock: ssl.SSLSocket, addr) -> None:
+        der = sock.getpeercert(binary_form=True)
+        ident = identity_from_der(der) if der else None
+        machine_id: uuid.UUID | None = None
+        if ident is not None and ident.role == ROLE_AGENT:
+            try:
+                machine_id = uuid.UUID(ident.subject_id)
+            except ValueError:
+                machine_id = None
+        record = self._directory.machine(machine_id) if machine_id else None
+        if record is None:
+            return self._refuse(sock, NIL, FrameError(ErrorCode.NOT_AUTHORIZED,
+                                "the client certificate does not belong to a registered machine: register the agent first"))
+        with self._lock:
+            old = self._sessions.get(record.machine_id)
+            lock = self._session_locks.setdefault(record.machine_id, threading.Lock())
+        if old is not None:
+            _shutdown(old)  # a reconnecting agent takes over from its dead connection
+        if not lock.acquire(timeout=30):
+            return self._refuse(sock, record.machine_id, FrameError(ErrorCode.PROTOCOL, "another session of this machine is still active"))
+        try:
+            with self._lock:
+                self._sessions[record.machine_id] = sock
+            self._run_session(sock, record, self.journals.get(record.machine_id))
+        finally:
+            with self._lock:
+                if self._sessions.get(record.machine_id) is sock:
+                    del self._sessions[record.machine_id]
+            lock.release()
+
+    def _run_session(self, sock: ssl.SSLSocket, record, journal: MachineJournal) -> None:
+        reader = _Reader(sock)
+        session = Session(record, journal.last_seq)
+        pending = 0
+        last = journal.last_seq
+
+        def flush() -> None:
+            nonlocal pending
+            with journal.lock:
+                sealed = journal.sync()
+            if sealed is not None:
+                self.uploader.submit(sealed)
+            pending = 0
+            self._send(sock, Frame(Kind.ACK, record.machine_id, seq=last,
+                                   flags=Flag.THROTTLED if self._throttled else Flag(0)))
+
+        try:
+            while not self._stop.is_set():
+                if self._throttled:
+                    if pending:
+                        flush()
+                    self._send(sock, Frame(Kind.ACK, record.machine_id, seq=last, flags=Flag.THROTTLED))
+                    while self._throttled and not self._stop.is_set():
+                        time.sleep(0.2)
+                try:
+                    hb = reader.exact(HEADER_SIZE)
+                except _PeerClosed:
+                    break
+                h = decode_header(hb)
+                session.check(h)
+                payload = reader.exact(h.length) if h.length else bytearray()
+                check_payload(hb, h, payload)
+                if h.kind is Kind.HELLO:
+                    self._send(sock, Frame(Kind.WELCOME, record.machine_id, seq=journal.last_seq))
+                    continue
+                with journal.lock:
+                    journal.append(h, bytes(hb), payload)
+                self.stats.ingest(h.length)
+                last = h.seq
+                pending += HEADER_SIZE + h.length
+                if h.kind is Kind.MARKER or pending >= self.config.flush_bytes or not reader.more_waiting():
+                    flush()
+        except FrameError as e:
+            if pending:
+                flush()
+            self._refuse(sock, record.machine_id, e)
+        finally:
+            if pending:
+                with journal.lock:
+                    journal.sync()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass

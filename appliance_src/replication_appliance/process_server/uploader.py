@@ -1,0 +1,80 @@
+"""Ships sealed segments to cache storage: split per disk, zstd, AES-256-GCM with the disk's
+data key, bounded concurrency, retries with backoff. The local segment is deleted only after
+every disk's blob is stored. Blob names come from the segment number, so an upload repeated
+after a restart overwrites the same blob with the same records and cannot apply twice."""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from ..dataplane.segment import FORMAT, blob_name, seal, split_by_disk, valid_prefix
+from ..storage.base import BlobStore, StorageError
+from ..storage.keyring import DataKeyring
+from .journal import SealedSegment
+from .stats import Stats
+
+log = logging.getLogger(__name__)
+
+
+class Uploader:
+    def __init__(self, store: BlobStore, keyring: DataKeyring, disk_count: Callable[[uuid.UUID], int],
+                 stats: Stats, concurrency: int = 4, zstd_level: int = 1,
+                 backoff_initial: float = 0.5, backoff_max: float = 30.0) -> None:
+        self._store = store
+        self._keyring = keyring
+        self._disk_count = disk_count
+        self._stats = stats
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="upload")
+        self._level = zstd_level
+        self._backoff = (backoff_initial, backoff_max)
+        self._queued: set[tuple[uuid.UUID, int]] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def submit(self, seg: SealedSegment) -> None:
+        key = (seg.machine, seg.segno)
+        with self._lock:
+            if key in self._queued or self._stopping.is_set():
+                return
+            self._queued.add(key)
+        self._pool.submit(self._run, seg)
+
+    def _run(self, seg: SealedSegment) -> None:
+        delay = self._backoff[0]
+        while not self._stopping.is_set():
+            try:
+                self._upload(seg)
+                self._stats.upload_ok(seg.size)
+                break
+            except (StorageError, OSError) as e:
+                self._stats.upload_failed(f"{type(e).__name__}: {e}")
+                log.warning("upload of %s segment %d failed (%s); retrying in %.1fs", seg.machine, seg.segno, e, delay)
+                self._stopping.wait(delay * (0.5 + random.random() / 2))
+                delay = min(delay * 2, self._backoff[1])
+            except Exception:  # keep the worker alive; the segment stays for the next restart
+                log.exception("upload of %s segment %d failed unexpectedly", seg.machine, seg.segno)
+                self._stats.upload_failed("internal error, see the process server log")
+                break
+        with self._lock:
+            self._queued.discard((seg.machine, seg.segno))
+
+    def _upload(self, seg: SealedSegment) -> None:
+        data = seg.path.read_bytes()
+        _, last_seq = valid_prefix(data)
+        parts = split_by_disk(data, self._disk_count(seg.machine))
+        for disk, plain in enumerate(parts):
+            key_id, key = self._keyring.current(seg.machine, disk)
+            name = blob_name(seg.machine, disk, seg.segno)
+            self._store.put_blob(name, seal(plain, key, name, key_id, self._level), {
+                "key_id": key_id, "format": FORMAT, "segno": str(seg.segno),
+                "last_seq": str(last_seq), "plain_bytes": str(len(plain))})
+        seg.path.unlink()
+
+    def close(self, wait: bool = True) -> None:
+        self._stopping.set()
+        self._pool.shutdown(wait=wait, cancel_futures=True)
