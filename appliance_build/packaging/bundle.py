@@ -3,6 +3,7 @@
 Layout inside the zip (one top folder named like the zip):
     Install-ReplicationAppliance.ps1   entry script (installer/windows/)
     Test-AppliancePrerequisites.ps1    prerequisite checker (installer/windows/)
+    Install-PythonRuntime.ps1          Python runtime step, shared with the agent (installer/windows/)
     README.md                          operator README (installer/windows/)
     prerequisites.json                 the seed's requirement rows and thresholds, for the checker
     setup/<Verb-Noun>.ps1              the Windows setup steps, copied from roles/*/files/ (the
@@ -27,7 +28,8 @@ from .manifest import build_manifest, write_sha256sums
 INSTALLER_DIR = REPO_ROOT / "installer" / "windows"
 ROLES_DIR = REPO_ROOT / "roles"
 BUNDLE_STEM = "replication-appliance-installer"
-INSTALLER_FILES = ("Install-ReplicationAppliance.ps1", "Test-AppliancePrerequisites.ps1", "README.md")
+INSTALLER_FILES = ("Install-ReplicationAppliance.ps1", "Test-AppliancePrerequisites.ps1", "Install-PythonRuntime.ps1",
+                   "README.md")
 
 
 @dataclass(frozen=True)

@@ -84,27 +84,13 @@ function Invoke-SetupStep {
 
 function Resolve-PythonRuntime {
     param([Parameter(Mandatory)]$Pinned)
-    $python = Join-Path $InstallDir 'python\python.exe'
-    if ((Test-Path -LiteralPath $python) -and ((& $python -c 'import platform; print(platform.python_version())') -eq $Pinned.version)) {
-        Write-Log "Python $($Pinned.version) detected at $python"
-        return $python
+    try {
+        return & (Join-Path $BundleDir 'Install-PythonRuntime.ps1') -TargetDir (Join-Path $InstallDir 'python') `
+            -Version $Pinned.version -FileName $Pinned.file -Url $Pinned.url -Sha256 $Pinned.sha256 `
+            -SearchDirs @((Join-Path $BundleDir 'runtime'), $OfflineDir)
+    } catch {
+        Stop-Install "Python runtime: $($_.Exception.Message)"
     }
-    $candidates = @((Join-Path $BundleDir "runtime\$($Pinned.file)"), (Join-Path $OfflineDir $Pinned.file))
-    $installer = $candidates | Where-Object { Test-Path -LiteralPath $_ } | Select-Object -First 1
-    if (-not $installer) {
-        $installer = Join-Path $env:TEMP $Pinned.file
-        Write-Log "downloading Python $($Pinned.version) from $($Pinned.url)"
-        [Net.ServicePointManager]::SecurityProtocol = [Net.SecurityProtocolType]::Tls12
-        Invoke-WebRequest -Uri $Pinned.url -OutFile $installer -UseBasicParsing
-    }
-    $hash = (Get-FileHash -LiteralPath $installer -Algorithm SHA256).Hash.ToLowerInvariant()
-    if ($hash -ne $Pinned.sha256) { Stop-Install "$installer has SHA-256 $hash, expected $($Pinned.sha256): not the pinned Python $($Pinned.version)" }
-    Write-Log "installing Python $($Pinned.version) from $installer"
-    $target = Join-Path $InstallDir 'python'
-    $proc = Start-Process -FilePath $installer -Wait -PassThru -ArgumentList @(
-        '/quiet', 'InstallAllUsers=1', "TargetDir=`"$target`"", 'PrependPath=0', 'Include_launcher=0', 'Include_test=0', 'Shortcuts=0')
-    if ($proc.ExitCode -ne 0) { Stop-Install "the Python installer exited with $($proc.ExitCode)" }
-    return $python
 }
 
 function Install-ApplianceWheels {
