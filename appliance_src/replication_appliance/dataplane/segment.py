@@ -4,6 +4,7 @@ compressed with zstd and encrypted with AES-256-GCM under that disk's data key. 
 name and key id are the associated data, so a blob cannot be swapped or replayed elsewhere."""
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..common.errors import ApplianceError
+from .session import MachineRecord
 from .frames import HEADER_SIZE, FrameError, Header, IncompleteFrame, Kind, check_payload, decode_header
 
 FORMAT = "zstd+aes256gcm/1"
@@ -82,6 +84,23 @@ def split_by_disk(buf: bytes | memoryview, disk_count: int) -> list[bytes]:
 
 def blob_name(machine: uuid.UUID, disk: int, segno: int) -> str:
     return f"logs/{machine}/{disk}/{segno:012d}.log"
+
+
+def manifest_name(machine: uuid.UUID) -> str:
+    return f"machines/{machine}.json"
+
+
+def manifest_bytes(record: MachineRecord) -> bytes:
+    return json.dumps({"machine_id": str(record.machine_id), "hostname": record.hostname,
+                       "disk_sizes": list(record.disk_sizes)}).encode()
+
+
+def parse_manifest(data: bytes) -> MachineRecord:
+    try:
+        d = json.loads(data)
+        return MachineRecord(uuid.UUID(d["machine_id"]), str(d["hostname"]), tuple(int(s) for s in d["disk_sizes"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise SegmentError(f"machine manifest in storage is malformed: {e}") from None
 
 
 def _aad(name: str, key_id: str) -> bytes:

@@ -18,8 +18,8 @@ from ..common.secrets import MasterKey
 from ..common.tls import ROLE_AGENT, identity_from_der
 from ..dataplane.frames import (HEADER_SIZE, ErrorCode, Flag, Frame, FrameError, Kind, check_payload,
                                 decode_header, encode, error_frame)
-from ..dataplane.session import MachineDirectory, Session
-from ..storage.base import BlobStore
+from ..dataplane.session import MachineDirectory, MachineRecord, Session
+from ..storage.base import BlobStore, StorageError
 from ..storage.keyring import DataKeyring
 from .journal import Journals, MachineJournal
 from .stats import HealthReport, Stats, write_report
@@ -80,7 +80,7 @@ class ProcessServer:
         self.stats = Stats()
         self.journals = Journals(config.cache_dir, config.segment_max_bytes, config.segment_max_age)
         self.stats.recovered_torn_bytes = sum(j.recovered_torn_bytes for j in self.journals.all())
-        self.uploader = Uploader(store, DataKeyring(store, master_key), self._disk_count, self.stats,
+        self.uploader = Uploader(store, DataKeyring(store, master_key), self._machine, self.stats,
                                  config.upload_concurrency, config.zstd_level)
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
@@ -92,11 +92,11 @@ class ProcessServer:
         self._report: HealthReport | None = None
         self.port = config.port
 
-    def _disk_count(self, machine: uuid.UUID) -> int:
+    def _machine(self, machine: uuid.UUID) -> MachineRecord:
         rec = self._directory.machine(machine)
         if rec is None:
-            raise FrameError(ErrorCode.NOT_AUTHORIZED, f"machine {machine} is no longer registered")
-        return len(rec.disk_sizes)
+            raise StorageError(f"machine {machine} has journaled data but is no longer registered; its segments stay in the cache")
+        return rec
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> int:

@@ -12,7 +12,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from ..dataplane.segment import FORMAT, blob_name, seal, split_by_disk, valid_prefix
+from ..dataplane.segment import FORMAT, blob_name, manifest_bytes, manifest_name, seal, split_by_disk, valid_prefix
+from ..dataplane.session import MachineRecord
 from ..storage.base import BlobStore, StorageError
 from ..storage.keyring import DataKeyring
 from .journal import SealedSegment
@@ -22,12 +23,13 @@ log = logging.getLogger(__name__)
 
 
 class Uploader:
-    def __init__(self, store: BlobStore, keyring: DataKeyring, disk_count: Callable[[uuid.UUID], int],
+    def __init__(self, store: BlobStore, keyring: DataKeyring, machine: Callable[[uuid.UUID], MachineRecord],
                  stats: Stats, concurrency: int = 4, zstd_level: int = 1,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0) -> None:
         self._store = store
         self._keyring = keyring
-        self._disk_count = disk_count
+        self._machine = machine
+        self._described: set[uuid.UUID] = set()
         self._stats = stats
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="upload")
         self._level = zstd_level
@@ -66,7 +68,12 @@ class Uploader:
     def _upload(self, seg: SealedSegment) -> None:
         data = seg.path.read_bytes()
         _, last_seq = valid_prefix(data)
-        parts = split_by_disk(data, self._disk_count(seg.machine))
+        record = self._machine(seg.machine)
+        if seg.machine not in self._described:
+            # The cloud side (apply, export) reads disk sizes and hostname from storage alone.
+            self._store.put_blob(manifest_name(seg.machine), manifest_bytes(record), {})
+            self._described.add(seg.machine)
+        parts = split_by_disk(data, len(record.disk_sizes))
         for disk, plain in enumerate(parts):
             key_id, key = self._keyring.current(seg.machine, disk)
             name = blob_name(seg.machine, disk, seg.segno)

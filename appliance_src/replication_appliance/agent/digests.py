@@ -1,0 +1,92 @@
+"""Per-block digest map: XXH3-128 of every 4 KiB block as last sent (and acknowledged).
+
+A delta cycle reads only the source, hashes each block and sends the blocks whose digest
+changed; the map is kept in a file beside the agent state (16 bytes per block, 4 MiB per
+GiB of disk). Pure logic apart from load/save."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+BLOCK = 4096
+DIGEST = 16
+ZERO_BLOCK = bytes(BLOCK)
+ZERO_DIGEST = xxhash.xxh3_128_digest(ZERO_BLOCK)
+_MAGIC = b"RADM1\n"
+
+
+def digest_blocks(chunk: bytes | memoryview) -> bytes:
+    """Concatenated digests of every whole 4 KiB block in `chunk`."""
+    mv = memoryview(chunk)
+    h = xxhash.xxh3_128_digest
+    return b"".join([h(mv[i:i + BLOCK]) for i in range(0, len(mv), BLOCK)])
+
+
+@dataclass(frozen=True)
+class Run:
+    """Blocks [first, first+count) of a chunk that must be sent."""
+    first: int
+    count: int
+
+
+def changed_runs(old: bytes | memoryview, new: bytes | memoryview, max_blocks: int, skip_zero: bool) -> list[Run]:
+    """Runs of blocks whose digest differs (or, with skip_zero, which are not all-zero)."""
+    n = len(new) // DIGEST
+    if bytes(new) == (ZERO_DIGEST * n if skip_zero else bytes(old)):
+        return []  # the common case, decided by one memcmp
+    runs: list[Run] = []
+    start = -1
+    for i in range(n):
+        d = new[i * DIGEST:(i + 1) * DIGEST]
+        send = (d != ZERO_DIGEST) if skip_zero else (d != old[i * DIGEST:(i + 1) * DIGEST])
+        if send and start < 0:
+            start = i
+        elif not send and start >= 0:
+            runs.append(Run(start, i - start))
+            start = -1
+        if start >= 0 and i - start + 1 == max_blocks:
+            runs.append(Run(start, max_blocks))
+            start = -1
+    if start >= 0:
+        runs.append(Run(start, n - start))
+    return runs
+
+
+class DigestMap:
+    def __init__(self, disk_size: int, data: bytearray | None = None) -> None:
+        self.blocks = (disk_size + BLOCK - 1) // BLOCK
+        if data is not None and len(data) != self.blocks * DIGEST:
+            raise ValueError(f"digest map has {len(data)} bytes, expected {self.blocks * DIGEST}")
+        # A fresh map says "all zero": that is what a new replica page blob holds.
+        self.data = data if data is not None else bytearray(ZERO_DIGEST * self.blocks)
+
+    def slice(self, first_block: int, count: int) -> memoryview:
+        return memoryview(self.data)[first_block * DIGEST:(first_block + count) * DIGEST]
+
+    def update(self, first_block: int, digests: bytes) -> None:
+        self.data[first_block * DIGEST:first_block * DIGEST + len(digests)] = digests
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(_MAGIC + self.blocks.to_bytes(8, "big"))
+            f.write(self.data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, disk_size: int) -> "DigestMap | None":
+        """The saved map, or None if it is missing or does not fit the disk (then: resync)."""
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        head = len(_MAGIC) + 8
+        if not raw.startswith(_MAGIC) or int.from_bytes(raw[len(_MAGIC):head], "big") * DIGEST != len(raw) - head:
+            return None
+        m = cls(disk_size, bytearray(raw[head:])) if (len(raw) - head) == ((disk_size + BLOCK - 1) // BLOCK) * DIGEST else None
+        return m

@@ -1,0 +1,191 @@
+"""One replication cycle of every disk: initial replication where it is not finished (resumed
+from the last acknowledged checkpoint), a delta pass elsewhere, then a consistency marker.
+The cycle returns once the process server has durably acknowledged the marker; only then
+are the digest maps saved, so a failed cycle is simply repeated."""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..dataplane.frames import MAX_DATA, Frame, Kind
+from .digests import BLOCK, DigestMap, changed_runs, digest_blocks
+from .link import Link, LinkLost, Outbox
+from .source import DiskReader
+from .state import PHASE_DELTA, PHASE_INITIAL, AgentConfig, DiskState, StateDir
+
+log = logging.getLogger(__name__)
+CHUNK = 4 * 1024 * 1024
+FRAME_BYTES = 1024 * 1024
+
+
+@dataclass
+class CycleReport:
+    marker_id: str = ""
+    marker_seq: int = 0
+    bytes_read: int = 0
+    bytes_sent: int = 0
+    frames: int = 0
+    reconnects: int = 0
+    throttle_events: int = 0
+    phases: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Replicator:
+    def __init__(self, config: AgentConfig, state: StateDir, connect: Callable[[Outbox], Link],
+                 window_bytes: int = 64 * 1024 * 1024, checkpoint_every: float = 2.0,
+                 reconnect_for: float = 300.0, frame_bytes: int = FRAME_BYTES) -> None:
+        if frame_bytes % BLOCK or not 0 < frame_bytes <= MAX_DATA:
+            raise ValueError(f"frame size {frame_bytes} must be a multiple of {BLOCK} up to {MAX_DATA}")
+        self.config = config
+        self.state = state
+        self._connect = connect
+        self._window = window_bytes
+        self._checkpoint_every = checkpoint_every
+        self._reconnect_for = reconnect_for
+        self._frame_blocks = frame_bytes // BLOCK
+        self.link: Link | None = None
+        self.outbox = Outbox(window_bytes)
+        self.next_seq = 1
+        self.report = CycleReport()
+
+    # -- connection -----------------------------------------------------------------------
+    def _open(self) -> None:
+        self.link = self._connect(self.outbox)
+        server_seq = self.link.server_seq
+        with self.outbox.cond:
+            first = self.outbox.items[0].seq if self.outbox.items else None
+        if first is not None and server_seq < first - 1:
+            raise LinkLost(f"process server reports sequence {server_seq} but acknowledged {first - 1}: "
+                           "its cache lost acknowledged data; a resync is needed")
+        if first is None:
+            self.next_seq = server_seq + 1
+        self.link.replay()
+
+    def _reconnect(self, why: Exception) -> None:
+        deadline = time.monotonic() + self._reconnect_for
+        delay = 0.2
+        log.warning("link to the process server lost (%s); reconnecting", why)
+        if self.link is not None:
+            self.report.throttle_events += self.link.throttle_events
+            self.link.close()
+        while True:
+            try:
+                self._open()
+                self.report.reconnects += 1
+                return
+            except (OSError, LinkLost) as e:
+                if time.monotonic() > deadline:
+                    raise LinkLost(f"process server unreachable for {self._reconnect_for:.0f}s: {e}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _send(self, frame_kind: Kind, disk: int = 0, offset: int = 0, payload: bytes = b"",
+              on_ack: Callable[[], None] | None = None) -> int:
+        seq = self.next_seq
+        self.next_seq += 1
+        frame = Frame(frame_kind, self.config.machine, disk=disk, seq=seq, offset=offset, payload=payload)
+        while True:
+            try:
+                assert self.link is not None
+                self.link.send(frame, on_ack)
+                break
+            except LinkLost as e:
+                queued = any(p.seq == seq for p in list(self.outbox.items))
+                self._reconnect(e)
+                if queued:  # the replay after reconnecting has sent it
+                    break
+        self.report.frames += 1
+        self.report.bytes_sent += len(payload)
+        return seq
+
+    def _wait(self, seq: int) -> None:
+        while True:
+            try:
+                assert self.link is not None
+                self.link.wait_acked(seq)
+                return
+            except LinkLost as e:
+                self._reconnect(e)
+
+    # -- passes ---------------------------------------------------------------------------
+    def _pass(self, disk: int, reader: DiskReader, dmap: DigestMap, start: int, initial: bool,
+              checkpoint: Callable[[int], None] | None) -> None:
+        pos = start
+        last_save = time.monotonic()
+        acked_to = [start]
+
+        while pos < reader.size:
+            chunk = reader.read(pos)
+            self.report.bytes_read += len(chunk)
+            digests = digest_blocks(chunk)
+            first_block = pos // BLOCK
+            runs = changed_runs(b"" if initial else bytes(dmap.slice(first_block, len(digests) // 16)),
+                                digests, self._frame_blocks, skip_zero=initial)
+            end = pos + len(chunk)
+            for i, run in enumerate(runs):
+                lo, hi = run.first * BLOCK, min((run.first + run.count) * BLOCK, len(chunk))
+                done = (lambda e=end: acked_to.__setitem__(0, max(acked_to[0], e))) if i == len(runs) - 1 else None
+                self._send(Kind.DATA, disk, pos + lo, bytes(chunk[lo:hi]), done)
+            if not runs:
+                acked_to[0] = max(acked_to[0], end) if self.outbox.bytes == 0 else acked_to[0]
+            dmap.update(first_block, digests)
+            pos = end
+            if checkpoint and time.monotonic() - last_save > self._checkpoint_every:
+                checkpoint(acked_to[0])
+                last_save = time.monotonic()
+
+    def run_cycle(self) -> CycleReport:
+        started = time.monotonic()
+        self.report = CycleReport()
+        self.outbox = Outbox(self._window)
+        self._open()
+        try:
+            maps: list[DigestMap] = []
+            states: list[DiskState] = []
+            for disk, dcfg in enumerate(self.config.disks):
+                st = self.state.load_disk(disk)
+                with DiskReader(dcfg.path, CHUNK) as reader:
+                    if reader.size != dcfg.size:
+                        from .source import SourceError
+
+                        raise SourceError(f"disk {disk} ({dcfg.path}) is now {reader.size} bytes but was registered "
+                                          f"with {dcfg.size}: re-register the agent after resizing a disk")
+                    dmap = DigestMap.load(self.state.digests(disk), reader.size)
+                    if st.phase == PHASE_INITIAL:
+                        self.report.phases.append(f"disk {disk}: initial from {st.initial_offset}")
+                        dmap = dmap if (dmap and st.initial_offset) else DigestMap(reader.size)
+
+                        def checkpoint(acked: int, disk=disk, st=st, dmap=dmap) -> None:
+                            st.initial_offset = acked
+                            dmap.save(self.state.digests(disk))
+                            self.state.save_disk(disk, st)
+
+                        self._pass(disk, reader, dmap, st.initial_offset - st.initial_offset % BLOCK, True, checkpoint)
+                    elif dmap is None:
+                        raise NotImplementedError("resync")
+                    else:
+                        self.report.phases.append(f"disk {disk}: delta")
+                        self._pass(disk, reader, dmap, 0, False, None)
+                maps.append(dmap)
+                states.append(st)
+            marker_id = uuid.uuid4().hex
+            seq = self._send(Kind.MARKER, 0, time.time_ns(), marker_id.encode())
+            self._wait(seq)
+            for disk, (st, dmap) in enumerate(zip(states, maps)):
+                dmap.save(self.state.digests(disk))
+                st.phase, st.initial_offset = PHASE_DELTA, self.config.disks[disk].size
+                st.cycles += 1
+                st.last_marker_id = marker_id
+                self.state.save_disk(disk, st)
+            self.report.marker_id, self.report.marker_seq = marker_id, seq
+        finally:
+            if self.link is not None:
+                self.report.throttle_events += self.link.throttle_events
+                self.link.close()
+                self.link = None
+        self.report.seconds = time.monotonic() - started
+        return self.report

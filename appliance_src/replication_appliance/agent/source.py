@@ -1,0 +1,67 @@
+"""Reading a source disk: a block device or an image file, in large chunks."""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from ..common.errors import ApplianceError
+
+SECTOR = 512
+
+
+class SourceError(ApplianceError):
+    """A source disk cannot be read or has a size the replica cannot hold."""
+
+
+def disk_size(path: Path) -> int:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SourceError(f"disk {path} does not exist: give a block device (/dev/sdX) or an image file") from None
+    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise SourceError(f"disk {path} is neither a block device nor a regular image file")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:
+        raise SourceError(f"disk {path} is not readable by this account: run the agent as root/administrator") from None
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    if size <= 0 or size % SECTOR:
+        raise SourceError(f"disk {path} is {size} bytes: a replicated disk must be a positive multiple of {SECTOR} bytes")
+    return size
+
+
+class DiskReader:
+    def __init__(self, path: Path, chunk: int) -> None:
+        self.path = Path(path)
+        self.size = disk_size(self.path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._buf = bytearray(chunk)
+        try:  # the scan is sequential: let the kernel read ahead
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except (AttributeError, OSError):
+            pass
+
+    def read(self, offset: int) -> memoryview:
+        """The chunk at `offset` (shorter at the end of the disk). Valid until the next read."""
+        want = min(len(self._buf), self.size - offset)
+        mv = memoryview(self._buf)[:want]
+        got = 0
+        while got < want:
+            n = os.preadv(self._fd, [mv[got:]], offset + got)
+            if n == 0:
+                raise SourceError(f"disk {self.path} ended at {offset + got} bytes, expected {self.size}: did it shrink?")
+            got += n
+        return mv
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> "DiskReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

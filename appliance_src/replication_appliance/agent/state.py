@@ -1,0 +1,105 @@
+"""The agent's state directory.
+
+    S/agent.json          identity, servers, disks (written by `register`)
+    S/agent.pem, S/agent-key.pem, S/ca.pem   client certificate, its key (0600), appliance CA
+    S/disk-<n>.json       phase (initial / delta), initial replication checkpoint, cycles
+    S/disk-<n>.digests    digest map of what the replica holds (see digests.py)
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..common.errors import ApplianceError
+
+PHASE_INITIAL = "initial"
+PHASE_DELTA = "delta"
+
+
+class AgentStateError(ApplianceError):
+    """The state directory is missing, incomplete, or not this agent's."""
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class DiskConfig:
+    path: str
+    size: int
+
+
+@dataclass
+class AgentConfig:
+    machine_id: str
+    hostname: str
+    control_server: str  # host:port of the configuration server (443)
+    process_server: str  # host:port of the assigned process server (9443)
+    disks: list[DiskConfig]
+    interval_s: float = 300.0  # crash-consistent interval (policy; default 5 min)
+
+    @property
+    def machine(self) -> uuid.UUID:
+        return uuid.UUID(self.machine_id)
+
+
+@dataclass
+class DiskState:
+    phase: str = PHASE_INITIAL
+    initial_offset: int = 0  # initial replication acknowledged up to here
+    cycles: int = 0
+    last_marker_id: str = ""
+    resyncs: int = 0
+    bytes_sent: int = 0
+
+
+@dataclass
+class StateDir:
+    root: Path
+
+    @property
+    def config_path(self) -> Path: return self.root / "agent.json"
+    @property
+    def ca(self) -> Path: return self.root / "ca.pem"
+    @property
+    def cert(self) -> Path: return self.root / "agent.pem"
+    @property
+    def key(self) -> Path: return self.root / "agent-key.pem"
+
+    def digests(self, disk: int) -> Path:
+        return self.root / f"disk-{disk}.digests"
+
+    def load_config(self) -> AgentConfig:
+        try:
+            data = json.loads(self.config_path.read_text())
+        except FileNotFoundError:
+            raise AgentStateError(f"{self.root} holds no registered agent (no agent.json): run `mobility-agent register` first") from None
+        except json.JSONDecodeError as e:
+            raise AgentStateError(f"{self.config_path} is not valid JSON: {e}") from None
+        try:
+            data["disks"] = [DiskConfig(**d) for d in data["disks"]]
+            return AgentConfig(**data)
+        except (KeyError, TypeError) as e:
+            raise AgentStateError(f"{self.config_path} is incomplete or has unknown fields: {e}") from None
+
+    def save_config(self, config: AgentConfig) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.config_path, json.dumps(asdict(config), indent=1))
+
+    def load_disk(self, disk: int) -> DiskState:
+        try:
+            return DiskState(**json.loads((self.root / f"disk-{disk}.json").read_text()))
+        except FileNotFoundError:
+            return DiskState()
+
+    def save_disk(self, disk: int, state: DiskState) -> None:
+        _write_atomic(self.root / f"disk-{disk}.json", json.dumps(asdict(state)))

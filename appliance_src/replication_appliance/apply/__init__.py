@@ -1,0 +1,1 @@
+"""The cloud side: cache logs -> replica page blobs, recovery points (snapshots), export."""

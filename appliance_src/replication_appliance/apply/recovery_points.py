@@ -1,0 +1,85 @@
+"""Recovery points (a marker snapshotted on every disk of a machine), retention, export."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..dataplane.session import MachineRecord
+from ..storage.base import BlobStore
+from .applier import ApplyError, iso, replica_name
+
+MAX_RETENTION_S = 15 * 24 * 3600
+EXPORT_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RecoveryPoint:
+    marker_id: str
+    seq: int
+    time_ns: int
+    snapshots: tuple[str, ...]  # one per disk, in disk order
+
+    @property
+    def time_iso(self) -> str:
+        return iso(self.time_ns)
+
+
+def recovery_points(store: BlobStore, machine: MachineRecord) -> list[RecoveryPoint]:
+    per_disk = []
+    for d in range(len(machine.disk_sizes)):
+        per_disk.append({int(s.metadata["marker_seq"]): s for s in store.list_snapshots(replica_name(machine.machine_id, d))
+                         if "marker_seq" in s.metadata})
+    common = set(per_disk[0]).intersection(*per_disk[1:]) if per_disk else set()
+    points = []
+    for seq in sorted(common):
+        first = per_disk[0][seq]
+        points.append(RecoveryPoint(first.metadata.get("marker_id", ""), seq, int(first.metadata.get("marker_time_ns", 0)),
+                                    tuple(p[seq].snapshot_id for p in per_disk)))
+    return points
+
+
+def prune(store: BlobStore, machine: MachineRecord, retention_s: float) -> list[RecoveryPoint]:
+    """Delete recovery points older than `retention_s` before the newest; the newest stays."""
+    if not 0 < retention_s <= MAX_RETENTION_S:
+        raise ApplyError(f"retention of {retention_s / 3600:.1f} h is not allowed: between 0 and 15 days (360 h)")
+    points = recovery_points(store, machine)
+    if not points:
+        return []
+    cutoff = points[-1].time_ns - int(retention_s * 1e9)
+    gone = [p for p in points[:-1] if p.time_ns < cutoff]
+    for p in gone:
+        for d, snap in enumerate(p.snapshots):
+            store.delete_snapshot(replica_name(machine.machine_id, d), snap)
+    return gone
+
+
+def find_point(store: BlobStore, machine: MachineRecord, point_id: str) -> RecoveryPoint:
+    points = recovery_points(store, machine)
+    for p in points:
+        if point_id in (p.marker_id, str(p.seq)):
+            return p
+    raise ApplyError(f"recovery point {point_id!r} not found for {machine.hostname}: "
+                     f"{len(points)} exist (see `appliance recovery-points`)")
+
+
+def export_disk(store: BlobStore, machine: MachineRecord, disk: int, out: Path, point: RecoveryPoint | None) -> int:
+    """Write the replica (or a recovery point) as a raw image; unwritten pages stay holes."""
+    if not 0 <= disk < len(machine.disk_sizes):
+        raise ApplyError(f"disk {disk} does not exist on {machine.hostname}: disks 0..{len(machine.disk_sizes) - 1}")
+    name = replica_name(machine.machine_id, disk)
+    snapshot = point.snapshots[disk] if point else None
+    size = machine.disk_sizes[disk]
+    tmp = out.with_name(out.name + ".part")
+    written = 0
+    with open(tmp, "wb") as f:
+        f.truncate(size)
+        for start, end in store.page_ranges(name, snapshot):
+            for pos in range(start, end, EXPORT_CHUNK):
+                n = min(EXPORT_CHUNK, end - pos)
+                os.pwrite(f.fileno(), store.read_pages(name, pos, n, snapshot), pos)
+                written += n
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    return written
