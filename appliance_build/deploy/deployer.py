@@ -19,7 +19,7 @@ from ..ova.descriptor import ParsedDescriptor, parse_descriptor
 from ..ova.package import OvaPackage, open_package
 from ..progress import byte_progress
 from .connection import Credentials, vcenter_session
-from .errors import DeployError, DuplicateVmError, GuestIpTimeout, ImportSpecError, LeaseError, UploadError
+from .errors import DeployError, DuplicateVmError, GuestIpTimeout, ImportSpecError, UploadError
 from .lease import (DeviceUrl, FileItem, LeaseKeeper, ServerDigest, Upload, manifest_mismatches, plan_uploads,
                     upload, wait_until_ready)
 from .options import DeployOptions
@@ -148,7 +148,7 @@ def _add_ovf_environment(config: Any, descriptor: ParsedDescriptor, values: dict
 def import_vm(content: Any, package: OvaPackage, target: Target, plan: ImportPlan, options: DeployOptions,
               say: Say, progress: bool | None, progress_interval: float, abort_grace: float) -> Any:
     """ImportVApp, upload every disk, Complete; on any failure abort and leave no VM behind."""
-    from pyVmomi import vim, vmodl
+    from pyVmomi import vmodl
 
     try:
         lease = target.resource_pool.ImportVApp(spec=plan.spec, folder=target.folder, host=target.host)
@@ -172,7 +172,7 @@ def import_vm(content: Any, package: OvaPackage, target: Target, plan: ImportPla
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         say(f"import {reason}: aborting the lease and removing the partial VM {options.name!r}")
         with _sigint_deferred():
-            _abandon(lease, content, target, options.name, abort_grace, exc)
+            _abandon(lease, content, target, options.name, abort_grace, exc, say)
         raise
 
 
@@ -224,7 +224,8 @@ def _compare_server_manifest(lease: Any, uploads: list[Upload], package: OvaPack
     say(f"server manifest matches the .mf for {compared} of {len(uploads)} disk(s)")
 
 
-def _abandon(lease: Any, content: Any, target: Target, name: str, grace: float, cause: BaseException) -> None:
+def _abandon(lease: Any, content: Any, target: Target, name: str, grace: float, cause: BaseException,
+             say: Say) -> None:
     """Abort the lease; then make sure the VM it created is gone (vCenter removes it, vcsim does not)."""
     from pyVmomi import vmodl
 
@@ -232,11 +233,14 @@ def _abandon(lease: Any, content: Any, target: Target, name: str, grace: float, 
         lease.Abort(fault=vmodl.fault.SystemError(reason=str(cause) or type(cause).__name__))
     except Exception:  # noqa: BLE001 - the lease may already be gone (error state, timeout)
         pass
+    else:
+        say(f"aborted import lease {lease._moId}")
     deadline = time.monotonic() + grace
     while (vm := find_vm(content, target.datacenter, name)) is not None and time.monotonic() < deadline:
         time.sleep(0.5)
     if vm is not None:
         remove_vm(vm)
+    say(f"no VM {name!r} is left behind; fix the cause above and rerun the same command")
 
 
 def remove_vm(vm: Any) -> None:

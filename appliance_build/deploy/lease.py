@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import socket
 import ssl
 import time
 from collections.abc import Callable

@@ -37,8 +37,7 @@ def deploy_properties(settings: Settings) -> tuple[PropertySpec, ...]:
 
 
 def descriptor_spec(settings: Settings, disks: list[DiskFile]) -> DescriptorSpec:
-    sizes = settings.vm.disks
-    wanted_gb = {"os": sizes.os_gb, "cache": sizes.cache_gb, "retention": sizes.retention_gb}
+    wanted_gb = disk_sizes_gb(settings)
     specs = []
     for role, disk in zip(DISK_ROLES, disks, strict=True):
         with disk.path.open("rb") as fh:
@@ -51,6 +50,22 @@ def descriptor_spec(settings: Settings, disks: list[DiskFile]) -> DescriptorSpec
             raise OvaError(f"{disk.path} has a virtual size of {virtual_gb} GB, more than vm.disks.{role}_gb = "
                            f"{wanted_gb[role]} in the inventory")
         specs.append(DiskSpec(role, disk.name, disk.path.stat().st_size, wanted_gb[role]))
+    return appliance_spec(settings, tuple(specs))
+
+
+def disk_sizes_gb(settings: Settings) -> dict[str, int]:
+    sizes = settings.vm.disks
+    return {"os": sizes.os_gb, "cache": sizes.cache_gb, "retention": sizes.retention_gb}
+
+
+def planned_disks(settings: Settings) -> tuple[DiskSpec, ...]:
+    """The disks as the inventory plans them, before any VMDK exists (file sizes unknown: 0)."""
+    gb = disk_sizes_gb(settings)
+    return tuple(DiskSpec(role, f"{settings.artifact_stem}-disk{n}.vmdk", 0, gb[role])
+                 for n, role in enumerate(DISK_ROLES, 1))
+
+
+def appliance_spec(settings: Settings, disks: tuple[DiskSpec, ...]) -> DescriptorSpec:
     return DescriptorSpec(
         name=settings.name,
         version=settings.version,
@@ -59,7 +74,7 @@ def descriptor_spec(settings: Settings, disks: list[DiskFile]) -> DescriptorSpec
         memory_mb=settings.vm.memory_mb,
         network=settings.network.ovf_network,
         guest_type=GUEST_TYPE,
-        disks=tuple(specs),
+        disks=disks,
         properties=deploy_properties(settings),
         annotation=(f"{PRODUCT} {settings.version}: configuration server on HTTPS {settings.ports.control}, "
                     f"process server on HTTPS {settings.ports.data}."),

@@ -73,7 +73,7 @@ def verify_package(path: str | Path, progress: bool | None = None) -> Verificati
             _check_manifest(package, report, progress)
             if descriptor is not None:
                 _check_disk_files(package, descriptor, report)
-                _check_requirements(descriptor, report)
+                check_requirements(descriptor, report)
     except OvaError as exc:
         report.add("package", False, str(exc))
     return report
@@ -186,7 +186,7 @@ def _check_disk_files(package: OvaPackage, descriptor: ParsedDescriptor, report:
                if not problems else "; ".join(problems))
 
 
-def _check_requirements(descriptor: ParsedDescriptor, report: VerificationReport) -> None:
+def check_requirements(descriptor: ParsedDescriptor, report: VerificationReport) -> None:
     cpus, memory = descriptor.cpus, descriptor.memory_mb
     report.add("cpu", cpus >= MIN_CPUS, f"{cpus} vCPU (needs >= {MIN_CPUS})")
     report.add("memory", memory >= MIN_MEMORY_MB, f"{memory} MB (needs >= {MIN_MEMORY_MB} MB)")

@@ -1,0 +1,105 @@
+"""build-ova: preflight, render, Packer + Ansible, convert the disks, assemble and checksum the OVA.
+
+Nothing appears in dist/ until the OVA is complete; the scratch folder of a build is removed
+whether it succeeds, fails or is interrupted.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import BuildError, OvaError
+from .ova.assemble import DIST, assemble_ova
+from .packer import PackerClient
+from .preflight import preflight
+from .render import BUILD_ROOT, private_answer_dir, write_rendered
+from .secrets import ADMIN_PASSWORD, VSPHERE_PASSWORD, read_secret
+from .settings import Settings, load_settings
+from .version import REPO_ROOT
+
+WHEEL_DIR = BUILD_ROOT / "wheels"
+
+
+def build_ova(inventory: str, iso: str | None = None, force: bool = False) -> Path:
+    settings = load_settings(inventory)
+    ova = DIST / f"{settings.artifact_stem}.ova"
+    if ova.exists() and not force:
+        raise BuildError(f"{ova} already exists: pass --force to build it again, or bump the version in "
+                         f"appliance_src/pyproject.toml")
+    inputs = preflight(settings, iso, BUILD_ROOT)
+    secrets = {"admin_password": read_secret(ADMIN_PASSWORD)}
+    if settings.builder.target == "vsphere":
+        secrets["vsphere_password"] = read_secret(VSPHERE_PASSWORD)
+    build_appliance_wheel()
+    folder = write_rendered(settings, inputs.packer_version)
+    scratch = folder / "packer" / f"output-{os.getpid()}"
+    try:
+        # The playbook reads the WinRM password from the environment (see the Ansible vars).
+        os.environ[ADMIN_PASSWORD.env] = secrets["admin_password"]
+        with private_answer_dir(settings, inputs.packer_version, secrets["admin_password"]) as answer_dir:
+            client = PackerClient(folder / "packer" / "appliance.pkr.hcl", secrets=secrets,
+                                  variables={"answer_dir": str(answer_dir), "output_directory": str(scratch),
+                                             "iso_url": inputs.iso_url})
+            client.build(on_line=_print_line)
+        disks = stream_optimized_disks(settings, scratch)
+        assemble_ova(settings, disks, ova)
+        write_sha256(ova)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return ova
+
+
+def build_appliance_wheel() -> Path:
+    """The appliance package as a wheel, for the appliance_software role to install."""
+    WHEEL_DIR.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(WHEEL_DIR),
+                             str(REPO_ROOT / "appliance_src")], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BuildError(f"building the appliance wheel failed:\n{result.stderr.strip()}")
+    return WHEEL_DIR
+
+
+def stream_optimized_disks(settings: Settings, output: Path) -> list[Path]:
+    """The three disks as streamOptimized VMDKs, OS first."""
+    if settings.builder.target == "vsphere":
+        disks = sorted(output.rglob("*.vmdk"))  # vsphere-iso's OVF export: already streamOptimized
+    else:
+        stem = f"{settings.artifact_stem}-disk1"
+        images = [output / stem, output / f"{stem}-1", output / f"{stem}-2"]
+        disks = [convert_to_stream_optimized(image, image.with_suffix(".vmdk")) for image in images]
+    if len(disks) != 3:
+        raise OvaError(f"the build produced {len(disks)} disk(s) in {output}, expected 3")
+    return disks
+
+
+def convert_to_stream_optimized(source: Path, target: Path) -> Path:
+    if not source.is_file():
+        raise OvaError(f"the build did not produce {source}")
+    result = subprocess.run(["qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized",
+                             str(source), str(target)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise OvaError(f"qemu-img could not convert {source}: {result.stderr.strip()}")
+    return target
+
+
+def write_sha256(path: Path) -> Path:
+    """`<file>.sha256` in sha256sum's format, written atomically beside the file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1024 * 1024):
+            digest.update(chunk)
+    sidecar = path.with_name(path.name + ".sha256")
+    tmp = sidecar.with_name(f".{sidecar.name}.tmp")
+    tmp.write_text(f"{digest.hexdigest()}  {path.name}\n")
+    os.replace(tmp, sidecar)
+    return sidecar
+
+
+def _print_line(line: str) -> None:
+    sys.stdout.write(line if line.endswith("\n") else line + "\n")
+    sys.stdout.flush()
+
