@@ -245,9 +245,10 @@ def _abandon(lease: Any, content: Any, target: Target, name: str, grace: float, 
 
 def remove_vm(vm: Any) -> None:
     """Power off (when on) and delete a VM with its disks."""
+    name = vm.name
     if vm.runtime.powerState == "poweredOn":
-        run_task(vm.PowerOffVM_Task(), f"power off {vm.name}")
-    run_task(vm.Destroy_Task(), f"delete {vm.name}")
+        run_task(vm.PowerOffVM_Task(), f"power off {name}")
+    run_task(vm.Destroy_Task(), f"delete {name}")
 
 
 def run_task(task: Any, what: str) -> Any:
