@@ -147,6 +147,56 @@ def agent_packages(c: Context, dist: str = "dist") -> None:
             print(f"built {out}")
 
 
-TASKS: list[Callable[..., Any]] = [render, validate, build_ova, assemble_ova, verify_ova, test, bundle, agent_packages]
+@task(
+    auto_shortflags=False,  # 24 options: long names only, no surprising one-letter flags
+    help={
+        "vcenter": "vCenter: host, host:port or https://host[:port] (default: deploy.vcenter of the inventory)",
+        "ova": "OVA file or folder with an .ovf (default: dist/<name>-<version>.ova)",
+        "name": "VM name (default: appliance.name of the inventory)",
+        "datacenter": "datacenter name (default: deploy.datacenter)",
+        "cluster": "cluster name (default: deploy.cluster; not needed with --host)",
+        "host": "ESXi host name, instead of or within the cluster",
+        "resource_pool": "resource pool name (default: the cluster's or host's root pool)",
+        "datastore": "datastore name (default: deploy.datastore)",
+        "network": "vCenter network or portgroup the appliance's OVF network maps to (default: deploy.network)",
+        "folder": "VM folder path below the datacenter, e.g. Infra/Appliances (default: deploy.folder)",
+        "ip": "appliance IPv4 address, optionally with a prefix: 10.0.0.5/24 (default: network.ip/prefix)",
+        "gateway": "default gateway (default: network.gateway)",
+        "dns": "comma-separated DNS servers, 1 to 3 (default: network.dns)",
+        "hostname": "Windows computer name, 15 characters at most (default: network.hostname)",
+        "disk_provisioning": "thin, thick or eagerZeroedThick (default: deploy.disk_provisioning, thin)",
+        "ca_file": "PEM file with the CA that signed vCenter's (and the ESXi hosts') certificates",
+        "insecure": "do not verify vCenter's TLS certificate (only on a network you trust)",
+        "replace": "delete an existing VM of the same name first (otherwise the deploy refuses)",
+        "strict": "treat vCenter's import warnings as errors",
+        "power_on": "power the VM on after the import",
+        "wait_ip": "with --power-on: wait until VMware Tools reports an IP address",
+        "ip_timeout": "seconds --wait-ip waits (default: 900)",
+        "lease_timeout": "seconds to wait for vCenter's import lease to be ready (default: 300)",
+        "inventory": INVENTORY_HELP,
+    },
+)
+def deploy(c: Context, vcenter: str | None = None, ova: str | None = None, name: str | None = None,
+           datacenter: str | None = None, cluster: str | None = None, host: str | None = None,
+           resource_pool: str | None = None, datastore: str | None = None, network: str | None = None,
+           folder: str | None = None, ip: str | None = None, gateway: str | None = None, dns: str | None = None,
+           hostname: str | None = None, disk_provisioning: str | None = None, ca_file: str | None = None,
+           insecure: bool = False, replace: bool = False, strict: bool = False, power_on: bool = False,
+           wait_ip: bool = False, ip_timeout: str | None = None, lease_timeout: str | None = None,
+           inventory: str | None = None) -> None:
+    """Deploy the OVA into vCenter (VSPHERE_USER/VSPHERE_PASSWORD): verify, import, upload, power on."""
+    from appliance_build.deploy import deployer
+    from appliance_build.deploy.options import Flags
+
+    with user_errors():
+        deployer.deploy_from_flags(_inventory(c, inventory), Flags(
+            vcenter=vcenter, ova=ova, name=name, datacenter=datacenter, cluster=cluster, host=host,
+            resource_pool=resource_pool, datastore=datastore, network=network, folder=folder, ip=ip,
+            gateway=gateway, dns=dns, hostname=hostname, disk_provisioning=disk_provisioning, ca_file=ca_file,
+            insecure=insecure, replace=replace, strict=strict, power_on=power_on, wait_ip=wait_ip,
+            ip_timeout=ip_timeout, lease_timeout=lease_timeout))
+
+
+TASKS: list[Callable[..., Any]] = [render, validate, build_ova, assemble_ova, verify_ova, test, bundle, agent_packages, deploy]
 ns = Collection(*TASKS)
 ns.configure({"appliance": {"inventory": "local"}})

@@ -18,11 +18,12 @@ from typing import Any
 from ..ova.descriptor import ParsedDescriptor, parse_descriptor
 from ..ova.package import OvaPackage, open_package
 from ..progress import byte_progress
-from .connection import Credentials, vcenter_session
+from ..settings import load_settings
+from .connection import Credentials, read_credentials, vcenter_session
 from .errors import DeployError, DuplicateVmError, GuestIpTimeout, ImportSpecError, UploadError
 from .lease import (DeviceUrl, FileItem, LeaseKeeper, ServerDigest, Upload, manifest_mismatches, plan_uploads,
                     upload, wait_until_ready)
-from .options import DeployOptions
+from .options import DeployOptions, Flags, options_from
 from .ovfenv import GUESTINFO_TRANSPORT, OVF_ENV_KEY, ovf_environment, plan_properties
 from .placement import Target, find_vm, resolve
 
@@ -94,6 +95,14 @@ def deploy(options: DeployOptions, credentials: Credentials, say: Say = print, p
     for line in endpoints(address, options.control_port, options.guest.data_port):
         say(line)
     return DeployResult(options.name, vm._moId, address, reported, options.power_on, plan.warnings)
+
+
+def deploy_from_flags(inventory: str, flags: Flags, say: Say = print) -> DeployResult:
+    """`invoke deploy`: inventory defaults, flags over them, credentials from the environment or a prompt."""
+    settings = load_settings(inventory)
+    options = options_from(settings, flags)
+    credentials = read_credentials(default_user=settings.builder.vsphere.get("username"))
+    return deploy(options, credentials, say=say)
 
 
 def import_plan(content: Any, package: OvaPackage, descriptor: ParsedDescriptor, target: Target,

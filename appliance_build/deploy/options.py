@@ -114,8 +114,8 @@ class Flags:
     strict: bool = False
     power_on: bool = False
     wait_ip: bool = False
-    ip_timeout: float | None = None
-    lease_timeout: float | None = None
+    ip_timeout: str | float | None = None
+    lease_timeout: str | float | None = None
 
 
 def parse_vcenter(text: str) -> VcenterAddress:
@@ -280,9 +280,13 @@ def _is_ipv4(text: str) -> bool:
         return False
 
 
-def _positive(value: float | None, default: float, flag: str, problems: list[str]) -> float:
+def _positive(value: str | float | None, default: float, flag: str, problems: list[str]) -> float:
     if value is None:
         return default
-    if value <= 0:
-        problems.append(f"{flag} {value}: must be a number of seconds above 0")
-    return float(value)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        problems.append(f"{flag} {value!r}: must be a number of seconds above 0")
+    return seconds
