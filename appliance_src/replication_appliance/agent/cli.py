@@ -1,0 +1,134 @@
+"""`mobility-agent register|run`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+
+from ..common.errors import ApplianceError
+from ..common.tls import client_ssl_context
+from . import control_client
+from .link import Link, RateLimit
+from .replicator import Replicator
+from .source import disk_size
+from .state import PHASE_INITIAL, DiskConfig, StateDir
+
+log = logging.getLogger("mobility-agent")
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)([KMG]?)$", re.I)
+
+
+def parse_rate(text: str) -> float:
+    """'100M' -> bytes per second (K, M, G are powers of 1024)."""
+    m = _RATE.match(text.strip())
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"--max-rate {text!r} is not a rate: use bytes per second, e.g. 500K, 100M, 1G")
+    return float(m.group(1)) * {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}[m.group(2).upper()]
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def cmd_register(args) -> int:
+    disks = [DiskConfig(str(Path(d).absolute()), disk_size(Path(d))) for d in args.disk]
+    passphrase = args.passphrase_file.read_text().strip()
+    config = control_client.register(args.server, passphrase, args.ca_file, StateDir(args.state_dir), disks,
+                                     args.hostname or socket.gethostname(), args.host_id or control_client.host_id())
+    print(f"registered {config.hostname} as machine {config.machine_id}; process server {config.process_server}; "
+          f"{len(disks)} disk(s)")
+    return 0
+
+
+def _heartbeat(config, state: StateDir, phase: str, resyncing: bool):
+    disks = []
+    for i, d in enumerate(config.disks):
+        st = state.load_disk(i)
+        done = d.size if st.phase != PHASE_INITIAL else st.initial_offset
+        disks.append({"name": d.path, "total_bytes": d.size, "replicated_bytes": done, "backlog_bytes": d.size - done})
+    total = sum(d["total_bytes"] for d in disks)
+    body = {"state": "resync" if resyncing else phase, "disks": disks}
+    if phase == "initial_sync":
+        body["initial_sync_percent"] = round(100 * sum(d["replicated_bytes"] for d in disks) / total, 1)
+    try:
+        return control_client.heartbeat(config, state, body)
+    except ApplianceError as e:
+        log.warning("heartbeat failed: %s", e)
+        return None
+
+
+def cmd_run(args) -> int:
+    state = StateDir(args.state_dir)
+    config = state.load_config()
+    ctx = client_ssl_context(state.ca, state.cert, state.key)
+    rate = RateLimit(args.max_rate)
+
+    def connect(outbox):
+        return Link(_address(config.process_server), ctx, config.machine, outbox, rate)
+
+    while True:
+        phase = "initial_sync" if any(state.load_disk(i).phase == PHASE_INITIAL for i in range(len(config.disks))) else "continuous"
+        desired = _heartbeat(config, state, phase, False) if args.heartbeat else None
+        interval = args.interval or (desired.interval_s if desired else config.interval_s)
+        if desired and desired.process_server and desired.process_server != config.process_server:
+            log.info("appliance moved this machine to process server %s", desired.process_server)
+            config.process_server = desired.process_server
+            state.save_config(config)
+        if desired and desired.state in ("pause", "stop") and not args.once:
+            time.sleep(interval)
+            continue
+        if desired and desired.state == "resync":
+            for i in range(len(config.disks)):
+                state.digests(i).unlink(missing_ok=True)
+        report = Replicator(config, state, connect).run_cycle()
+        line = (f"cycle done: marker {report.marker_id} (seq {report.marker_seq}); read {report.bytes_read} bytes, "
+                f"sent {report.bytes_sent} bytes in {report.frames} frames, {report.seconds:.1f}s, "
+                f"{report.reconnects} reconnects, {report.throttle_events} throttle events")
+        print(line, flush=True)
+        if args.heartbeat:
+            _heartbeat(config, state, "continuous", False)
+        if args.once:
+            return 0
+        time.sleep(interval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mobility-agent", description="Replicates this machine's disks to the appliance.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = sub.add_parser("register", help="register with the appliance and get a client certificate")
+    p.add_argument("--server", required=True, help="configuration server HOST:PORT (443)")
+    p.add_argument("--passphrase-file", type=Path, required=True, help="file holding the appliance's registration passphrase")
+    p.add_argument("--ca-file", type=Path, required=True, help="the appliance CA certificate (DATA_DIR/ca.pem)")
+    p.add_argument("--state-dir", type=Path, required=True)
+    p.add_argument("--disk", action="append", required=True, help="block device or image file; repeat for each disk")
+    p.add_argument("--hostname", help="name to register (default: this host's name)")
+    p.add_argument("--host-id", help="stable host identity (default: /etc/machine-id)")
+    p.set_defaults(handler=cmd_register)
+    p = sub.add_parser("run", help="replicate: initial replication, then a delta cycle every interval")
+    p.add_argument("--state-dir", type=Path, required=True)
+    p.add_argument("--once", action="store_true", help="one cycle, returning once the process server acknowledged it")
+    p.add_argument("--max-rate", type=parse_rate, help="bandwidth limit in bytes per second (500K, 100M, 1G)")
+    p.add_argument("--interval", type=float, help="seconds between cycles (default: the policy's crash-consistent interval)")
+    p.add_argument("--no-heartbeat", dest="heartbeat", action="store_false", help="do not call the configuration server")
+    p.set_defaults(handler=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except ApplianceError as e:
+        print(f"mobility-agent {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

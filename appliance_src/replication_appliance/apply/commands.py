@@ -1,0 +1,108 @@
+"""`appliance apply`, `appliance recovery-points`, `appliance replica export`: the cloud side,
+which needs only the cache storage account and the master key (for the data keys)."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+from pathlib import Path
+
+from ..common.datadir import DataDir
+from ..process_server.journal import read_state
+from ..storage import store_for_data_dir
+from ..storage.keyring import DataKeyring
+from .applier import ApplyError, MachineApplier, find_machine
+from .recovery_points import export_disk, find_point, prune, recovery_points
+
+DEFAULT_RETENTION_H = 24.0
+
+
+def _open(args):
+    dd = DataDir(args.data_dir)
+    store = store_for_data_dir(dd.root)
+    machine = find_machine(store, args.machine)
+    return dd, store, machine
+
+
+def newest_received_marker(dd: DataDir, machine: uuid.UUID) -> int:
+    """The newest consistency marker this appliance's process server has acknowledged."""
+    return read_state(dd.cache_dir / str(machine)).last_marker_seq
+
+
+def cmd_apply(args) -> int:
+    dd, store, machine = _open(args)
+    applier = MachineApplier(store, DataKeyring(store, dd.master_key()), machine)
+    while True:
+        if args.once:
+            target = newest_received_marker(dd, machine.machine_id)
+            applier.apply_until(target, args.timeout)
+        else:
+            applier.apply_available()
+        pruned = prune(store, machine, args.retention_hours * 3600)
+        if args.once:
+            points = recovery_points(store, machine)
+            print(f"{machine.hostname}: applied up to sequence {applier.applied_seq()}; "
+                  f"{len(points)} recovery point(s), {len(pruned)} pruned")
+            return 0
+        time.sleep(args.poll)
+
+
+def cmd_recovery_points(args) -> int:
+    _, store, machine = _open(args)
+    points = recovery_points(store, machine)
+    if args.json:
+        print(json.dumps([{"id": p.marker_id, "time": p.time_iso, "seq": p.seq} for p in points], indent=1))
+    else:
+        for p in points:
+            print(f"{p.marker_id}  {p.time_iso}  seq={p.seq}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    _, store, machine = _open(args)
+    point = find_point(store, machine, args.recovery_point) if args.recovery_point else None
+    if args.out.exists() and args.out.is_dir():
+        raise ApplyError(f"--out {args.out} is a directory: give the path of the raw image to write")
+    written = export_disk(store, machine, args.disk, args.out, point)
+    what = f"recovery point {point.marker_id} ({point.time_iso})" if point else "the current replica"
+    print(f"wrote disk {args.disk} of {machine.hostname} from {what} to {args.out} "
+          f"({machine.disk_sizes[args.disk]} bytes, {written} stored)")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, required=True, help="appliance data directory")
+    p.add_argument("--machine", required=True, help="machine id or hostname")
+
+
+def _hours(text: str) -> float:
+    v = float(text)
+    if not 0 < v <= 360:
+        raise argparse.ArgumentTypeError(f"retention {text} h is not allowed: more than 0 and at most 360 (15 days)")
+    return v
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("apply", help="apply cache logs to the replica disks (cloud side)",
+                              description="Apply a machine's cache logs, in order, to its replica page blobs; "
+                              "each consistency marker becomes a recovery point.")
+    _common(p)
+    p.add_argument("--once", action="store_true", help="apply up to the newest marker received, then return")
+    p.add_argument("--timeout", type=float, default=600.0, help="with --once: seconds to wait for logs (default 600)")
+    p.add_argument("--retention-hours", type=_hours, default=DEFAULT_RETENTION_H, help="recovery point retention (default 24)")
+    p.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.set_defaults(handler=cmd_apply)
+
+    p = subparsers.add_parser("recovery-points", help="list a machine's recovery points")
+    _common(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_recovery_points)
+
+    replica = subparsers.add_parser("replica", help="replica disks").add_subparsers(dest="replica_command", required=True)
+    p = replica.add_parser("export", help="write a replica disk (or a recovery point) as a raw image")
+    _common(p)
+    p.add_argument("--disk", type=int, required=True, help="disk index in registration order (0 first)")
+    p.add_argument("--recovery-point", help="recovery point id or sequence (default: the current replica)")
+    p.add_argument("--out", type=Path, required=True, help="raw image file to write")
+    p.set_defaults(handler=cmd_export)
