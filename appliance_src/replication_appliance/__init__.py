@@ -1,0 +1,1 @@
+"""Replication appliance software: configuration server, process server, Mobility agent, apply."""

@@ -1,0 +1,1 @@
+"""Foundations shared by every appliance component: TLS identity, secrets at rest, data dir."""

@@ -1,0 +1,1 @@
+"""The configuration server: control channel on 443 (agents, process servers, operators)."""

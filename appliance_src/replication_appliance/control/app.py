@@ -1,0 +1,389 @@
+"""The control API on 443 (FastAPI): agents, process servers and operators.
+
+Agent and process-server calls after registration are authenticated by their client
+certificate (mutual TLS; the certificate reaches the app as the ASGI TLS extension, see
+serve.TLSPeerH11Protocol). Operator calls carry a bearer token from /api/v1/auth/login."""
+# No `from __future__ import annotations`: FastAPI must resolve the route-local Annotated aliases.
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..common.datadir import DataDir
+from ..common.errors import CertificateError
+from ..common.tls import ROLE_PROCESS_SERVER, CertificateAuthority, ClientIdentity, identity_from_der, server_ssl_context
+from ..db.models import Operator, Policy, utcnow
+from . import schemas as s
+from . import service
+from .auth import DUMMY_HASH, FailureLimiter, TokenSigner, verify_password
+from .service import ControlError, ForbiddenError
+
+log = logging.getLogger("replication_appliance.control")
+MAX_BODY_BYTES = 64 * 1024
+API = "/api/v1"
+
+
+@dataclass
+class ControlContext:
+    data_dir: DataDir
+    sessions: sessionmaker[Session]
+    ca: CertificateAuthority
+    signer: TokenSigner
+    passphrase_limiter: FailureLimiter = field(default_factory=FailureLimiter)
+    login_limiter: FailureLimiter = field(default_factory=FailureLimiter)
+    max_body_bytes: int = MAX_BODY_BYTES
+    _passphrase: tuple[int, str] | None = None
+
+    @classmethod
+    def open(cls, data_dir: DataDir, sessions: sessionmaker[Session], **kwargs) -> "ControlContext":
+        ca = CertificateAuthority.load(data_dir.ca_cert, data_dir.ca_key)
+        return cls(data_dir, sessions, ca, TokenSigner(data_dir.master_key().derive("operator-tokens")), **kwargs)
+
+    def passphrase(self) -> str:
+        """The current passphrase; re-read when `appliance passphrase rotate` replaced the file."""
+        stamp = os.stat(self.data_dir.passphrase_path).st_mtime_ns
+        if self._passphrase is None or self._passphrase[0] != stamp:
+            self._passphrase = (stamp, self.data_dir.passphrase())
+        return self._passphrase[1]
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        with self.sessions.begin() as session:
+            yield session
+
+
+class BodyLimit:
+    """Refuse bodies over `limit` bytes with 413 before the app sees any of it (buffers the body)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await _send_problem(send, 413, f"request body is over the {self.limit} byte limit")
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await _send_problem(send, 413, f"request body is over the {self.limit} byte limit")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, delivered = b"".join(chunks), False
+
+        async def replay():
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _send_problem(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message, "details": []}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def problem(status: int, message: str, details: list[str] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "details": details or []}, status_code=status, headers=headers)
+
+
+ERRORS = {code: {"model": s.Problem} for code in (400, 401, 403, 404, 409, 413, 422, 429)}
+
+
+def build_control_app(ctx: ControlContext) -> FastAPI:
+    app = FastAPI(title="Replication appliance configuration server", version=_version(),
+                  docs_url=None, redoc_url=None, responses=ERRORS)
+    bearer = HTTPBearer(auto_error=False, description="token from POST /api/v1/auth/login")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return problem(422, "invalid request: " + "; ".join(details), details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ControlError)
+    async def _control(_request: Request, exc: ControlError) -> JSONResponse:
+        return problem(exc.status_code, str(exc))
+
+    @app.exception_handler(CertificateError)
+    async def _cert(_request: Request, exc: CertificateError) -> JSONResponse:
+        return problem(400, str(exc))
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity(_request: Request, exc: IntegrityError) -> JSONResponse:
+        return problem(409, "a concurrent change touched the same record: retry the request")
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(_request: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database error: %s", exc.orig)
+        return problem(503, "the configuration database is unavailable: retry later", headers={"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return problem(500, "internal error (logged on the appliance)")
+
+    # --- who is calling -------------------------------------------------------------------
+    def peer(request: Request) -> ClientIdentity:
+        tls = request.scope.get("extensions", {}).get("tls") or {}
+        if "identity" not in tls:
+            der = tls.get("client_cert_der")
+            tls["identity"] = identity_from_der(der) if der else None
+        identity = tls.get("identity")
+        if identity is None:
+            raise ForbiddenError("this call needs the client certificate issued at registration (mutual TLS)")
+        return identity
+
+    def operator(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+        username = ctx.signer.verify(creds.credentials) if creds is not None else None
+        if username is None:
+            raise StarletteHTTPException(401, "operator login required: POST /api/v1/auth/login and send "
+                                              "'Authorization: Bearer TOKEN'", headers={"WWW-Authenticate": "Bearer"})
+        return f"operator:{username}"
+
+    def remote(request: Request) -> str:
+        return request.client.host if request.client else ""
+
+    Peer = Annotated[ClientIdentity, Depends(peer)]
+    Actor = Annotated[str, Depends(operator)]
+    MachineId = Annotated[str, Path(min_length=1, max_length=36)]
+    ServerId = Annotated[str, Path(min_length=1, max_length=36)]
+    PolicyId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+
+    async def check_passphrase(address: str, given: str) -> None:
+        wait = ctx.passphrase_limiter.retry_after(address)
+        if wait > 0:
+            raise StarletteHTTPException(429, f"too many wrong passphrases from {address}: retry in {wait:.0f} s",
+                                         headers={"Retry-After": str(max(1, round(wait)))})
+        if not service.passphrase_matches(given, ctx.passphrase()):
+            ctx.passphrase_limiter.failed(address)
+            await run_in_threadpool(_audit_refusal, address)
+            await asyncio.sleep(0.2)  # every wrong guess costs the caller time
+            raise StarletteHTTPException(401, "wrong registration passphrase: get the current one with "
+                                              "`appliance passphrase show` on the appliance")
+        ctx.passphrase_limiter.succeeded(address)
+
+    def _audit_refusal(address: str) -> None:
+        with ctx.transaction() as session:
+            service.audit(session, "anonymous", "registration.refused", details={"reason": "wrong passphrase"}, remote=address)
+
+    # --- agents -------------------------------------------------------------------------
+    @app.post(f"{API}/agents/register", response_model=s.AgentRegistered, tags=["agents"])
+    async def register_agent(req: s.AgentRegistration, request: Request):
+        """Register a Mobility agent: passphrase + CSR in, client certificate + process server out."""
+        address = remote(request)
+        await check_passphrase(address, req.passphrase)
+
+        def work():
+            with ctx.transaction() as session:
+                return service.register_agent(session, ctx.ca, req, address, utcnow())
+        return await run_in_threadpool(work)
+
+    @app.post(f"{API}/agents/{{machine_id}}/heartbeat", response_model=s.DesiredStateOut, tags=["agents"])
+    def agent_heartbeat(machine_id: MachineId, hb: s.Heartbeat, who: Peer, request: Request):
+        """State and per-disk counters in, desired state out."""
+        with ctx.transaction() as session:
+            machine = service.authorised_machine(session, machine_id, who.role, who.subject_id, who.fingerprint)
+            return service.heartbeat(session, machine, hb, remote(request), utcnow())
+
+    # --- process servers ----------------------------------------------------------------
+    @app.post(f"{API}/process-servers/register", response_model=s.ProcessServerRegistered, tags=["process servers"])
+    async def register_process_server(req: s.ProcessServerRegistration, request: Request):
+        """Register a scale-out process server (same passphrase as agents)."""
+        address = remote(request)
+        await check_passphrase(address, req.passphrase)
+
+        def work():
+            with ctx.transaction() as session:
+                return service.register_process_server(session, ctx.ca, req, address)
+        return await run_in_threadpool(work)
+
+    def own_process_server(session: Session, ps_id: str, who: ClientIdentity):
+        if who.role != ROLE_PROCESS_SERVER or who.subject_id != ps_id:
+            raise ForbiddenError(f"this certificate cannot act for process server {ps_id}")
+        return service.authorised_process_server(session, ps_id, who.fingerprint)
+
+    @app.post(f"{API}/process-servers/{{ps_id}}/heartbeat", response_model=s.ProcessServerHealthOut, tags=["process servers"])
+    def process_server_heartbeat(ps_id: ServerId, load: s.ProcessServerLoad, who: Peer):
+        """Load figures in, computed health out."""
+        with ctx.transaction() as session:
+            own_process_server(session, ps_id, who)
+            now = utcnow()
+            ps = service.record_process_server_load(session, ps_id, load, now)
+            return service.ps_health_out(ps, service.machine_counts(session).get(ps.id, 0), now)
+
+    @app.get(f"{API}/process-servers/{{ps_id}}/machines", response_model=list[s.AssignedMachine], tags=["process servers"])
+    def process_server_machines(ps_id: ServerId, who: Peer):
+        """The machines assigned to this process server and their certificate fingerprints."""
+        with ctx.transaction() as session:
+            own_process_server(session, ps_id, who)
+            return service.assigned_machines(session, ps_id)
+
+    # --- operators ----------------------------------------------------------------------
+    @app.post(f"{API}/auth/login", response_model=s.TokenOut, tags=["operators"])
+    async def login(req: s.Login, request: Request):
+        address = remote(request)
+        wait = ctx.login_limiter.retry_after(address)
+        if wait > 0:
+            raise StarletteHTTPException(429, f"too many failed logins from {address}: retry in {wait:.0f} s",
+                                         headers={"Retry-After": str(max(1, round(wait)))})
+
+        def check() -> bool:
+            with ctx.transaction() as session:
+                op = session.scalars(select(Operator).where(Operator.username == req.username)).one_or_none()
+                ok = verify_password(op.password_hash if op else DUMMY_HASH, req.password) and op is not None
+                service.audit(session, f"operator:{req.username}", "operator.login" if ok else "operator.login_refused",
+                              "operator", req.username, remote=address)
+                return ok
+        if not await run_in_threadpool(check):
+            ctx.login_limiter.failed(address)
+            raise StarletteHTTPException(401, "wrong username or password")
+        ctx.login_limiter.succeeded(address)
+        token, expires = ctx.signer.issue(req.username)
+        return s.TokenOut(token=token, expires_at=dt.datetime.fromtimestamp(expires, dt.timezone.utc))
+
+    @app.get(f"{API}/status", response_model=s.StatusOut, tags=["operators"])
+    def get_status(_actor: Actor):
+        with ctx.transaction() as session:
+            summary = service.status(session, utcnow())
+        config = ctx.data_dir.load_config()
+        return s.StatusOut(appliance={"hostname": config.hostname, "version": _version(), "cloud": config.cloud},
+                           process_servers=summary.process_servers, machines=summary.machines,
+                           overall_health=summary.overall)
+
+    @app.get(f"{API}/machines", response_model=list[s.MachineOut], tags=["operators"])
+    def list_machines(_actor: Actor):
+        with ctx.transaction() as session:
+            return service.list_machines(session, utcnow())
+
+    @app.get(f"{API}/machines/{{machine_id}}", response_model=s.MachineOut, tags=["operators"])
+    def get_machine(machine_id: MachineId, _actor: Actor):
+        with ctx.transaction() as session:
+            return service.machine_out(service.load_machine(session, machine_id), utcnow())
+
+    @app.post(f"{API}/machines/{{machine_id}}/actions", response_model=s.MachineOut, tags=["operators"])
+    def machine_action(machine_id: MachineId, req: s.MachineAction, actor: Actor, request: Request):
+        """enable, disable, pause, resume or resync replication of a machine."""
+        with ctx.transaction() as session:
+            machine = service.machine_action(session, machine_id, req.action, actor, remote(request))
+            return service.machine_out(machine, utcnow())
+
+    @app.put(f"{API}/machines/{{machine_id}}/process-server", response_model=s.MachineOut, tags=["operators"])
+    def switch_process_server(machine_id: MachineId, req: s.SwitchProcessServer, actor: Actor, request: Request):
+        with ctx.transaction() as session:
+            now = utcnow()
+            return service.machine_out(service.switch_process_server(session, machine_id, req.process_server_id, actor,
+                                                                     remote(request), now), now)
+
+    @app.put(f"{API}/machines/{{machine_id}}/policy", response_model=s.MachineOut, tags=["operators"])
+    def assign_policy(machine_id: MachineId, req: s.AssignPolicy, actor: Actor, request: Request):
+        with ctx.transaction() as session:
+            machine = service.assign_policy(session, machine_id, req.policy_id, actor, remote(request))
+            return service.machine_out(machine, utcnow())
+
+    @app.get(f"{API}/process-servers", response_model=list[s.ProcessServerHealthOut], tags=["operators"])
+    def list_process_servers(_actor: Actor):
+        with ctx.transaction() as session:
+            return service.list_process_servers(session, utcnow())
+
+    @app.get(f"{API}/policies", response_model=list[s.PolicyOut], tags=["operators"])
+    def list_policies(_actor: Actor):
+        with ctx.transaction() as session:
+            return [service.policy_out(p) for p in session.scalars(select(Policy).order_by(Policy.id))]
+
+    @app.post(f"{API}/policies", response_model=s.PolicyOut, status_code=201, tags=["operators"])
+    def create_policy(req: s.PolicyIn, actor: Actor, request: Request):
+        with ctx.transaction() as session:
+            return service.policy_out(service.create_policy(session, req, actor, remote(request)))
+
+    @app.get(f"{API}/policies/{{policy_id}}", response_model=s.PolicyOut, tags=["operators"])
+    def get_policy(policy_id: PolicyId, _actor: Actor):
+        with ctx.transaction() as session:
+            return service.policy_out(service.get_policy(session, policy_id))
+
+    @app.patch(f"{API}/policies/{{policy_id}}", response_model=s.PolicyOut, tags=["operators"])
+    def update_policy(policy_id: PolicyId, req: s.PolicyPatch, actor: Actor, request: Request):
+        with ctx.transaction() as session:
+            return service.policy_out(service.update_policy(session, policy_id, req, actor, remote(request)))
+
+    @app.delete(f"{API}/policies/{{policy_id}}", status_code=204, tags=["operators"])
+    def delete_policy(policy_id: PolicyId, actor: Actor, request: Request):
+        with ctx.transaction() as session:
+            service.delete_policy(session, policy_id, actor, remote(request))
+
+    @app.get(f"{API}/audit", response_model=list[s.AuditOut], tags=["operators"])
+    def audit_log(_actor: Actor, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                  before_id: Annotated[int | None, Query(ge=1, le=2**62)] = None):
+        with ctx.transaction() as session:
+            return service.audit_entries(session, limit, before_id)
+
+    @app.get(f"{API}/jobs", response_model=list[s.JobOut], tags=["operators"])
+    def list_jobs(_actor: Actor, limit: Annotated[int, Query(ge=1, le=1000)] = 100):
+        with ctx.transaction() as session:
+            return service.list_jobs(session, limit)
+
+    @app.get(f"{API}/jobs/{{job_id}}", response_model=s.JobOut, tags=["operators"])
+    def get_job(job_id: Annotated[str, Path(min_length=1, max_length=36)], _actor: Actor):
+        with ctx.transaction() as session:
+            return service.get_job(session, job_id)
+
+    @app.get("/healthz", tags=["service"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("replication-appliance")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def asgi_app(ctx: ControlContext):
+    """The control app behind the body-size limit: what the server runs."""
+    return BodyLimit(build_control_app(ctx), ctx.max_body_bytes)
+
+
+def control_servers(serve_ctx) -> list:
+    """serve.SERVER_FACTORIES entry: the control server on the control port."""
+    from ..serve import ServerSpec
+
+    d = serve_ctx.data_dir
+    ctx = ControlContext.open(d, serve_ctx.sessions)
+    tls = server_ssl_context(d.server_cert("control"), d.server_key("control"), d.ca_cert, require_client_cert=False)
+    return [ServerSpec("control", asgi_app(ctx), serve_ctx.control_port, tls)]

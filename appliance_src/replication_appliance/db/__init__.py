@@ -1,0 +1,1 @@
+"""Configuration database: models (`models`), engine/sessions (`engine`), migrations (`migrate`)."""

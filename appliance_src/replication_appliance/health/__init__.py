@@ -1,0 +1,1 @@
+"""Pure rules: process server health, RPO alerts, assignment, the replication state machine."""

@@ -1,0 +1,1 @@
+"""`appliance prereqs`: the machine it runs on against the seed's requirement rows."""
