@@ -1,0 +1,245 @@
+"""What a push install runs on a target, as data: built here, executed by a transport.
+
+Pure functions only: the Linux shell commands and the Windows PowerShell commands for each
+step, and the chunked file-transfer plan for WinRM. Secrets never appear in a command: the
+passphrase and the sudo password travel on standard input.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+OS_FAMILIES = ("linux", "windows")
+STEPS = ("copy", "check", "install", "register", "start", "heartbeat")
+PACKAGE_RE = re.compile(r"^mobility-agent-(?P<version>\d+(?:\.\d+)*(?:[.-][A-Za-z0-9]+)*)-(?P<os>linux|windows)\.(?:tar\.gz|zip)$")
+# Bytes per stdin message over WinRM: base64 (4/3) stays well under the 150 KB default
+# MaxEnvelopeSize of Windows Server 2008 R2 (500 KB from 2012 on).
+WINRM_CHUNK_BYTES = 96 * 1024
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    os: str
+    port: int
+    install_root: str = "/"  # Linux: prefix the package installs under (/ on a real machine)
+
+    @property
+    def prefix(self) -> str:
+        """The install root as install.sh takes it: '' for /, else the path without a trailing slash."""
+        return self.install_root.rstrip("/")
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.port}" + (f" ({self.install_root})" if self.install_root != "/" else "")
+
+
+@dataclass(frozen=True)
+class AgentPackage:
+    path: Path
+    os: str
+    version: str
+    sha256: str
+
+    @property
+    def top_dir(self) -> str:
+        return self.path.name.removesuffix(".tar.gz").removesuffix(".zip")
+
+    @classmethod
+    def from_file(cls, path: Path) -> "AgentPackage":
+        match = PACKAGE_RE.match(path.name)
+        if not match:
+            raise ValueError(f"{path.name} is not named like an agent package "
+                             "(mobility-agent-<version>-linux.tar.gz or -windows.zip)")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return cls(path, match["os"], match["version"], digest)
+
+
+def installed_version(marker_text: str | None) -> str | None:
+    """The version in an installed marker: plain text (Linux) or JSON with `version` (Windows)."""
+    text = (marker_text or "").strip().lstrip("\ufeff")
+    if not text:
+        return None
+    if text.startswith("{"):
+        return str(json.loads(text).get("version") or "") or None
+    return text.splitlines()[0].strip()
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """Numeric comparison key: 1.10.0 > 1.9.3."""
+    return tuple(int(part) for part in re.findall(r"\d+", version))
+
+
+# --- Linux ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LinuxLayout:
+    target: Target
+    package: AgentPackage
+
+    @property
+    def staging(self) -> str:
+        return f"{self.target.prefix}/var/tmp/mobility-agent-push-{self.package.version}"
+
+    @property
+    def archive(self) -> str:
+        return f"{self.staging}/{self.package.path.name}"
+
+    @property
+    def upload_path(self) -> str:
+        return self.archive
+
+    @property
+    def installer(self) -> str:
+        return f"{self.staging}/{self.package.top_dir}/install.sh"
+
+    @property
+    def agent(self) -> str:
+        return f"{self.target.prefix}/opt/mobility-agent/current/bin/mobility-agent"
+
+    @property
+    def config_dir(self) -> str:
+        return f"{self.target.prefix}/etc/mobility-agent"
+
+    @property
+    def state_dir(self) -> str:
+        return f"{self.target.prefix}/var/lib/mobility-agent"
+
+    def prefix_args(self) -> str:
+        return f" --prefix {shlex.quote(self.target.prefix)}" if self.target.prefix else ""
+
+    def prepare_staging(self, owner: str) -> str:
+        q = shlex.quote(self.staging)
+        return f"mkdir -p {q} && chown {shlex.quote(owner)} {q} && chmod 700 {q}"
+
+    def verify_and_unpack(self) -> str:
+        """Check the uploaded archive's SHA-256, then unpack it afresh (a re-run replaces a half-unpacked one)."""
+        q_archive, q_stage = shlex.quote(self.archive), shlex.quote(self.staging)
+        q_top = shlex.quote(f"{self.staging}/{self.package.top_dir}")
+        return (f"echo {self.package.sha256}' '{q_archive} | sha256sum -c --status - "
+                f"|| {{ echo 'package checksum mismatch after copy' >&2; exit 1; }}; "
+                f"rm -rf {q_top} && tar -xzf {q_archive} -C {q_stage}")
+
+    def installer_command(self, action: str) -> str:
+        return f"sh {shlex.quote(self.installer)} {action}{self.prefix_args()}"
+
+    def register_command(self, control_server: str) -> str:
+        """Registration reads the passphrase on stdin; nothing secret on the command line."""
+        return (f"{shlex.quote(self.agent)} register --state-dir {shlex.quote(self.state_dir)} "
+                f"--server {shlex.quote(control_server)} --passphrase-stdin")
+
+    @property
+    def identity_file(self) -> str:
+        return f"{self.state_dir}/agent.json"
+
+    @property
+    def installed_marker(self) -> str:
+        return f"{self.target.prefix}/opt/mobility-agent/current/INSTALLED"
+
+    def cleanup(self) -> str:
+        return f"rm -rf {shlex.quote(self.staging)}"
+
+
+def with_sudo(command: str) -> str:
+    """Run `command` as root through sudo, the password read from stdin (-S) with no prompt text."""
+    return f"sudo -S -p '' sh -c {shlex.quote(command)}"
+
+
+# --- Windows ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WindowsLayout:
+    target: Target
+    package: AgentPackage
+    staging: str = r"C:\Windows\Temp\MobilityAgentPush"
+
+    @property
+    def archive(self) -> str:
+        return f"{self.staging}\\{self.package.path.name}"
+
+    @property
+    def part(self) -> str:
+        return self.archive + ".part"
+
+    @property
+    def installer(self) -> str:
+        return f"{self.staging}\\{self.package.top_dir}\\Install-MobilityAgent.ps1"
+
+    @property
+    def agent(self) -> str:
+        return r"C:\Program Files\MobilityAgent\current\Scripts\mobility-agent.exe"
+
+    @property
+    def state_dir(self) -> str:
+        return r"C:\ProgramData\MobilityAgent\state"
+
+    @property
+    def identity_file(self) -> str:
+        return self.state_dir + r"\agent.json"
+
+    @property
+    def installed_marker(self) -> str:
+        return r"C:\Program Files\MobilityAgent\installed.json"
+
+    @property
+    def upload_path(self) -> str:
+        return self.part
+
+    def prepare_staging(self, _owner: str = "") -> str:
+        return (f"New-Item -ItemType Directory -Force -Path {ps_quote(self.staging)} | Out-Null; "
+                f"Remove-Item -LiteralPath {ps_quote(self.part)} -Force -ErrorAction SilentlyContinue")
+
+    def verify_and_unpack(self) -> str:
+        return (f"$h = (Get-FileHash -LiteralPath {ps_quote(self.part)} -Algorithm SHA256).Hash.ToLowerInvariant(); "
+                f"if ($h -ne '{self.package.sha256}') {{ throw 'package checksum mismatch after copy' }}; "
+                f"Move-Item -LiteralPath {ps_quote(self.part)} -Destination {ps_quote(self.archive)} -Force; "
+                f"Remove-Item -LiteralPath {ps_quote(self.staging + chr(92) + self.package.top_dir)} -Recurse -Force "
+                f"-ErrorAction SilentlyContinue; "
+                f"Expand-Archive -LiteralPath {ps_quote(self.archive)} -DestinationPath {ps_quote(self.staging)} -Force")
+
+    def installer_command(self, action: str) -> str:
+        return f"& {ps_quote(self.installer)} -Action {action}; exit $LASTEXITCODE"
+
+    def register_command(self, control_server: str) -> str:
+        # The passphrase arrives on stdin (one line) and is piped on; never part of the command.
+        return (f"[Console]::In.ReadLine() | & {ps_quote(self.agent)} register --state-dir {ps_quote(self.state_dir)} "
+                f"--server {ps_quote(control_server)} --passphrase-stdin; exit $LASTEXITCODE")
+
+    def cleanup(self) -> str:
+        return f"Remove-Item -LiteralPath {ps_quote(self.staging)} -Recurse -Force -ErrorAction SilentlyContinue"
+
+
+def ps_quote(text: str) -> str:
+    """A PowerShell single-quoted literal: nothing inside is expanded."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """One WinRM command that writes its standard input (base64 lines) to `remote_path`."""
+
+    remote_path: str
+    receiver: str  # the PowerShell run on the target
+    chunk_bytes: int
+
+    def stdin_chunks(self, data: bytes) -> list[bytes]:
+        return [base64.b64encode(data[i:i + self.chunk_bytes]) + b"\r\n" for i in range(0, len(data), self.chunk_bytes)]
+
+
+def winrm_transfer_plan(remote_path: str, chunk_bytes: int = WINRM_CHUNK_BYTES) -> TransferPlan:
+    """The file goes over the WinRM shell's stdin, not the command line (limited to 8191 characters)."""
+    receiver = (f"$out = [IO.File]::Open({ps_quote(remote_path)}, [IO.FileMode]::Create, [IO.FileAccess]::Write); "
+                "try { while ($null -ne ($line = [Console]::In.ReadLine())) { if ($line) { "
+                "$b = [Convert]::FromBase64String($line); $out.Write($b, 0, $b.Length) } } } "
+                "finally { $out.Dispose() }")
+    return TransferPlan(remote_path, receiver, chunk_bytes)
+
+
+def encode_powershell(script: str) -> str:
+    """powershell -EncodedCommand form (UTF-16LE base64), as pywinrm's run_ps sends it."""
+    return base64.b64encode(script.encode("utf-16-le")).decode("ascii")

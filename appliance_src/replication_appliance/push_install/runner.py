@@ -1,0 +1,156 @@
+"""The push-install steps, run against a transport, reporting each step to a progress sink.
+
+copy -> check -> install -> register -> start -> heartbeat. An agent already at the package's
+version and registered with this appliance makes copy/check/install/register `skipped`: a
+second run changes nothing on the target. Whatever happens, the staging folder is removed;
+a failed install removes its half-made version (install.sh / Install-MobilityAgent.ps1), so
+the target is as before and the job can simply be run again.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .errors import PushInstallError, StepFailed, VersionRefused
+from .plan import STEPS, AgentPackage, LinuxLayout, Target, WindowsLayout, installed_version, version_key
+from .transport import Transport
+
+EXIT_PREREQUISITES = 3  # install.sh / Install-MobilityAgent.ps1: a prerequisite failed
+EXIT_NEWER_INSTALLED = 4  # ... a newer agent is installed; downgrade refused
+
+
+class ProgressSink(Protocol):
+    def step(self, name: str, status: str, message: str = "") -> None: ...
+
+
+@dataclass(frozen=True)
+class PushRequest:
+    target: Target
+    package: AgentPackage
+    control_server: str  # host:port the agent registers with (the configuration server, 443)
+    passphrase: str = field(repr=False)
+    credential_owner: str = "root"  # the login user; owns the staging folder while files are copied
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    machine_id: str
+    version: str
+    changed: bool
+
+
+# (machine id, not before this time.time()) -> the agent version of a heartbeat seen since, or None
+HeartbeatProbe = Callable[[str, float], "str | None"]
+
+
+def layout_for(request: PushRequest) -> LinuxLayout | WindowsLayout:
+    return (LinuxLayout if request.target.os == "linux" else WindowsLayout)(request.target, request.package)
+
+
+def run_push_install(request: PushRequest, transport: Transport, sink: ProgressSink, heartbeat: HeartbeatProbe,
+                     heartbeat_timeout: float = 120.0) -> PushOutcome:
+    layout = layout_for(request)
+    started = time.time()
+    current = installed_version(transport.read_text(layout.installed_marker))
+    identity = _identity(transport.read_text(layout.identity_file))
+    if current and version_key(current) > version_key(request.package.version):
+        raise VersionRefused(f"{request.target.label} runs agent {current}, newer than this appliance's "
+                             f"{request.package.version}: upgrade the appliance first")
+    registered = identity is not None and identity.get("control_server") == request.control_server
+    up_to_date = current == request.package.version and registered
+    step = _Steps(sink)
+    try:
+        if up_to_date:
+            for name in ("copy", "check", "install", "register"):
+                sink.step(name, "skipped", f"agent {current} installed and registered")
+        else:
+            with step("copy"):
+                _run(transport, "copy", layout.prepare_staging(request.credential_owner))
+                transport.put(request.package.path, layout.upload_path)
+                _run(transport, "copy", layout.verify_and_unpack())
+                step.message = f"{request.package.path.name} (SHA-256 {request.package.sha256[:12]}...) copied and checked"
+            with step("check"):
+                _run(transport, "check", layout.installer_command("check" if request.target.os == "linux" else "Check"))
+            with step("install"):
+                result = transport.run(layout.installer_command("install" if request.target.os == "linux" else "Install"))
+                if result.exit_code == EXIT_NEWER_INSTALLED:
+                    raise VersionRefused(f"{request.target.label}: {result.last_words()}")
+                if result.exit_code != 0:
+                    raise StepFailed("install", result.last_words())
+                step.message = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "installed"
+            if registered:
+                sink.step("register", "skipped", "already registered with this appliance")
+            else:
+                with step("register"):
+                    _run(transport, "register", layout.register_command(request.control_server), stdin=request.passphrase)
+                    identity = _identity(transport.read_text(layout.identity_file))
+                    if identity is None:
+                        raise StepFailed("register", f"the agent wrote no identity to {layout.identity_file}")
+                    step.message = f"registered as machine {identity['machine_id']}"
+        assert identity is not None
+        with step("start"):
+            result = _run(transport, "start", layout.installer_command("start" if request.target.os == "linux" else "Start"))
+            step.message = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "running"
+        with step("heartbeat"):
+            version = _wait_for_heartbeat(heartbeat, identity["machine_id"], started, heartbeat_timeout)
+            step.message = f"heartbeat from agent {version}"
+        return PushOutcome(identity["machine_id"], request.package.version, changed=not up_to_date)
+    finally:
+        if not up_to_date:
+            transport.run(layout.cleanup())
+
+
+class _Steps:
+    """`with step(name):` reports running, then succeeded (with .message) or failed (with the error)."""
+
+    def __init__(self, sink: ProgressSink) -> None:
+        self.sink, self.name, self.message = sink, "", ""
+
+    def __call__(self, name: str) -> "_Steps":
+        assert name in STEPS, name
+        self.name, self.message = name, ""
+        return self
+
+    def __enter__(self) -> "_Steps":
+        self.sink.step(self.name, "running")
+        return self
+
+    def __exit__(self, exc_type, exc, _tb) -> bool:
+        if exc is None:
+            self.sink.step(self.name, "succeeded", self.message)
+        elif isinstance(exc, PushInstallError):
+            self.sink.step(self.name, "failed", str(exc))
+        else:
+            self.sink.step(self.name, "failed", f"{type(exc).__name__}: {exc}")
+        return False
+
+
+def _run(transport: Transport, step: str, command: str, stdin: str | None = None):
+    result = transport.run(command, stdin=stdin)
+    if result.exit_code != 0:
+        raise StepFailed(step, result.last_words())
+    return result
+
+
+def _identity(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) and data.get("machine_id") else None
+
+
+def _wait_for_heartbeat(probe: HeartbeatProbe, machine_id: str, since: float, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        version = probe(machine_id, since)
+        if version is not None:
+            return version
+        time.sleep(0.5)
+    raise StepFailed("heartbeat", f"no heartbeat from machine {machine_id} within {timeout:.0f}s; the agent is "
+                                  "installed and registered: check its log and that it reaches the appliance")

@@ -1,0 +1,178 @@
+"""Transports: how commands and files reach a target. SSH/SFTP (paramiko) and WinRM (pywinrm)."""
+from __future__ import annotations
+
+import io
+import shlex
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import paramiko
+
+from .credentials import Credential
+from .errors import TargetAuthError, TargetUnreachableError
+from .plan import Target, encode_powershell, ps_quote, with_sudo, winrm_transfer_plan
+
+CONNECT_TIMEOUT_S = 20.0
+_known_hosts_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def last_words(self, limit: int = 600) -> str:
+        """The end of what the command said, to put in a job step's message."""
+        text = (self.stderr.strip() or self.stdout.strip()).splitlines()
+        return " | ".join(text)[-limit:] or f"exit code {self.exit_code}"
+
+
+class Transport(Protocol):
+    def run(self, command: str, stdin: str | None = None, as_root: bool = True, timeout: float = 900) -> CommandResult: ...
+    def put(self, local: Path, remote: str) -> None: ...
+    def read_text(self, remote: str) -> str | None: ...
+    def close(self) -> None: ...
+
+
+class SshTransport:
+    """Root (or sudo) over SSH; files over SFTP. The host key is learnt on first contact and
+    checked on every later one (D/push-known-hosts)."""
+
+    def __init__(self, target: Target, credential: Credential, known_hosts: Path) -> None:
+        self.credential = credential
+        self.sudo = credential.username != "root"
+        self.client = paramiko.SSHClient()
+        with _known_hosts_lock:
+            if known_hosts.is_file():
+                self.client.load_host_keys(str(known_hosts))
+        self.client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        auth: dict = {"password": credential.secret} if credential.kind == "password" else \
+            {"pkey": _private_key(credential)}
+        try:
+            self.client.connect(target.host, target.port, username=credential.username, timeout=CONNECT_TIMEOUT_S,
+                                banner_timeout=CONNECT_TIMEOUT_S, auth_timeout=CONNECT_TIMEOUT_S,
+                                allow_agent=False, look_for_keys=False, **auth)
+        except paramiko.AuthenticationException:
+            raise TargetAuthError(f"{target.label} refused the login of {credential.username!r} with credential "
+                                  f"{credential.name!r}: check the user name and {credential.kind}") from None
+        except paramiko.BadHostKeyException:
+            raise TargetAuthError(f"{target.label} presented a different host key than on first contact; if the "
+                                  f"machine was rebuilt, remove its line from {known_hosts}") from None
+        except (OSError, socket.timeout, paramiko.SSHException) as exc:
+            raise TargetUnreachableError(f"cannot reach SSH on {target.label}: {exc}; check the address, "
+                                         "port 22 and the firewall") from None
+        with _known_hosts_lock:
+            known_hosts.parent.mkdir(parents=True, exist_ok=True)
+            self.client.save_host_keys(str(known_hosts))
+        self._sftp: paramiko.SFTPClient | None = None
+
+    def run(self, command: str, stdin: str | None = None, as_root: bool = True, timeout: float = 900) -> CommandResult:
+        feed = stdin or ""
+        if as_root and self.sudo:
+            command = with_sudo(command)
+            feed = (self.credential.sudo_password or self.credential.secret) + "\n" + feed
+        channel = self.client.get_transport().open_session(timeout=CONNECT_TIMEOUT_S)
+        channel.settimeout(timeout)
+        channel.exec_command(command)
+        if feed:
+            channel.sendall(feed.encode())
+        channel.shutdown_write()
+        out, err = io.BytesIO(), io.BytesIO()
+        while True:
+            if channel.recv_ready():
+                out.write(channel.recv(65536))
+            elif channel.recv_stderr_ready():
+                err.write(channel.recv_stderr(65536))
+            elif channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
+                break
+            else:
+                channel.status_event.wait(0.05)
+        code = channel.recv_exit_status()
+        channel.close()
+        return CommandResult(code, out.getvalue().decode(errors="replace"), err.getvalue().decode(errors="replace"))
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        if self._sftp is None:
+            self._sftp = self.client.open_sftp()
+        return self._sftp
+
+    def put(self, local: Path, remote: str) -> None:
+        self.sftp.put(str(local), remote)
+
+    def read_text(self, remote: str) -> str | None:
+        result = self.run(f"cat {shlex.quote(remote)} 2>/dev/null || true")
+        return result.stdout or None
+
+    def close(self) -> None:
+        if self._sftp is not None:
+            self._sftp.close()
+        self.client.close()
+
+
+def _private_key(credential: Credential) -> paramiko.PKey:
+    for key_class in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return key_class.from_private_key(io.StringIO(credential.secret))
+        except (paramiko.SSHException, ValueError):
+            continue
+    raise TargetAuthError(f"credential {credential.name!r} holds no usable private key (Ed25519, ECDSA or RSA, "
+                          "OpenSSH or PEM format, without passphrase)")
+
+
+class WinRmTransport:
+    """An administrator over WinRM (HTTPS 5986 by default, NTLM). PowerShell only; files over stdin."""
+
+    def __init__(self, target: Target, credential: Credential, verify_tls: bool = True) -> None:
+        import winrm  # pywinrm: imported here, only Windows targets need it
+
+        if credential.kind != "password":
+            raise TargetAuthError(f"credential {credential.name!r} is a key; Windows targets need a password credential")
+        scheme = "http" if target.port == 5985 else "https"
+        self.protocol = winrm.Protocol(
+            endpoint=f"{scheme}://{target.host}:{target.port}/wsman", transport="ntlm",
+            username=credential.username, password=credential.secret,
+            server_cert_validation="validate" if verify_tls else "ignore",
+            read_timeout_sec=CONNECT_TIMEOUT_S + 10, operation_timeout_sec=CONNECT_TIMEOUT_S)
+        self.target, self.credential = target, credential
+        try:
+            self.shell = self.protocol.open_shell()
+        except winrm.exceptions.InvalidCredentialsError:
+            raise TargetAuthError(f"{target.label} refused the login of {credential.username!r} with credential "
+                                  f"{credential.name!r}: check the user name and password (local accounts also need "
+                                  "LocalAccountTokenFilterPolicy=1)") from None
+        except Exception as exc:  # requests' connection errors: one message for the user
+            raise TargetUnreachableError(f"cannot reach WinRM on {target.label}: {exc}; check WinRM, the port "
+                                         "and the firewall") from None
+
+    def _powershell(self, script: str, stdin_chunks: list[bytes]) -> CommandResult:
+        command_id = self.protocol.run_command(self.shell, "powershell.exe",
+                                               ["-NoProfile", "-NonInteractive", "-EncodedCommand",
+                                                encode_powershell(script)])
+        for i, chunk in enumerate(stdin_chunks):
+            self.protocol.send_command_input(self.shell, command_id, chunk, end=i == len(stdin_chunks) - 1)
+        if not stdin_chunks:
+            self.protocol.send_command_input(self.shell, command_id, b"", end=True)
+        out, err, code = self.protocol.get_command_output(self.shell, command_id)
+        self.protocol.cleanup_command(self.shell, command_id)
+        return CommandResult(code, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    def run(self, command: str, stdin: str | None = None, as_root: bool = True, timeout: float = 900) -> CommandResult:
+        return self._powershell(command, [(stdin + "\r\n").encode()] if stdin else [])
+
+    def put(self, local: Path, remote: str) -> None:
+        plan = winrm_transfer_plan(remote)
+        result = self._powershell(plan.receiver, plan.stdin_chunks(local.read_bytes()))
+        if result.exit_code != 0:
+            raise TargetUnreachableError(f"copying {local.name} to {self.target.label} failed: {result.last_words()}")
+
+    def read_text(self, remote: str) -> str | None:
+        result = self._powershell(f"Get-Content -Raw -LiteralPath {ps_quote(remote)} -ErrorAction SilentlyContinue", [])
+        return result.stdout or None
+
+    def close(self) -> None:
+        self.protocol.close_shell(self.shell)
