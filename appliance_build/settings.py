@@ -173,8 +173,6 @@ def settings_from_mapping(raw: dict[str, Any], inventory: str = "test", folder: 
         control=v.get("ports.control", _exactly(443, "the seed fixes the control channel on HTTPS 443")),
         data=v.get("ports.data", _int_range(1024, 65535, "a free TCP port; 9443 by default")),
     )
-    if ports.data == ports.control:
-        v.error("ports.data", ports.data, "must differ from ports.control (443)")
     windows = WindowsSettings(
         locale=v.get("windows.locale", _exactly("en-US", "the seed requires the en-US locale")),
         timezone=v.get("windows.timezone", _check_text),

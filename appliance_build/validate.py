@@ -6,6 +6,7 @@ yamllint, and the OVF checks on the descriptor the inventory produces.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def packer_checks(settings: Settings, folder: Path) -> list[StepResult]:
         for name, call in (("packer fmt -check", client.fmt_check), ("packer validate", client.validate)):
             try:
                 call()
-                results.append(StepResult(name, True, str(template.relative_to(REPO_ROOT))))
+                results.append(StepResult(name, True, os.path.relpath(template, REPO_ROOT)))
             except PackerFailed as exc:
                 results.append(StepResult(name, False, str(exc)))
         return results
