@@ -31,6 +31,10 @@ def register(subparsers) -> None:
     p.add_argument("--server", help="host:port agents register with (default: this appliance's hostname and control port)")
     p.add_argument("--package", type=Path, help="agent package file (default: the appliance's version from "
                                                 "DATA_DIR/agent-packages)")
+    p.add_argument("--disk", action="append", default=[], dest="disks",
+                   help="disk to replicate (repeatable; default: every disk of the machine)")
+    p.add_argument("--hostname", help="name to register the machine under (default: its own host name)")
+    p.add_argument("--host-id", help="identity to register (default: the machine's /etc/machine-id or BIOS UUID)")
     p.add_argument("--heartbeat-timeout", type=float, default=120.0, help="seconds to wait for the first heartbeat")
     p.set_defaults(handler=cmd_push_install)
 
@@ -103,7 +107,8 @@ def cmd_push_install(args: argparse.Namespace) -> int:
     engine, sessions = _sessions(data_dir)
     try:
         job_id, outcome, error = service.run_job(
-            data_dir, sessions, service.PushJob(target, args.credential, package), server=args.server,
+            data_dir, sessions, service.PushJob(target, args.credential, package, tuple(args.disks), args.hostname,
+                                                args.host_id), server=args.server,
             heartbeat_timeout=args.heartbeat_timeout, on_step=_echo)
     finally:
         engine.dispose()

@@ -78,6 +78,24 @@ def version_key(version: str) -> tuple[int, ...]:
 # --- Linux ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Registration:
+    """What `mobility-agent register` is told besides the passphrase (which goes on stdin)."""
+
+    control_server: str
+    disks: tuple[str, ...]
+    hostname: str | None = None
+    host_id: str | None = None
+
+    def agent_args(self) -> list[str]:
+        args = [arg for disk in self.disks for arg in ("--disk", disk)]
+        if self.hostname:
+            args += ["--hostname", self.hostname]
+        if self.host_id:
+            args += ["--host-id", self.host_id]
+        return args
+
+
+@dataclass(frozen=True)
 class LinuxLayout:
     target: Target
     package: AgentPackage
@@ -103,10 +121,6 @@ class LinuxLayout:
         return f"{self.target.prefix}/opt/mobility-agent/current/bin/mobility-agent"
 
     @property
-    def config_dir(self) -> str:
-        return f"{self.target.prefix}/etc/mobility-agent"
-
-    @property
     def state_dir(self) -> str:
         return f"{self.target.prefix}/var/lib/mobility-agent"
 
@@ -128,10 +142,18 @@ class LinuxLayout:
     def installer_command(self, action: str) -> str:
         return f"sh {shlex.quote(self.installer)} {action}{self.prefix_args()}"
 
-    def register_command(self, control_server: str) -> str:
-        """Registration reads the passphrase on stdin; nothing secret on the command line."""
-        return (f"{shlex.quote(self.agent)} register --state-dir {shlex.quote(self.state_dir)} "
-                f"--server {shlex.quote(control_server)} --passphrase-stdin")
+    @property
+    def ca_file(self) -> str:
+        return f"{self.staging}/ca.pem"
+
+    def discover_disks_command(self) -> str:
+        return "lsblk -dnpo NAME,TYPE | awk '$2 == \"disk\" {print $1}'"
+
+    def register_command(self, request: "Registration") -> str:
+        """The passphrase comes on stdin (/dev/stdin): nothing secret on the command line."""
+        args = [self.agent, "register", "--server", request.control_server, "--passphrase-file", "/dev/stdin",
+                "--ca-file", self.ca_file, "--state-dir", self.state_dir]
+        return shlex.join(args + request.agent_args())
 
     @property
     def identity_file(self) -> str:
@@ -205,10 +227,23 @@ class WindowsLayout:
     def installer_command(self, action: str) -> str:
         return f"& {ps_quote(self.installer)} -Action {action}; exit $LASTEXITCODE"
 
-    def register_command(self, control_server: str) -> str:
-        # The passphrase arrives on stdin (one line) and is piped on; never part of the command.
-        return (f"[Console]::In.ReadLine() | & {ps_quote(self.agent)} register --state-dir {ps_quote(self.state_dir)} "
-                f"--server {ps_quote(control_server)} --passphrase-stdin; exit $LASTEXITCODE")
+    @property
+    def ca_file(self) -> str:
+        return f"{self.staging}\\ca.pem"
+
+    def discover_disks_command(self) -> str:
+        return "Get-Disk | Sort-Object Number | ForEach-Object { '\\\\.\\PhysicalDrive' + $_.Number }"
+
+    def register_command(self, request: "Registration") -> str:
+        # The passphrase arrives on stdin and goes to a file only the administrators and SYSTEM can
+        # read (the staging folder), removed right after: never part of a command line.
+        secret = f"{self.staging}\\passphrase.txt"
+        args = " ".join(ps_quote(a) for a in ["register", "--server", request.control_server, "--passphrase-file",
+                                                secret, "--ca-file", self.ca_file, "--state-dir", self.state_dir,
+                                                *request.agent_args()])
+        return (f"[IO.File]::WriteAllText({ps_quote(secret)}, [Console]::In.ReadLine()); "
+                f"try {{ & {ps_quote(self.agent)} {args}; $code = $LASTEXITCODE }} "
+                f"finally {{ Remove-Item -LiteralPath {ps_quote(secret)} -Force -ErrorAction SilentlyContinue }}; exit $code")
 
     def cleanup(self) -> str:
         return f"Remove-Item -LiteralPath {ps_quote(self.staging)} -Recurse -Force -ErrorAction SilentlyContinue"

@@ -12,10 +12,12 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from .errors import PushInstallError, StepFailed, VersionRefused
-from .plan import STEPS, AgentPackage, LinuxLayout, Target, WindowsLayout, installed_version, version_key
+from .plan import (STEPS, AgentPackage, LinuxLayout, Registration, Target, WindowsLayout, installed_version,
+                   version_key)
 from .transport import Transport
 
 EXIT_PREREQUISITES = 3  # install.sh / Install-MobilityAgent.ps1: a prerequisite failed
@@ -31,8 +33,12 @@ class PushRequest:
     target: Target
     package: AgentPackage
     control_server: str  # host:port the agent registers with (the configuration server, 443)
+    ca_cert: Path  # the appliance CA the agent trusts (DATA_DIR/ca.pem)
     passphrase: str = field(repr=False)
     credential_owner: str = "root"  # the login user; owns the staging folder while files are copied
+    disks: tuple[str, ...] = ()  # disks to replicate; empty: every disk the target has
+    hostname: str | None = None  # name and identity to register (default: the agent's own)
+    host_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,8 @@ class PushOutcome:
 
 # (machine id, not before this time.time()) -> the agent version of a heartbeat seen since, or None
 HeartbeatProbe = Callable[[str, float], "str | None"]
+# An agent already in place heartbeats every few minutes; one within the health rule's 15 minutes counts.
+RECENT_HEARTBEAT_S = 15 * 60
 
 
 def layout_for(request: PushRequest) -> LinuxLayout | WindowsLayout:
@@ -53,7 +61,7 @@ def layout_for(request: PushRequest) -> LinuxLayout | WindowsLayout:
 def run_push_install(request: PushRequest, transport: Transport, sink: ProgressSink, heartbeat: HeartbeatProbe,
                      heartbeat_timeout: float = 120.0) -> PushOutcome:
     layout = layout_for(request)
-    started = time.time()
+    heartbeat_since = time.time() - RECENT_HEARTBEAT_S
     current = installed_version(transport.read_text(layout.installed_marker))
     identity = _identity(transport.read_text(layout.identity_file))
     if current and version_key(current) > version_key(request.package.version):
@@ -70,10 +78,12 @@ def run_push_install(request: PushRequest, transport: Transport, sink: ProgressS
             with step("copy"):
                 _run(transport, "copy", layout.prepare_staging(request.credential_owner))
                 transport.put(request.package.path, layout.upload_path)
+                transport.put(request.ca_cert, layout.ca_file)
                 _run(transport, "copy", layout.verify_and_unpack())
                 step.message = f"{request.package.path.name} (SHA-256 {request.package.sha256[:12]}...) copied and checked"
             with step("check"):
                 _run(transport, "check", layout.installer_command("check" if request.target.os == "linux" else "Check"))
+            heartbeat_since = time.time()  # from here on, only the new agent's heartbeat counts
             with step("install"):
                 result = transport.run(layout.installer_command("install" if request.target.os == "linux" else "Install"))
                 if result.exit_code == EXIT_NEWER_INSTALLED:
@@ -85,7 +95,9 @@ def run_push_install(request: PushRequest, transport: Transport, sink: ProgressS
                 sink.step("register", "skipped", "already registered with this appliance")
             else:
                 with step("register"):
-                    _run(transport, "register", layout.register_command(request.control_server), stdin=request.passphrase)
+                    disks = request.disks or tuple(_run(transport, "register", layout.discover_disks_command()).stdout.split())
+                    registration = Registration(request.control_server, disks, request.hostname, request.host_id)
+                    _run(transport, "register", layout.register_command(registration), stdin=request.passphrase + "\n")
                     identity = _identity(transport.read_text(layout.identity_file))
                     if identity is None:
                         raise StepFailed("register", f"the agent wrote no identity to {layout.identity_file}")
@@ -95,7 +107,7 @@ def run_push_install(request: PushRequest, transport: Transport, sink: ProgressS
             result = _run(transport, "start", layout.installer_command("start" if request.target.os == "linux" else "Start"))
             step.message = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "running"
         with step("heartbeat"):
-            version = _wait_for_heartbeat(heartbeat, identity["machine_id"], started, heartbeat_timeout)
+            version = _wait_for_heartbeat(heartbeat, identity["machine_id"], heartbeat_since, heartbeat_timeout)
             step.message = f"heartbeat from agent {version}"
         return PushOutcome(identity["machine_id"], request.package.version, changed=not up_to_date)
     finally:

@@ -56,6 +56,9 @@ class PushJob:
     target: Target
     credential: str
     package: AgentPackage
+    disks: tuple[str, ...] = ()
+    hostname: str | None = None
+    host_id: str | None = None
 
 
 def control_server(data_dir: DataDir) -> str:
@@ -78,8 +81,9 @@ def run_job(data_dir: DataDir, sessions: sessionmaker[Session], job: PushJob, ki
     try:
         transport = transport_factory(job.target, credential, data_dir)
         try:
-            request = PushRequest(job.target, job.package, server or control_server(data_dir), data_dir.passphrase(),
-                                  credential_owner=credential.username)
+            request = PushRequest(job.target, job.package, server or control_server(data_dir), data_dir.ca_cert,
+                                  data_dir.passphrase(), credential_owner=credential.username, disks=job.disks,
+                                  hostname=job.hostname, host_id=job.host_id)
             outcome = run_push_install(request, transport, recorder, jobs.heartbeat_probe(sessions), heartbeat_timeout)
         finally:
             transport.close()

@@ -7,8 +7,9 @@
 #   install.sh start|stop|status|uninstall [--prefix DIR]
 #
 # Everything goes under PREFIX (default /): opt/mobility-agent/<version> (a venv),
-# opt/mobility-agent/current (symlink to the running version), etc/mobility-agent (configuration
-# and registration, kept across upgrades), var/lib/mobility-agent, var/log/mobility-agent.
+# opt/mobility-agent/current (symlink to the running version), var/lib/mobility-agent (the agent's
+# state: registration, certificate, configuration; kept across upgrades and uninstall),
+# var/log/mobility-agent.
 # With PREFIX=/ and systemd running, the agent runs as the systemd service mobility-agent (root);
 # otherwise as a background process with a pid file (containers, tests with a temporary prefix).
 # A failed install removes what it created and leaves the running version untouched; running it
@@ -33,7 +34,6 @@ PYTHON=${MOBILITY_AGENT_PYTHON:-python3}
 VERSION=$(sed -n 's/^ "version": "\([^"]*\)",*$/\1/p' "$PACKAGE_DIR/manifest.json")
 REQUIRED_PYTHON=$(sed -n 's/^  "python": "\([0-9.]*\)",*$/\1/p' "$PACKAGE_DIR/manifest.json")
 OPT="$PREFIX/opt/mobility-agent"
-ETC="$PREFIX/etc/mobility-agent"
 STATE="$PREFIX/var/lib/mobility-agent"
 LOGDIR="$PREFIX/var/log/mobility-agent"
 PIDFILE="$STATE/agent.pid"
@@ -85,7 +85,7 @@ start() {
     if [ -n "$(agent_pid)" ]; then log "already running (pid $(agent_pid))"; return; fi
     mkdir -p "$LOGDIR" "$STATE"
     # setsid: the agent outlives the SSH session that started it.
-    setsid "$OPT/current/bin/mobility-agent" run --config-dir "$ETC" --state-dir "$STATE" \
+    setsid "$OPT/current/bin/mobility-agent" run --state-dir "$STATE" \
         >>"$LOGDIR/agent.log" 2>&1 </dev/null &
     echo $! >"$PIDFILE"
     log "started (pid $!)"
@@ -135,8 +135,8 @@ install() {
     fi
     check >/dev/null || { check; fail "prerequisites not met (see FAIL lines above)" 3; }
     target="$OPT/$VERSION"
-    mkdir -p "$OPT" "$ETC" "$STATE" "$LOGDIR"
-    chmod 700 "$ETC" "$STATE"
+    mkdir -p "$OPT" "$STATE" "$LOGDIR"
+    chmod 700 "$STATE"
     was_running=0
     if use_systemd && systemctl is-active --quiet mobility-agent.service; then was_running=1; fi
     if ! use_systemd && [ -n "$(agent_pid)" ]; then was_running=1; fi
@@ -170,8 +170,8 @@ uninstall() {
         rm -f "$UNIT"
         systemctl daemon-reload
     fi
-    rm -rf "$OPT" "$STATE"
-    log "uninstalled (configuration kept in $ETC)"
+    rm -rf "$OPT"
+    log "uninstalled (registration and state kept in $STATE)"
 }
 
 case "$ACTION" in

@@ -8,8 +8,9 @@
         .\Install-MobilityAgent.ps1 -Action Install    install or upgrade; exit 4 when a newer
                                                        version is installed (-Force overrides)
         .\Install-MobilityAgent.ps1 -Action Start | Stop | Status | Uninstall
-    Layout: <InstallDir>\<version> (a venv), <InstallDir>\installed.json, configuration and
-    registration in <DataDir>\config (kept across upgrades), state in <DataDir>\state.
+    Layout: <InstallDir>\<version> (a venv), <InstallDir>\current (junction to it),
+    <InstallDir>\installed.json, and the agent's state (registration, certificate, configuration)
+    in <DataDir>\state, kept across upgrades and uninstall.
     The service MobilityAgent (LocalSystem, automatic start, restart on failure) runs
     mobility_agent_service.py from the installed venv. Registration is separate
     (mobility-agent register, passphrase on standard input), so no secret is a parameter here.
@@ -81,17 +82,17 @@ function Install-Agent {
         Stop-Service -Name $ServiceName -ErrorAction SilentlyContinue
         & (Join-Path $target 'Scripts\python.exe') (Join-Path $target 'mobility_agent_service.py') remove | Out-Null
     }
-    foreach ($dir in @('config', 'state')) {
-        $path = Join-Path $DataDir $dir
-        New-Item -ItemType Directory -Force -Path $path | Out-Null
-        & icacls.exe $path /inheritance:r /grant:r 'SYSTEM:(OI)(CI)F' 'Administrators:(OI)(CI)F' | Out-Null  # secrets live here
-    }
+    $state = Join-Path $DataDir 'state'
+    New-Item -ItemType Directory -Force -Path $state | Out-Null
+    & icacls.exe $state /inheritance:r /grant:r 'SYSTEM:(OI)(CI)F' 'Administrators:(OI)(CI)F' | Out-Null  # the agent's key lives here
     & (Join-Path $target 'Scripts\python.exe') (Join-Path $target 'mobility_agent_service.py') --startup auto install
     if ($LASTEXITCODE -ne 0) { Write-Error 'mobility-agent: registering the service failed'; exit 1 }
     $key = "HKLM:\SYSTEM\CurrentControlSet\Services\$ServiceName"
-    Set-ItemProperty -Path $key -Name Environment -Type MultiString -Value @(
-        "MOBILITY_AGENT_CONFIG_DIR=$(Join-Path $DataDir 'config')", "MOBILITY_AGENT_STATE_DIR=$(Join-Path $DataDir 'state')")
+    Set-ItemProperty -Path $key -Name Environment -Type MultiString -Value @("MOBILITY_AGENT_STATE_DIR=$state")
     & sc.exe failure $ServiceName reset= 86400 actions= restart/10000/restart/10000/restart/60000 | Out-Null
+    $link = Join-Path $InstallDir 'current'
+    if (Test-Path -LiteralPath $link) { (Get-Item -LiteralPath $link).Delete() }  # the junction only
+    New-Item -ItemType Junction -Path $link -Target $target | Out-Null
     @{ version = "$version"; venv = $target } | ConvertTo-Json | Set-Content -LiteralPath $Marker -Encoding UTF8
     Get-ChildItem -LiteralPath $InstallDir -Directory | Where-Object { $_.Name -match '^\d+(\.\d+)+$' -and $_.FullName -ne $target } |
         Remove-Item -Recurse -Force

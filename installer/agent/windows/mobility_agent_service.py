@@ -5,8 +5,8 @@
 
 The service runs `mobility-agent run` from the same virtual environment as a child process and
 stops it when Windows stops the service; it runs as LocalSystem, like the agent on Linux runs as root.
-Settings come from the environment variables MOBILITY_AGENT_CONFIG_DIR and MOBILITY_AGENT_STATE_DIR,
-stored in the service's registry key by the installer.
+The state directory (registration, certificate, configuration) comes from the environment
+variable MOBILITY_AGENT_STATE_DIR, stored in the service's registry key by the installer.
 """
 from __future__ import annotations
 
@@ -39,9 +39,8 @@ class MobilityAgentService(win32serviceutil.ServiceFramework):
         win32event.SetEvent(self._stop)
 
     def SvcDoRun(self) -> None:  # noqa: N802
-        config_dir = os.environ.get("MOBILITY_AGENT_CONFIG_DIR", r"C:\ProgramData\MobilityAgent\config")
         state_dir = os.environ.get("MOBILITY_AGENT_STATE_DIR", r"C:\ProgramData\MobilityAgent\state")
-        self._child = subprocess.Popen([str(AGENT), "run", "--config-dir", config_dir, "--state-dir", state_dir])
+        self._child = subprocess.Popen([str(AGENT), "run", "--state-dir", state_dir])
         servicemanager.LogInfoMsg(f"{self._svc_name_}: agent started (pid {self._child.pid})")
         # Leave when Windows asks or when the agent dies; a dead agent ends the service with an
         # error so the recovery actions set by the installer restart it.
