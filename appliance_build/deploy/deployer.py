@@ -5,7 +5,6 @@ from ImportVApp on, any failure (Ctrl-C included) aborts the lease and removes t
 """
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import signal
 import threading
@@ -13,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..ova.descriptor import ParsedDescriptor, parse_descriptor
@@ -59,6 +59,7 @@ def deploy(options: DeployOptions, credentials: Credentials, say: Say = print, p
     from ..ova.verify import verify_package
 
     # A bad OVA must stop here, before any call to vCenter.
+    fingerprint = package_fingerprint(options.ova)
     report = verify_package(options.ova, progress=progress)
     report.raise_for_failures()
     say(f"verified {options.ova}: {len(report.checks)} checks passed")
@@ -82,7 +83,8 @@ def deploy(options: DeployOptions, credentials: Credentials, say: Say = print, p
         if existing is not None:
             say(f"removing the existing VM {options.name!r} (--replace)")
             remove_vm(existing)
-        vm = import_vm(content, package, target, plan, options, say, progress, progress_interval, abort_grace)
+        vm = import_vm(content, package, target, plan, options, fingerprint, say, progress, progress_interval,
+                       abort_grace)
         say(f"deployed VM {options.name!r} ({vm._moId}) on {target.compute.name}/{target.datastore.name}")
 
         address, reported = options.guest.ip, False
@@ -155,7 +157,8 @@ def _add_ovf_environment(config: Any, descriptor: ParsedDescriptor, values: dict
 
 
 def import_vm(content: Any, package: OvaPackage, target: Target, plan: ImportPlan, options: DeployOptions,
-              say: Say, progress: bool | None, progress_interval: float, abort_grace: float) -> Any:
+              fingerprint: tuple[tuple[str, int, int, int], ...], say: Say, progress: bool | None,
+              progress_interval: float, abort_grace: float) -> Any:
     """ImportVApp, upload every disk, Complete; on any failure abort and leave no VM behind."""
     from pyVmomi import vmodl
 
@@ -173,7 +176,9 @@ def import_vm(content: Any, package: OvaPackage, target: Target, plan: ImportPla
         keeper = LeaseKeeper(lease, sum(u.size for u in uploads), interval=progress_interval)
         for item in uploads:
             say(f"uploading {item.member} ({item.size / 2**20:.1f} MiB) to {item.host}")
-            _upload_checked(package, item, options, keeper, progress)
+            _upload_one(package, item, options, keeper, progress)
+        if package_fingerprint(options.ova) != fingerprint:
+            raise UploadError(f"{options.ova} changed while it was deployed: verify it again and rerun")
         _compare_server_manifest(lease, uploads, package, say)
         lease.Complete()
         return info.entity
@@ -185,11 +190,8 @@ def import_vm(content: Any, package: OvaPackage, target: Target, plan: ImportPla
         raise
 
 
-def _upload_checked(package: OvaPackage, item: Upload, options: DeployOptions, keeper: LeaseKeeper,
-                    progress: bool | None) -> None:
-    """Upload one member, hashing it on the way against the OVA's .mf."""
-    algorithm = package.manifest_algorithms.get(item.member)
-    digest = hashlib.new(algorithm.lower()) if algorithm else None
+def _upload_one(package: OvaPackage, item: Upload, options: DeployOptions, keeper: LeaseKeeper,
+                progress: bool | None) -> None:
     bar = byte_progress(item.size, item.member, enabled=progress)
 
     def on_bytes(n: int) -> None:
@@ -198,12 +200,21 @@ def _upload_checked(package: OvaPackage, item: Upload, options: DeployOptions, k
 
     try:
         with package.open_member(item.member) as source:
-            upload(item, source, options.tls, on_bytes, digest)
+            upload(item, source, options.tls, on_bytes)
     finally:
         bar.close()
-    if digest is not None and digest.hexdigest() != package.manifest[item.member]:
-        raise UploadError(f"the bytes sent for {item.member} do not match its {algorithm} in the .mf: the OVA "
-                          f"changed after it was verified; verify it again and rerun")
+
+
+def package_fingerprint(path: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """Name, size, mtime and inode of the OVA (or every file of an OVF folder).
+
+    The checks hashed every byte just before the upload; an unchanged fingerprint afterwards
+    shows the bytes sent are the ones verified, without hashing them a second time.
+    """
+    if not path.exists():
+        return ()  # verify-ova reports the missing package
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return tuple((f.name, st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [f.stat()])
 
 
 def _request_sha256_manifest(lease: Any, uploads: list[Upload]) -> None:
@@ -222,7 +233,7 @@ def _compare_server_manifest(lease: Any, uploads: list[Upload], package: OvaPack
     try:
         entries = lease.GetManifest() or []
     except vmodl.MethodFault:
-        say("the server offers no manifest of the upload; each disk was checked against the .mf while sent")
+        say("the server offers no manifest of the upload; the OVA sent is the one verified against its .mf")
         return
     member_of = {u.device_key: u.member for u in uploads}
     digests = [ServerDigest(member_of.get(e.key, e.key), (e.checksumType or "sha1"), e.checksum or e.sha1)

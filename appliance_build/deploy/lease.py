@@ -125,8 +125,7 @@ class LeaseKeeper:
         self.reports += 1
 
 
-def upload(item: Upload, source: BinaryIO, tls: TlsOptions, on_bytes: Callable[[int], None],
-           digest: Any | None = None) -> None:
+def upload(item: Upload, source: BinaryIO, tls: TlsOptions, on_bytes: Callable[[int], None]) -> None:
     """POST `item.size` bytes of `source` to the device URL as a stream-optimized VMDK."""
     parts = urlsplit(item.url)
     connection = _connection(parts.scheme, parts.hostname or "", parts.port, tls, item.thumbprint)
@@ -158,8 +157,6 @@ def upload(item: Upload, source: BinaryIO, tls: TlsOptions, on_bytes: Callable[[
                 if not n:
                     raise UploadError(f"{item.member} ended after {sent} of {item.size} bytes: the OVA is truncated")
                 connection.sock.sendall(view[:n])
-                if digest is not None:
-                    digest.update(view[:n])
                 sent += n
                 on_bytes(n)
             response = connection.getresponse()

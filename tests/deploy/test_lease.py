@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import ssl
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -116,3 +117,21 @@ def test_thumbprint_pins_a_certificate_without_a_ca(vcsim):
     # Without a thumbprint and without a CA, the certificate is not trusted.
     with pytest.raises(UploadError, match="is not trusted"):
         upload(Upload("d.vmdk", url, 4, "k"), io.BytesIO(b"data"), TlsOptions(), lambda n: None)
+
+
+def test_package_fingerprint_changes_when_the_ova_is_rewritten(tmp_path):
+    from appliance_build.deploy.deployer import package_fingerprint
+
+    ova = tmp_path / "a.ova"
+    ova.write_bytes(b"x" * 100)
+    before = package_fingerprint(ova)
+    assert package_fingerprint(ova) == before
+    time.sleep(0.05)  # past the kernel's coarse timestamp tick
+    ova.write_bytes(b"y" * 100)  # same size, new content: the write moves mtime
+    assert package_fingerprint(ova) != before
+    folder = tmp_path / "ovf"
+    folder.mkdir()
+    (folder / "a.ovf").write_text("<x/>")
+    before = package_fingerprint(folder)
+    (folder / "disk1.vmdk").write_bytes(b"d")
+    assert package_fingerprint(folder) != before
