@@ -34,6 +34,9 @@ class ApplianceConfig:
     data_port: int = 9443
     cloud: str = "public"
     admin_user: str = "admin"
+    # Process server cache size when the cache shares a filesystem (None: the whole filesystem,
+    # as on the appliance's dedicated cache disk). Cache health is judged against it.
+    cache_quota_bytes: int | None = None
     config_version: int = CONFIG_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # other components' settings, by component name
 
@@ -44,6 +47,8 @@ class ApplianceConfig:
                 raise DataDirError(f"{name} {port!r} is not a TCP port: use 1-65535")
         if self.control_port == self.data_port:
             raise DataDirError(f"control and data ports must differ (both are {self.control_port})")
+        if self.cache_quota_bytes is not None and (not isinstance(self.cache_quota_bytes, int) or self.cache_quota_bytes <= 0):
+            raise DataDirError(f"cache_quota_bytes {self.cache_quota_bytes!r} must be a positive number of bytes or null")
         if self.cloud not in CLOUDS:
             raise DataDirError(f"cloud {self.cloud!r} is unknown: allowed are {', '.join(CLOUDS)}")
 

@@ -31,7 +31,7 @@ from ..common.tls import ROLE_PROCESS_SERVER, CertificateAuthority, ClientIdenti
 from ..db.models import Operator, Policy, utcnow
 from . import schemas as s
 from . import service
-from .auth import DUMMY_HASH, FailureLimiter, TokenSigner, verify_password
+from .auth import FailureLimiter, dummy_hash, TokenSigner, verify_password
 from .service import ControlError, ForbiddenError
 
 log = logging.getLogger("replication_appliance.control")
@@ -262,7 +262,7 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
         def check() -> bool:
             with ctx.transaction() as session:
                 op = session.scalars(select(Operator).where(Operator.username == req.username)).one_or_none()
-                ok = verify_password(op.password_hash if op else DUMMY_HASH, req.password) and op is not None
+                ok = verify_password(op.password_hash if op else dummy_hash(), req.password) and op is not None
                 service.audit(session, f"operator:{req.username}", "operator.login" if ok else "operator.login_refused",
                               "operator", req.username, remote=address)
                 return ok

@@ -3,6 +3,7 @@ that slows down repeated wrong passphrases or passwords from one address."""
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -35,8 +36,10 @@ def verify_password(password_hash: str, password: str) -> bool:
         return False
 
 
-# Compared against when the user does not exist, so a wrong user costs the same as a wrong password.
-DUMMY_HASH = hash_password("not-a-real-account-password")
+@functools.cache
+def dummy_hash() -> str:
+    """Verified against when the user does not exist, so a wrong user costs as much as a wrong password."""
+    return hash_password("not-a-real-account-password")
 
 
 def _b64(data: bytes) -> str:

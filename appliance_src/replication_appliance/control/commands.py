@@ -28,6 +28,16 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _positive_gb(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not 0 < value <= 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in GB (a positive number)")
+    return int(value * 10**9)
+
+
 def _data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", required=True, type=Path, help="the appliance's data directory")
 
@@ -63,6 +73,8 @@ def register(subparsers) -> None:
     p.add_argument("--control-port", type=_port, default=443)
     p.add_argument("--data-port", type=_port, default=9443)
     p.add_argument("--cloud", choices=CLOUDS, default="public")
+    p.add_argument("--cache-quota-gb", type=_positive_gb,
+                   help="size of the process server cache when it shares a filesystem (default: the whole filesystem)")
     p.set_defaults(handler=cmd_init)
 
     p = subparsers.add_parser("serve", help="run the configuration server (443) and the process server (9443)")
@@ -97,7 +109,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     result = initialise(InitOptions(
         data_dir=args.data_dir, admin_password=admin_password, db_url=args.db, db_password=db_password,
         hostname=args.hostname, addresses=args.addresses, admin_user=args.admin_user,
-        control_port=args.control_port, data_port=args.data_port, cloud=args.cloud))
+        control_port=args.control_port, data_port=args.data_port, cloud=args.cloud,
+        cache_quota_bytes=args.cache_quota_gb))
     print(f"initialised {result.data_dir}")
     print(f"  hostname      {result.hostname} ({', '.join(result.addresses)})")
     print(f"  database      {result.db_url}")

@@ -42,6 +42,7 @@ class InitOptions:
     control_port: int = 443
     data_port: int = 9443
     cloud: str = "public"
+    cache_quota_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def initialise(opts: InitOptions) -> InitResult:
         config = ApplianceConfig(hostname=hostname, addresses=addresses,
                                  db_url=stored_url.render_as_string(hide_password=False),
                                  control_port=opts.control_port, data_port=opts.data_port, cloud=opts.cloud,
-                                 admin_user=opts.admin_user)
+                                 admin_user=opts.admin_user, cache_quota_bytes=opts.cache_quota_bytes)
         config.validate()
         full_url = stored_url.set(password=password) if password is not None else stored_url
         if full_url.drivername.startswith("mysql"):
@@ -133,6 +134,8 @@ def initialise(opts: InitOptions) -> InitResult:
             _refuse_used_database(engine, stored_url)
             migrated = engine
             upgrade(engine)
+            if stored_url.drivername == "sqlite":
+                os.chmod(d.sqlite_path, 0o600)  # holds the operator password hash
             with session_factory(engine).begin() as session:
                 service.create_operator(session, opts.admin_user, hash_password(opts.admin_password))
                 session.add(ProcessServer(name=BUILTIN_PROCESS_SERVER, address=f"{hostname}:{opts.data_port}", builtin=True))

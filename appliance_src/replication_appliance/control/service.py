@@ -300,6 +300,7 @@ def machine_action(session: Session, machine_id: str, action: Action, actor: str
     machine.desired_state = after.value
     if after == Desired.REPLICATE and machine.process_server is None:
         machine.process_server = choose_process_server(session, utcnow())
+    session.flush()
     audit(session, actor, f"machine.{action.value}", "machine", machine.id,
           {"desired_before": before.value, "desired_after": after.value}, remote)
     return machine
@@ -318,6 +319,7 @@ def switch_process_server(session: Session, machine_id: str, ps_id: str, actor: 
         raise ConflictError(f"process server {ps.name} is critical ({'; '.join(a.message for a in health.alerts)}): choose another")
     before = machine.process_server_id
     machine.process_server = ps
+    session.flush()
     audit(session, actor, "machine.process_server_switched", "machine", machine.id, {"from": before, "to": ps.id}, remote)
     return machine
 
@@ -369,6 +371,7 @@ def assign_policy(session: Session, machine_id: str, policy_id: int, actor: str,
     policy = get_policy(session, policy_id)
     before = machine.policy_id
     machine.policy = policy
+    session.flush()
     audit(session, actor, "machine.policy_assigned", "machine", machine.id, {"from": before, "to": policy.id}, remote)
     return machine
 

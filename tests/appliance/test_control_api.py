@@ -1,0 +1,274 @@
+"""The control server over real TLS on a free port, against SQLite and a real MariaDB."""
+from __future__ import annotations
+
+import socket
+import ssl
+
+import httpx
+import pytest
+
+from replication_appliance.control.app import MAX_BODY_BYTES
+
+from .appliance_harness import DISKS
+
+HB = "/api/v1/agents/{}/heartbeat"
+
+
+def counters(replicated=0, backlog=0):
+    return [{"name": d["name"], "total_bytes": d["size_bytes"], "replicated_bytes": replicated, "backlog_bytes": backlog}
+            for d in DISKS]
+
+
+def test_registration_issues_client_certificate_and_assigns_process_server(appliance, tmp_path):
+    agent = appliance.register_agent(tmp_path)
+    assert agent.response["process_server"]["name"] == "builtin"
+    assert agent.response["ca_certificate"] == appliance.data_dir.ca_cert.read_text()
+    with appliance.agent_client(agent) as c:
+        resp = c.post(HB.format(agent.machine_id), json={"state": "not_enabled", "disks": counters()})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["desired_state"] == "stop"
+    assert resp.json()["policy"]["rpo_threshold_minutes"] == 60
+    assert "agent.registered" in appliance.audit_actions()
+
+
+def test_reregistration_is_idempotent_and_retires_the_old_certificate(appliance, tmp_path):
+    first = appliance.register_agent(tmp_path)
+    second = appliance.register_agent(tmp_path)
+    assert second.machine_id == first.machine_id
+    assert second.response["process_server"] == first.response["process_server"]
+    with appliance.agent_client(first) as c:
+        old = c.post(HB.format(first.machine_id), json={"state": "not_enabled"})
+    with appliance.agent_client(second) as c:
+        new = c.post(HB.format(second.machine_id), json={"state": "not_enabled"})
+    assert old.status_code == 403 and "replaced" in old.json()["error"]
+    assert new.status_code == 200
+    with appliance.operator() as op:
+        assert len(op.get("/api/v1/machines").json()) == 1
+
+
+def test_certificate_cannot_act_for_another_machine(appliance, tmp_path):
+    a = appliance.register_agent(tmp_path, host_id="host-a", hostname="a")
+    b = appliance.register_agent(tmp_path, host_id="host-b", hostname="b")
+    with appliance.agent_client(a) as c:
+        resp = c.post(HB.format(b.machine_id), json={"state": "not_enabled"})
+    assert resp.status_code == 403
+    assert f"belongs to machine {a.machine_id}, not {b.machine_id}" in resp.json()["error"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # DB-independent: SQLite only, to keep the suite fast
+def test_agent_calls_without_client_certificate_are_refused(appliance, tmp_path):
+    agent = appliance.register_agent(tmp_path)
+    with appliance.client() as c:
+        resp = c.post(HB.format(agent.machine_id), json={"state": "not_enabled"})
+    assert resp.status_code == 403 and "client certificate" in resp.json()["error"]
+
+
+def test_wrong_passphrase_refused_then_slowed_down(appliance):
+    body, _ = appliance.registration(passphrase="not-the-passphrase-at-all")
+    with appliance.client() as c:
+        codes = [c.post("/api/v1/agents/register", json=body).status_code for _ in range(3)]
+        assert codes == [401, 401, 401]
+        body["passphrase"] = appliance.data_dir.passphrase()
+        locked = c.post("/api/v1/agents/register", json=body)
+    assert locked.status_code == 429 and int(locked.headers["Retry-After"]) >= 1
+    actions = appliance.audit_actions()
+    assert actions.count("registration.refused") == 3
+    with appliance.operator() as op:
+        assert op.get("/api/v1/machines").json() == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # DB-independent: SQLite only, to keep the suite fast
+def test_tls_below_1_2_is_refused(appliance):
+    for version in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+        ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        ctx.maximum_version = version
+        with socket.create_connection(("127.0.0.1", appliance.port), timeout=10) as raw:
+            with pytest.raises(ssl.SSLError):
+                ctx.wrap_socket(raw, server_hostname="appliance.test").do_handshake()
+    ok = ssl.create_default_context(cafile=str(appliance.data_dir.ca_cert))
+    ok.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection(("127.0.0.1", appliance.port), timeout=10) as raw:
+        with ok.wrap_socket(raw, server_hostname="appliance.test") as tls:
+            assert tls.version() == "TLSv1.2"
+
+
+def test_replication_lifecycle_with_operator_actions(appliance, tmp_path):
+    agent = appliance.register_agent(tmp_path)
+    hb = lambda c, **b: c.post(HB.format(agent.machine_id), json=b)  # noqa: E731
+    with appliance.operator() as op, appliance.agent_client(agent) as c:
+        assert op.post(f"/api/v1/machines/{agent.machine_id}/actions", json={"action": "enable"}).status_code == 200
+        assert hb(c, state="not_enabled").json()["desired_state"] == "replicate"
+        assert hb(c, state="initiating").status_code == 200
+        assert hb(c, state="initial_sync", initial_sync_percent=40, disks=counters(replicated=2**30)).status_code == 200
+        back = hb(c, state="initial_sync", initial_sync_percent=30)
+        assert back.status_code == 409 and "cannot go back" in back.json()["error"]
+        early = hb(c, state="continuous")
+        assert early.status_code == 409 and "100 %" in early.json()["error"]
+        assert hb(c, state="initial_sync", initial_sync_percent=100).status_code == 200
+        assert hb(c, state="continuous").status_code == 200
+        machine = op.get(f"/api/v1/machines/{agent.machine_id}").json()
+        assert machine["replication_state"] == "continuous" and machine["rpo_minutes"] is not None
+        assert op.post(f"/api/v1/machines/{agent.machine_id}/actions", json={"action": "resync"}).json()["desired_state"] == "resync"
+        assert hb(c, state="continuous").json()["desired_state"] == "resync"
+        assert hb(c, state="resync").json()["desired_state"] == "replicate"
+        assert op.post(f"/api/v1/machines/{agent.machine_id}/actions", json={"action": "pause"}).status_code == 200
+        assert hb(c, state="paused").json()["desired_state"] == "pause"
+        again = op.post(f"/api/v1/machines/{agent.machine_id}/actions", json={"action": "pause"})
+        assert again.status_code == 409 and "cannot pause" in again.json()["error"]
+        assert op.post(f"/api/v1/machines/{agent.machine_id}/actions", json={"action": "disable"}).json()["desired_state"] == "stop"
+    actions = appliance.audit_actions()
+    for expected in ("machine.enable", "machine.resync", "machine.pause", "machine.disable", "machine.state_changed"):
+        assert expected in actions
+
+
+def test_bad_heartbeat_changes_nothing(appliance, tmp_path):
+    agent = appliance.register_agent(tmp_path)
+    good = counters(replicated=5)
+    with appliance.agent_client(agent) as c:
+        assert c.post(HB.format(agent.machine_id), json={"state": "not_enabled", "disks": good}).status_code == 200
+        bad = [dict(good[0], replicated_bytes=999), {"name": "/dev/nope", "total_bytes": 1, "replicated_bytes": 0,
+                                                      "backlog_bytes": 0}]
+        resp = c.post(HB.format(agent.machine_id), json={"state": "not_enabled", "disks": bad})
+        assert resp.status_code == 422 and "/dev/nope" in resp.json()["error"]
+        over = c.post(HB.format(agent.machine_id), json={"state": "not_enabled",
+                                                         "disks": [dict(good[0], replicated_bytes=2**62)]})
+        assert over.status_code == 422 and "exceeds total_bytes" in over.json()["error"]
+    with appliance.operator() as op:
+        disk = op.get(f"/api/v1/machines/{agent.machine_id}").json()["disks"][0]
+    assert disk["replicated_bytes"] == 5
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest.mark.parametrize("body, where", [
+    ({"state": "flying"}, "body.state"),
+    ({"state": "initial_sync", "initial_sync_percent": 101}, "initial_sync_percent"),
+    ({"state": "not_enabled", "disks": [{"name": "/dev/sda", "total_bytes": -1, "replicated_bytes": 0, "backlog_bytes": 0}]}, "total_bytes"),
+    ({"state": "not_enabled", "surprise": 1}, "surprise"),
+])
+def test_malformed_heartbeats_get_422_naming_the_field(appliance, tmp_path, body, where):
+    agent = appliance.register_agent(tmp_path)
+    with appliance.agent_client(agent) as c:
+        resp = c.post(HB.format(agent.machine_id), json=body)
+    assert resp.status_code == 422 and where in resp.json()["error"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # DB-independent: SQLite only, to keep the suite fast
+def test_oversize_and_non_json_bodies(appliance):
+    with appliance.client() as c:
+        big = c.post("/api/v1/agents/register", content=b"x" * (MAX_BODY_BYTES + 1),
+                     headers={"content-type": "application/json"})
+        assert big.status_code == 413 and "limit" in big.json()["error"]
+        garbage = c.post("/api/v1/agents/register", content=b"{not json", headers={"content-type": "application/json"})
+        assert garbage.status_code == 422
+        bad_csr, _ = appliance.registration()
+        bad_csr["csr"] = "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+        resp = c.post("/api/v1/agents/register", json=bad_csr)
+        assert resp.status_code == 400 and "CSR" in resp.json()["error"]
+    with appliance.operator() as op:
+        assert op.get("/api/v1/machines").json() == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # DB-independent: SQLite only, to keep the suite fast
+def test_operator_login_required_and_wrong_password_refused(appliance):
+    with appliance.client() as c:
+        assert c.get("/api/v1/machines").status_code == 401
+        assert c.get("/api/v1/machines", headers={"Authorization": "Bearer forged.token"}).status_code == 401
+        wrong = c.post("/api/v1/auth/login", json={"username": "admin", "password": "wrong-password-123"})
+        assert wrong.status_code == 401
+    assert "operator.login_refused" in appliance.audit_actions()
+
+
+def test_policies_validated_and_audited(appliance, tmp_path):
+    agent = appliance.register_agent(tmp_path)
+    with appliance.operator() as op:
+        too_long = op.post("/api/v1/policies", json={"name": "long", "retention_hours": 361})
+        assert too_long.status_code == 422 and "retention_hours" in too_long.json()["error"]
+        created = op.post("/api/v1/policies", json={"name": "tight", "rpo_threshold_minutes": 15, "retention_hours": 360})
+        assert created.status_code == 201, created.text
+        pid = created.json()["id"]
+        assert op.post("/api/v1/policies", json={"name": "tight"}).status_code == 409
+        assert op.patch(f"/api/v1/policies/{pid}", json={"crash_consistent_minutes": 10}).json()["crash_consistent_minutes"] == 10
+        assert op.put(f"/api/v1/machines/{agent.machine_id}/policy", json={"policy_id": pid}).status_code == 200
+        in_use = op.delete(f"/api/v1/policies/{pid}")
+        assert in_use.status_code == 409 and "used by 1 machine" in in_use.json()["error"]
+        assert op.get("/api/v1/policies/999999").status_code == 404
+    with appliance.agent_client(agent) as c:
+        assert c.post(HB.format(agent.machine_id), json={"state": "not_enabled"}).json()["policy"]["rpo_threshold_minutes"] == 15
+    actions = appliance.audit_actions()
+    assert {"policy.created", "policy.updated", "machine.policy_assigned"} <= set(actions)
+
+
+def test_scale_out_process_server_registers_heartbeats_and_takes_machines(appliance, tmp_path):
+    from replication_appliance.common.tls import key_to_pem, make_csr, new_private_key
+
+    key = new_private_key()
+    body = {"passphrase": appliance.data_dir.passphrase(), "name": "ps2", "address": "10.0.0.9:9443",
+            "csr": make_csr(key, "ps2").decode()}
+    with appliance.client() as c:
+        resp = c.post("/api/v1/process-servers/register", json=body)
+    assert resp.status_code == 200, resp.text
+    ps_id = resp.json()["process_server_id"]
+    (tmp_path / "ps.pem").write_text(resp.json()["certificate"])
+    (tmp_path / "ps.key").write_bytes(key_to_pem(key))
+    # The built-in server is nearly full of cache: new machines must go to ps2.
+    appliance.set_load("builtin", cache_free_percent=26.0)
+    with appliance.client(tmp_path / "ps.pem", tmp_path / "ps.key") as ps:
+        health = ps.post(f"/api/v1/process-servers/{ps_id}/heartbeat",
+                         json={"cpu_percent": 5, "memory_percent": 10, "cache_free_percent": 95,
+                               "upload_backlog_bytes": 0, "upload_rate_bytes_per_s": 1e6})
+        assert health.status_code == 200 and health.json()["health"] == "healthy"
+        agent = appliance.register_agent(tmp_path)
+        assert agent.response["process_server"]["id"] == ps_id
+        assigned = ps.get(f"/api/v1/process-servers/{ps_id}/machines").json()
+        assert [m["id"] for m in assigned] == [agent.machine_id]
+        other = ps.get("/api/v1/process-servers/not-mine/machines")
+        assert other.status_code == 403
+    with appliance.agent_client(agent) as c:  # an agent certificate is not a process server's
+        assert c.get(f"/api/v1/process-servers/{ps_id}/machines").status_code == 403
+    with appliance.operator() as op:
+        servers = {p["name"]: p for p in op.get("/api/v1/process-servers").json()}
+        assert servers["builtin"]["health"] == "warning" and servers["ps2"]["machines"] == 1
+        builtin_id = servers["builtin"]["id"]
+        switched = op.put(f"/api/v1/machines/{agent.machine_id}/process-server", json={"process_server_id": builtin_id})
+        assert switched.status_code == 200 and switched.json()["process_server_id"] == builtin_id
+        appliance.set_load("ps2", cache_free_percent=10.0)
+        refused = op.put(f"/api/v1/machines/{agent.machine_id}/process-server", json={"process_server_id": ps_id})
+        assert refused.status_code == 409 and "critical" in refused.json()["error"]
+        missing = op.put(f"/api/v1/machines/{agent.machine_id}/process-server", json={"process_server_id": "nope"})
+        assert missing.status_code == 404
+    assert "machine.process_server_switched" in appliance.audit_actions()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # DB-independent: SQLite only, to keep the suite fast
+def test_no_assignment_when_every_process_server_lacks_headroom(appliance, tmp_path):
+    appliance.set_load("builtin", cpu_percent=75.0)
+    agent = appliance.register_agent(tmp_path)
+    assert agent.response["process_server"] is None
+    appliance.set_load("builtin", cpu_percent=10.0)
+    with appliance.operator() as op:
+        op.post(f"/api/v1/machines/{agent.machine_id}/actions", json={"action": "enable"})
+    with appliance.agent_client(agent) as c:
+        resp = c.post(HB.format(agent.machine_id), json={"state": "not_enabled"})
+    assert resp.json()["process_server"]["name"] == "builtin"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # DB-independent: SQLite only, to keep the suite fast
+def test_throttle_flag_follows_cache_free_space(appliance, tmp_path):
+    agent = appliance.register_agent(tmp_path)
+    appliance.set_load("builtin", cache_free_percent=19.0)
+    with appliance.agent_client(agent) as c:
+        assert c.post(HB.format(agent.machine_id), json={"state": "not_enabled"}).json()["throttled"] is True
+    appliance.set_load("builtin", cache_free_percent=21.0)
+    with appliance.agent_client(agent) as c:
+        assert c.post(HB.format(agent.machine_id), json={"state": "not_enabled"}).json()["throttled"] is False
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # DB-independent: SQLite only, to keep the suite fast
+def test_openapi_document_is_served(appliance):
+    with appliance.client() as c:
+        doc = c.get("/openapi.json").json()
+    assert doc["openapi"].startswith("3.")
+    assert "/api/v1/agents/register" in doc["paths"] and "/api/v1/policies/{policy_id}" in doc["paths"]
