@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(packer qemu-utils qemu-system-x86 libxml2-utils mariadb-server openssh-server
-  golang-go golang-github-vmware-govmomi-dev rsync zstd python3-venv)
+  golang-go golang-github-vmware-govmomi-dev rsync zstd xorriso python3-venv)
 # Node.js may come from another source than Debian (its npm then conflicts with Debian's).
 command -v npm >/dev/null || APT_PACKAGES+=(nodejs npm)
 
