@@ -39,16 +39,22 @@ def register(subparsers) -> None:
     p.set_defaults(handler=cmd_push_install)
 
     p = subparsers.add_parser("credentials", help="push-install accounts, stored encrypted with the master key")
-    p.add_argument("action", choices=["add", "list", "remove"])
-    _data_dir(p)
-    p.add_argument("name", nargs="?", help="credential name (add, remove)")
-    p.add_argument("--user", help="add: the account to log in with (root, a sudoer, or a Windows administrator)")
-    p.add_argument("--key-file", type=Path, help="add: private key file (SSH); else a password is used")
-    p.add_argument("--password-file", type=Path, help=f"add: file holding the password (else {PASSWORD_ENV} or a prompt)")
-    p.add_argument("--sudo-password-file", type=Path,
-                   help=f"add: sudo password for a key login as a non-root user (else {SUDO_PASSWORD_ENV})")
-    p.add_argument("--replace", action="store_true", help="add: replace a credential of the same name")
-    p.add_argument("--json", action="store_true", help="list: print JSON")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="store an account (root, a sudoer, or a Windows administrator)")
+    _data_dir(add)
+    add.add_argument("name", help="credential name, used with push-install --credential")
+    add.add_argument("--user", required=True, help="the account to log in with")
+    add.add_argument("--key-file", type=Path, help="private key file (SSH); else a password is used")
+    add.add_argument("--password-file", type=Path, help=f"file holding the password (else {PASSWORD_ENV} or a prompt)")
+    add.add_argument("--sudo-password-file", type=Path,
+                     help=f"sudo password for a key login as a non-root user (else {SUDO_PASSWORD_ENV})")
+    add.add_argument("--replace", action="store_true", help="replace a credential of the same name")
+    listing = actions.add_parser("list", help="names, users and kinds (never the secrets)")
+    _data_dir(listing)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    remove = actions.add_parser("remove", help="delete a stored credential")
+    _data_dir(remove)
+    remove.add_argument("name")
     p.set_defaults(handler=cmd_credentials)
 
     p = subparsers.add_parser("agents", help="Mobility agents: upgrade them, show push-install jobs")
@@ -133,14 +139,10 @@ def cmd_credentials(args: argparse.Namespace) -> int:
             for row in rows:
                 print(f"{row['name']:<24} {row['username']:<20} {row['kind']:<9} sudo={row['sudo']}")
         return 0
-    if not args.name:
-        raise CredentialError(f"credentials {args.action} needs a NAME")
     if args.action == "remove":
         store.remove(args.name)
         print(f"removed credential {args.name}")
         return 0
-    if not args.user:
-        raise CredentialError("credentials add needs --user")
     if args.key_file:
         try:
             secret = args.key_file.read_text(encoding="utf-8")

@@ -1,0 +1,218 @@
+"""Linux push install for real: sshd on loopback as the target, the agent package copied over
+SFTP, installed under a temporary prefix, registered with a running appliance, first heartbeat
+confirmed; a second run changes nothing; wrong credentials fail clearly; a failed install leaves
+the target clean; upgrades keep the registration."""
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance_build.packaging.agent_packages import build_agent_packages, package_paths
+from replication_appliance.common.tls import client_ssl_context
+from replication_appliance.db.models import Job, Machine
+from replication_appliance.push_install import service
+from replication_appliance.push_install.plan import AgentPackage, Target
+
+from .conftest import Appliance, LinuxTarget
+
+SECRET = "Wr0ng-but-secret-password"
+
+
+def add_key_credential(appliance: Appliance, target: LinuxTarget, name: str = "root-key") -> None:
+    appliance.cli("credentials", "add", "--data-dir", str(appliance.data_dir.root), name, "--user", "root",
+                  "--key-file", str(target.ssh.key_path), check=True)
+
+
+def push(appliance: Appliance, target: LinuxTarget, credential: str = "root-key", *extra: str):
+    appliance.calm_process_server()
+    return appliance.cli(
+        "push-install", "--data-dir", str(appliance.data_dir.root), "--host", target.ssh.host,
+        "--port", str(target.ssh.port), "--os", "linux", "--credential", credential,
+        "--install-root", str(target.root), "--disk", str(target.disk), "--hostname", "web01",
+        "--host-id", f"test-target-{target.ssh.port}", "--server", appliance.server, "--heartbeat-timeout", "60",
+        *extra)
+
+
+def jobs(appliance: Appliance) -> list[Job]:
+    with appliance.sessions()() as session:
+        rows = session.query(Job).order_by(Job.created_at).all()
+        for job in rows:
+            _ = job.steps
+        return rows
+
+
+def steps(job: Job) -> dict[str, str]:
+    return {s.name: s.status for s in job.steps}
+
+
+def test_push_install_registers_heartbeats_and_second_run_is_a_no_op(appliance: Appliance, linux_target: LinuxTarget):
+    add_key_credential(appliance, linux_target)
+    first = push(appliance, linux_target)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "installed and running" in first.stdout
+
+    # On the target: the version installed under the prefix, the agent running, the staging folder gone.
+    assert linux_target.installed_version == "1.0.0"
+    pid = linux_target.agent_pid()
+    assert pid is not None
+    identity = json.loads((linux_target.state_dir / "agent.json").read_text())
+    assert identity["control_server"] == appliance.server
+    assert not list((linux_target.root / "var" / "tmp").glob("mobility-agent-push-*"))
+
+    # On the appliance: the machine and its heartbeat, a succeeded job with every step.
+    with appliance.sessions()() as session:
+        machine = session.get(Machine, identity["machine_id"])
+        assert machine is not None and machine.last_heartbeat_at is not None
+        assert machine.hostname == "web01" and machine.agent_version == "1.0.0"
+    (job,) = jobs(appliance)
+    assert job.status == "succeeded" and job.progress_percent == 100
+    assert steps(job) == {name: "succeeded" for name in ("copy", "check", "install", "register", "start", "heartbeat")}
+
+    # The job's steps through the API, as an operator sees them; no secret in it.
+    with httpx.Client(base_url=f"https://{appliance.server}", timeout=30,
+                      verify=client_ssl_context(appliance.data_dir.ca_cert)) as client:
+        token = client.post("/api/v1/auth/login", json={"username": "admin", "password": "operator-password-for-tests"})
+        client.headers["Authorization"] = f"Bearer {token.json()['token']}"
+        shown = client.get(f"/api/v1/jobs/{job.id}")
+    assert shown.status_code == 200
+    assert [s["name"] for s in shown.json()["steps"]] == ["copy", "check", "install", "register", "start", "heartbeat"]
+    assert appliance.data_dir.passphrase() not in shown.text
+
+    # Second run: nothing to do on the target, the agent keeps running, heartbeat still confirmed.
+    marker = linux_target.root / "opt" / "mobility-agent" / "1.0.0" / "INSTALLED"
+    mtime = marker.stat().st_mtime_ns
+    second = push(appliance, linux_target)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "nothing changed" in second.stdout
+    assert linux_target.agent_pid() == pid
+    assert marker.stat().st_mtime_ns == mtime
+    again = jobs(appliance)[-1]
+    assert steps(again) == {"copy": "skipped", "check": "skipped", "install": "skipped", "register": "skipped",
+                            "start": "succeeded", "heartbeat": "succeeded"}
+
+    listed = appliance.cli("agents", "jobs", "--data-dir", str(appliance.data_dir.root), "--job", job.id, check=True)
+    assert "heartbeat" in listed.stdout and "succeeded" in listed.stdout
+
+
+def test_wrong_credentials_give_a_clear_error_and_leave_the_target_untouched(appliance: Appliance,
+                                                                            linux_target: LinuxTarget):
+    appliance.cli("credentials", "add", "--data-dir", str(appliance.data_dir.root), "bad", "--user", "root",
+                  env={"APPLIANCE_PUSH_PASSWORD": SECRET}, check=True)
+    result = push(appliance, linux_target, "bad")
+    assert result.returncode == 1
+    assert "refused the login of 'root' with credential 'bad'" in result.stderr
+    assert "check the user name and password" in result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    assert sorted(p.name for p in linux_target.root.iterdir()) == ["disk0.img"]
+    (job,) = jobs(appliance)
+    assert job.status == "failed" and "refused the login" in (job.error or "")
+    assert SECRET not in job.params + (job.error or "")
+
+
+def test_credentials_are_sealed_and_never_shown(appliance: Appliance):
+    root = str(appliance.data_dir.root)
+    appliance.cli("credentials", "add", "--data-dir", root, "ops", "--user", "deploy",
+                  env={"APPLIANCE_PUSH_PASSWORD": SECRET}, check=True)
+    sealed = appliance.data_dir.private / "push-credentials" / "ops.sealed"
+    assert SECRET.encode() not in sealed.read_bytes()
+    assert sealed.stat().st_mode & 0o077 == 0
+    listed = appliance.cli("credentials", "list", "--data-dir", root, "--json", check=True)
+    assert json.loads(listed.stdout) == [{"name": "ops", "username": "deploy", "kind": "password", "sudo": "yes"}]
+    assert SECRET not in listed.stdout
+    again = appliance.cli("credentials", "add", "--data-dir", root, "ops", "--user", "x",
+                          env={"APPLIANCE_PUSH_PASSWORD": "other"})
+    assert again.returncode == 1 and "exists already" in again.stderr
+    # A sealed file copied under another name does not open: the name is bound into the seal.
+    sealed.with_name("copy.sealed").write_bytes(sealed.read_bytes())
+    broken = appliance.cli("credentials", "list", "--data-dir", root)
+    assert broken.returncode == 1 and "cannot be opened" in broken.stderr
+    sealed.with_name("copy.sealed").unlink()
+    appliance.cli("credentials", "remove", "--data-dir", root, "ops", check=True)
+    missing = push_missing = appliance.cli("push-install", "--data-dir", root, "--host", "127.0.0.1", "--os", "linux",
+                                           "--credential", "ops")
+    assert push_missing.returncode == 1 and "no push-install credential named 'ops'" in missing.stderr
+
+
+def test_failed_install_leaves_the_target_clean_and_can_be_run_again(appliance: Appliance, linux_target: LinuxTarget,
+                                                                   agent_packages: Path, tmp_path: Path):
+    """A package missing a dependency fails at `install`; nothing of it stays on the target."""
+    good = package_paths(agent_packages)[0]
+    broken_dir = tmp_path / "broken"
+    broken_dir.mkdir()
+    broken = broken_dir / good.name
+    with tarfile.open(good) as src, tarfile.open(broken, "w:gz") as dst:
+        for member in src.getmembers():
+            if "/wheels/xxhash-" in member.name:
+                continue
+            dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+    add_key_credential(appliance, linux_target)
+    failed = push(appliance, linux_target, "root-key", "--package", str(broken))
+    assert failed.returncode == 1
+    job = jobs(appliance)[-1]
+    assert steps(job)["install"] == "failed" and steps(job)["register"] == "pending"
+    assert not (linux_target.root / "opt" / "mobility-agent" / "1.0.0").exists()
+    assert not list((linux_target.root / "var" / "tmp").glob("mobility-agent-push-*"))
+    assert linux_target.agent_pid() is None
+
+    rerun = push(appliance, linux_target)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert linux_target.installed_version == "1.0.0"
+
+
+def test_upgrade_from_n_to_n_plus_1_keeps_configuration_and_registration(appliance: Appliance,
+                                                                        linux_target: LinuxTarget,
+                                                                        wheel_cache: Path, tmp_path: Path):
+    """N = 0.9.0 pushed explicitly; `appliance agents upgrade` brings it to the appliance's 1.0.0."""
+    old_dist = tmp_path / "dist-0.9.0"
+    build_agent_packages(old_dist, cache_dir=wheel_cache, version="0.9.0")
+    add_key_credential(appliance, linux_target)
+    first = push(appliance, linux_target, "root-key", "--package", str(package_paths(old_dist, "0.9.0")[0]))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert linux_target.installed_version == "0.9.0"
+    identity_before = (linux_target.state_dir / "agent.json").read_text()
+    cert_before = (linux_target.state_dir / "agent.pem").read_bytes() if (linux_target.state_dir / "agent.pem").exists() else None
+    old_pid = linux_target.agent_pid()
+
+    appliance.calm_process_server()
+    upgraded = appliance.cli("agents", "upgrade", "--data-dir", str(appliance.data_dir.root))
+    assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
+    assert "1 agent(s) upgraded to 1.0.0, 0 failed" in upgraded.stdout
+    assert linux_target.installed_version == "1.0.0"
+    assert not (linux_target.root / "opt" / "mobility-agent" / "0.9.0").exists()
+    assert (linux_target.state_dir / "agent.json").read_text() == identity_before
+    if cert_before is not None:
+        assert (linux_target.state_dir / "agent.pem").read_bytes() == cert_before
+    new_pid = linux_target.agent_pid()
+    assert new_pid is not None and new_pid != old_pid  # the new version runs
+    job = jobs(appliance)[-1]
+    assert job.kind == "agent-upgrade" and job.status == "succeeded"
+    assert steps(job)["register"] == "skipped" and steps(job)["heartbeat"] == "succeeded"
+    machine_id = json.loads(identity_before)["machine_id"]
+    with appliance.sessions()() as session:
+        assert session.get(Machine, machine_id).agent_version == "1.0.0"
+
+    # Everything current now: a second upgrade has nothing to do.
+    again = appliance.cli("agents", "upgrade", "--data-dir", str(appliance.data_dir.root), check=True)
+    assert "agent 1.0.0 is current" in again.stdout and "0 agent(s) upgraded" in again.stdout
+
+
+def test_an_agent_newer_than_the_appliance_is_refused(appliance: Appliance, linux_target: LinuxTarget,
+                                                      agent_packages: Path, wheel_cache: Path, tmp_path: Path):
+    newer_dist = tmp_path / "dist-1.0.1"
+    build_agent_packages(newer_dist, cache_dir=wheel_cache, version="1.0.1")
+    add_key_credential(appliance, linux_target)
+    refused = push(appliance, linux_target, "root-key", "--package", str(package_paths(newer_dist, "1.0.1")[0]))
+    assert refused.returncode == 1 and "newer than the appliance (1.0.0): upgrade the appliance first" in refused.stderr
+
+    # A target that already runs a newer agent: refused before anything is copied.
+    marker = linux_target.root / "opt" / "mobility-agent" / "current"
+    marker.mkdir(parents=True)
+    (marker / "INSTALLED").write_text("1.0.1\n")
+    result = push(appliance, linux_target)
+    assert result.returncode == 1
+    assert "runs agent 1.0.1, newer than this appliance's 1.0.0" in result.stderr
+    assert not (linux_target.root / "var").exists()
