@@ -28,6 +28,9 @@ from .uploader import Uploader
 log = logging.getLogger(__name__)
 NIL = uuid.UUID(int=0)
 HEALTH_FILE = "health.json"
+TLS_HANDSHAKE = b"\x16"
+NOT_TLS_MESSAGE = (b"ERROR: this is the replication data port; it speaks TLS 1.2+ with an appliance-issued "
+                   b"client certificate and the replication frame protocol\n")
 
 
 @dataclass
@@ -115,13 +118,13 @@ class ProcessServer:
 
     def stop(self) -> None:
         self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
         if self._listener is not None:
             self._listener.close()
         with self._lock:
             for s in self._sessions.values():
                 _shutdown(s)
-        for t in self._threads:
-            t.join(timeout=5)
         self.journals.close()
         self.uploader.close(wait=False)
 
@@ -129,7 +132,7 @@ class ProcessServer:
     def health(self) -> HealthReport:
         return self._refresh()
 
-    def _refresh(self) -> HealthReport:
+    def _refresh(self, publish: bool = True) -> HealthReport:
         cache = self.config.cache_dir
         used = backlog = segments = 0
         for p in cache.glob("*/*"):
@@ -150,7 +153,8 @@ class ProcessServer:
         self._throttled = fraction < self.config.throttle_free_fraction
         self.stats.set_throttled(self._throttled)
         report = self.stats.report(total, used, fraction, backlog, segments)
-        write_report(cache / HEALTH_FILE, report)
+        if publish:
+            write_report(cache / HEALTH_FILE, report)
         self._report = report
         return report
 
@@ -168,9 +172,12 @@ class ProcessServer:
     # -- connections ----------------------------------------------------------------------
     def _accept_loop(self) -> None:
         assert self._listener is not None
+        self._listener.settimeout(0.5)  # wake up to notice stop()
         while not self._stop.is_set():
             try:
                 raw, addr = self._listener.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
             t = threading.Thread(target=self._serve, args=(raw, addr), name=f"ps-conn-{addr[1]}", daemon=True)
@@ -179,6 +186,12 @@ class ProcessServer:
     def _serve(self, raw: socket.socket, addr) -> None:
         raw.settimeout(30)
         try:
+            first = raw.recv(1, socket.MSG_PEEK)
+            if first and first != TLS_HANDSHAKE:
+                # Not TLS at all: say in plain words what this port speaks, then hang up.
+                raw.sendall(NOT_TLS_MESSAGE)
+                raw.shutdown(socket.SHUT_WR)
+                raise ssl.SSLError("client did not start a TLS handshake")
             sock = self._ctx.wrap_socket(raw, server_side=True)
         except (ssl.SSLError, OSError) as e:
             log.warning("TLS handshake from %s refused: %s", addr[0], e)
@@ -247,6 +260,7 @@ class ProcessServer:
             if sealed is not None:
                 self.uploader.submit(sealed)
             pending = 0
+            self._refresh(publish=False)  # throttle as soon as the cache crosses the threshold
             self._send(sock, Frame(Kind.ACK, record.machine_id, seq=last,
                                    flags=Flag.THROTTLED if self._throttled else Flag(0)))
 

@@ -1,0 +1,105 @@
+"""Journal on the cache disk (durability, sealing, torn-tail recovery) and the segment format
+(split per disk, zstd + AES-256-GCM bound to the blob's name and key id)."""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import pytest
+
+from replication_appliance.dataplane import frames as F
+from replication_appliance.dataplane.segment import SegmentError, iter_records, seal, split_by_disk, unseal, valid_prefix
+from replication_appliance.process_server.journal import Journals, MachineJournal, read_state
+
+M = uuid.uuid4()
+
+
+def rec(kind, seq, disk=0, offset=0, payload=b""):
+    raw = F.encode(F.Frame(kind, M, disk=disk, seq=seq, offset=offset, payload=payload))
+    return F.decode_header(raw[:F.HEADER_SIZE]), raw[:F.HEADER_SIZE], raw[F.HEADER_SIZE:]
+
+
+def append(j: MachineJournal, *records):
+    with j.lock:
+        for h, hb, p in records:
+            j.append(h, hb, p)
+        return j.sync()
+
+
+def test_seal_on_marker_and_size_and_state(tmp_path):
+    j = MachineJournal(tmp_path, M, max_segment_bytes=3 * 4096, max_segment_age=60)
+    assert append(j, rec(F.Kind.DATA, 1, payload=b"a" * 4096)) is None
+    sealed = append(j, rec(F.Kind.DATA, 2, payload=b"b" * 4096), rec(F.Kind.DATA, 3, payload=b"c" * 4096))
+    assert sealed is not None and sealed.segno == 0 and sealed.path.suffix == ".sealed"
+    sealed = append(j, rec(F.Kind.DATA, 4, payload=b"d" * 512), rec(F.Kind.MARKER, 5, offset=123, payload=b"m1"))
+    assert sealed is not None and sealed.segno == 1
+    state = read_state(j.dir)
+    assert (state.last_marker_seq, state.last_marker_id, state.last_marker_time_ns, state.next_segno) == (5, "m1", 123, 2)
+    assert [s.segno for s in j.pending()] == [0, 1]
+    # after the segments are uploaded and deleted, the sequence survives a restart
+    for s in j.pending():
+        s.path.unlink()
+    assert MachineJournal(tmp_path, M, 1 << 20, 60).last_seq == 5
+
+
+def test_seal_by_age(tmp_path):
+    j = MachineJournal(tmp_path, M, max_segment_bytes=1 << 20, max_segment_age=0.05)
+    append(j, rec(F.Kind.DATA, 1, payload=b"a" * 512))
+    assert j.pending() == []
+    time.sleep(0.1)
+    assert j.seal_if_old() is not None
+    assert [s.segno for s in j.pending()] == [0]
+
+
+def test_torn_tail_is_cut_back_and_sealed(tmp_path):
+    j = MachineJournal(tmp_path, M, max_segment_bytes=1 << 20, max_segment_age=60)
+    append(j, rec(F.Kind.DATA, 1, payload=b"a" * 4096), rec(F.Kind.DATA, 2, payload=b"b" * 4096))
+    open_file = next(j.dir.glob("*.open"))
+    good = open_file.stat().st_size
+    # a crash in the middle of the next record's write: half a header and payload
+    _, hb, p = rec(F.Kind.DATA, 3, payload=b"c" * 4096)
+    with open(open_file, "ab") as f:
+        f.write((hb + p)[:3000])
+    os.close(j._fd)  # simulate the process dying (no seal)
+    j2 = Journals(tmp_path, 1 << 20, 60).get(M)
+    assert j2.last_seq == 2 and j2.recovered_torn_bytes == 3000
+    [seg] = j2.pending()
+    assert seg.size == good
+    assert [r.header.seq for r in iter_records(seg.path.read_bytes())] == [1, 2]
+
+
+def test_corrupt_record_in_the_middle_ends_the_valid_prefix():
+    a = b"".join(rec(F.Kind.DATA, s, payload=bytes([s]) * 512)[1] + rec(F.Kind.DATA, s, payload=bytes([s]) * 512)[2]
+                 for s in (1, 2, 3))
+    bad = bytearray(a)
+    bad[F.HEADER_SIZE + 512 + F.HEADER_SIZE + 10] ^= 0xFF  # payload of record 2
+    assert valid_prefix(bytes(bad)) == (F.HEADER_SIZE + 512, 1)
+
+
+def test_split_by_disk_keeps_markers_everywhere():
+    parts = [rec(F.Kind.DATA, 1, disk=0, payload=b"0" * 512), rec(F.Kind.DATA, 2, disk=1, payload=b"1" * 512),
+             rec(F.Kind.MARKER, 3, payload=b"m"), rec(F.Kind.DATA, 4, disk=1, payload=b"1" * 1024)]
+    raw = b"".join(hb + p for _, hb, p in parts)
+    d0, d1, d2 = split_by_disk(raw, 3)
+    assert [r.header.seq for r in iter_records(d0)] == [1, 3]
+    assert [r.header.seq for r in iter_records(d1)] == [2, 3, 4]
+    assert [r.header.seq for r in iter_records(d2)] == [3]
+    with pytest.raises(SegmentError, match="corrupt at byte"):
+        split_by_disk(raw + b"junk", 3)
+
+
+def test_sealed_blob_is_compressed_encrypted_and_bound_to_its_name():
+    key, other = os.urandom(32), os.urandom(32)
+    plain = b"the quick brown fox jumps over the lazy dog. " * 2000
+    blob = seal(plain, key, "logs/m/0/000000000001.log", "k1", level=3)
+    assert len(blob) < len(plain) // 10 and b"quick brown" not in blob
+    assert unseal(blob, key, "logs/m/0/000000000001.log", "k1") == plain
+    for args, why in (((blob, other, "logs/m/0/000000000001.log", "k1"), "wrong key"),
+                      ((blob, key, "logs/m/0/000000000002.log", "k1"), "moved to another name"),
+                      ((blob, key, "logs/m/0/000000000001.log", "k2"), "other key id"),
+                      ((blob[:-1] + bytes([blob[-1] ^ 1]), key, "logs/m/0/000000000001.log", "k1"), "altered")):
+        with pytest.raises(SegmentError, match="fails authentication"):
+            unseal(*args)
+    with pytest.raises(SegmentError, match="zstd level 9 is not allowed"):
+        seal(plain, key, "n", "k", level=9)

@@ -1,0 +1,171 @@
+"""The data port against real TLS: certificates, garbage, validation, back-pressure, health."""
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+import time
+import uuid
+
+import pytest
+
+from replication_appliance.agent.link import Link, Outbox, RateLimit, ServerRefused
+from replication_appliance.common.secrets import MasterKey
+from replication_appliance.common.tls import CertificateAuthority, client_ssl_context
+from replication_appliance.dataplane import frames as F
+from replication_appliance.dataplane.session import MachineRecord
+from replication_appliance.storage import open_store
+
+from .conftest import InProcessServer, wait_until
+
+SIZE = 8 << 20
+
+
+@pytest.fixture()
+def machines():
+    return [MachineRecord(uuid.uuid4(), "web01", (SIZE,)), MachineRecord(uuid.uuid4(), "db01", (SIZE, SIZE))]
+
+
+@pytest.fixture()
+def server(pki, tmp_path, machines):
+    s = InProcessServer(pki, tmp_path / "cache", machines, open_store(str(tmp_path / "storage")),
+                        MasterKey(os.urandom(32)))
+    yield s
+    s.stop()
+
+
+def tls(pki, port, machine=None, **kw) -> ssl.SSLSocket:
+    ctx = pki.client_context(machine, **kw) if machine else client_ssl_context(pki.ca_pem)
+    return ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="127.0.0.1")
+
+
+def read_frame(sock) -> F.Frame:
+    buf = b""
+    while True:
+        try:
+            return F.decode(buf)[0]
+        except F.IncompleteFrame as e:
+            chunk = sock.recv(e.missing)
+            if not chunk:
+                raise ConnectionError(f"closed after {len(buf)} bytes")
+            buf += chunk
+
+
+def hello(sock, machine) -> F.Frame:
+    sock.sendall(F.encode(F.Frame(F.Kind.HELLO, machine)))
+    return read_frame(sock)
+
+
+def assert_still_serving(pki, server, machine):
+    s = tls(pki, server.port, machine)
+    assert hello(s, machine).kind is F.Kind.WELCOME
+    s.close()
+
+
+def test_session_acks_only_durable_data(pki, server, machines):
+    m = machines[0].machine_id
+    s = tls(pki, server.port, m)
+    assert hello(s, m).seq == 0
+    s.sendall(F.encode(F.Frame(F.Kind.DATA, m, seq=1, offset=4096, payload=b"x" * 4096)))
+    ack = read_frame(s)
+    assert (ack.kind, ack.seq) == (F.Kind.ACK, 1)
+    journal = server.server.journals.get(m)
+    assert journal.last_seq == 1 and next(journal.dir.glob("*.open")).stat().st_size == F.HEADER_SIZE + 4096
+    s.close()
+    s = tls(pki, server.port, m)
+    assert hello(s, m).seq == 1  # a new session learns where to resume
+
+
+@pytest.mark.parametrize("garbage, expected", [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(64), "MALFORMED: bad frame magic"),
+    (F.encode(F.Frame(F.Kind.DATA, uuid.UUID(int=1), seq=1, payload=b"x" * 512)), "NOT_AUTHORIZED"),
+    ("data-before-hello", "PROTOCOL: DATA before HELLO"),
+    ("seq-gap", "SEQUENCE: sequence 5 out of order: expected 1"),
+    ("past-end", "OUT_OF_RANGE: write of 4096 bytes"),
+    ("bad-disk", "OUT_OF_RANGE: disk 1 is not registered"),
+    ("corrupt", "MALFORMED: DATA frame seq 1 fails its checksum"),
+])
+def test_garbage_gets_a_clear_error_and_the_server_stays_up(pki, server, machines, garbage, expected):
+    m = machines[0].machine_id
+    s = tls(pki, server.port, m)
+    frame = lambda **kw: F.encode(F.Frame(F.Kind.DATA, m, **kw))  # noqa: E731
+    if garbage == "data-before-hello":
+        s.sendall(frame(seq=1, payload=b"x" * 512))
+    else:
+        assert hello(s, m).kind is F.Kind.WELCOME
+        payloads = {"seq-gap": frame(seq=5, payload=b"x" * 512),
+                    "past-end": frame(seq=1, offset=SIZE - 512, payload=b"x" * 4096),
+                    "bad-disk": frame(seq=1, disk=1, payload=b"x" * 512),
+                    "corrupt": frame(seq=1, payload=b"x" * 512)[:-1] + b"y"}
+        s.sendall(payloads.get(garbage, garbage) if isinstance(garbage, str) else garbage)
+    err = read_frame(s)
+    assert err.kind is F.Kind.ERROR and F.error_text(err).startswith(expected), F.error_text(err)
+    s.close()
+    assert server.server.journals.get(m).last_seq == 0  # nothing of it was journaled
+    assert_still_serving(pki, server, m)
+
+
+def test_plain_tcp_garbage_and_missing_or_foreign_certificates_are_refused(pki, server, machines):
+    m = machines[0].machine_id
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        raw.sendall(b"GET / HTTP/1.1\r\nHost: appliance\r\n\r\n")
+        assert raw.recv(200).startswith(b"ERROR: this is the replication data port; it speaks TLS 1.2+")
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        s = tls(pki, server.port)  # no client certificate
+        hello(s, m)
+    foreign = CertificateAuthority.create("someone else")
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        s = tls(pki, server.port, m, ca=foreign)
+        hello(s, m)
+    # a certificate the appliance issued, but not for an agent role
+    s = tls(pki, server.port, m, role="process-server")
+    err = read_frame(s)
+    assert F.error_text(err).startswith("NOT_AUTHORIZED: the client certificate does not belong to a registered machine")
+    assert_still_serving(pki, server, m)
+
+
+def test_a_machine_cannot_write_as_another(pki, server, machines):
+    web, db = machines[0].machine_id, machines[1].machine_id
+    s = tls(pki, server.port, web)
+    err = hello(s, db)
+    assert F.error_text(err) == (f"NOT_AUTHORIZED: frame names machine {db} but the client certificate belongs to {web}")
+    assert server.server.journals.get(db).last_seq == 0
+
+
+def test_back_pressure_when_cache_free_space_is_low(pki, tmp_path, machines):
+    m = machines[0].machine_id
+    capacity = 8 << 20
+    srv = InProcessServer(pki, tmp_path / "cache", machines, open_store(str(tmp_path / "storage")),
+                          MasterKey(os.urandom(32)), cache_capacity_bytes=capacity, segment_max_bytes=1 << 20)
+    srv.server.uploader.close()  # storage "stalls": nothing leaves the cache
+    try:
+        outbox = Outbox(window_bytes=64 << 20)
+        link = Link(("127.0.0.1", srv.port), pki.client_context(m), m, outbox, RateLimit(None))
+        sent = []
+
+        def pump():
+            for seq in range(1, 17):  # 16 MiB into a cache of 8 MiB
+                link.send(F.Frame(F.Kind.DATA, m, seq=seq, offset=((seq - 1) % 8) << 20, payload=os.urandom(1 << 20)))
+                sent.append(seq)
+
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        wait_until(lambda: srv.server.health().throttled, 20, "throttling")
+        time.sleep(1.0)
+        acked = outbox.acked
+        report = srv.server.health()
+        assert report.throttled and report.cache_used_bytes > 0.8 * capacity and report.throttle_events >= 1
+        assert acked < 16 and link.throttled
+        assert srv.server.journals.get(m).last_seq == acked  # nothing beyond what is durable was acknowledged
+        # space comes back (uploads drain the cache): the agent carries on, nothing was dropped
+        def drain():
+            for seg in srv.server.journals.get(m).pending():
+                seg.path.unlink()
+            return outbox.acked == 16
+
+        wait_until(drain, 20, "all 16 frames acknowledged")
+        assert srv.server.journals.get(m).last_seq == 16
+        link.close()
+    finally:
+        srv.stop()
