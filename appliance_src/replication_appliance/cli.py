@@ -14,6 +14,7 @@ from .common.errors import ApplianceError
 COMMAND_MODULES: list[str] = [
     "replication_appliance.control.commands",  # init, serve, passphrase, status, db
     "replication_appliance.prereqs.commands",  # prereqs
+    "replication_appliance.apply.commands",  # apply, recovery-points, replica export
     "replication_appliance.push_install.commands",  # push-install, credentials, agents upgrade|jobs
 ]
 
