@@ -1,0 +1,177 @@
+"""The PowerShell files that the roles run and the physical-server installer bundles.
+
+No PowerShell is available here, so they are checked statically: documented parameters (the
+bundle helper reads the help block), the parameters the roles pass exist, secrets only come
+from the environment, each reports changed/unchanged both under Ansible and standalone, and
+brackets balance outside strings and comments."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.roles.conftest import PLAYBOOK_DIR, ROLES, ROLES_DIR, role_tasks, playbook_tasks
+
+SCRIPTS = sorted([*ROLES_DIR.glob("*/files/*.ps1"), *(PLAYBOOK_DIR / "files").glob("*.ps1")])
+# The files the brief names: the installer bundle takes these.
+SHARED_WITH_INSTALLER = {
+    "tls/files/Set-Tls12.ps1", "dotnet/files/Install-DotNet.ps1", "mysql/files/Install-MySql.ps1",
+    "firewall/files/Set-ApplianceFirewall.ps1", "appliance_disks/files/Initialize-ApplianceDisks.ps1",
+    "appliance_software/files/Install-ApplianceSoftware.ps1", "windows_baseline/files/Set-NetworkFromOvfEnv.ps1",
+}
+APPROVED_VERBS = {"Get", "Set", "Install", "Initialize", "Test"}
+SECRET_PARAM = re.compile(r"password|passwd|secret$|productkey|token", re.IGNORECASE)
+OVF_KEYS = {"ip", "prefix", "gateway", "dns", "hostname", "data_port"}
+
+
+def param_block(text: str) -> str:
+    start = text.index("param(")
+    depth = 0
+    for index in range(start + len("param"), len(text)):
+        depth += {"(": 1, ")": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[start:index + 1]
+    raise AssertionError("unterminated param() block")
+
+
+def declared_parameters(text: str) -> dict[str, bool]:
+    """Parameter name -> mandatory."""
+    found: dict[str, bool] = {}
+    for match in re.finditer(r"((?:\[[^\]]*(?:\([^)]*\))?[^\]]*\]\s*)*)\$([A-Za-z][A-Za-z0-9]*)", param_block(text)):
+        attributes, name = match.group(1), match.group(2)
+        if name not in ("true", "false") and not re.search(r"=\s*$", text[:0]):
+            found[name] = "Mandatory = $true" in attributes
+    return found
+
+
+def help_block(text: str) -> str:
+    assert text.startswith("<#"), "the help block must open the file"
+    return text[:text.index("#>")]
+
+
+def strip_strings_and_comments(text: str) -> str:
+    """Code with string contents and comments removed, enough to count brackets.
+
+    Scans left to right so that whichever of ' " # comes first wins, as PowerShell reads it."""
+    text = re.sub(r"<#.*?#>", "", text, flags=re.DOTALL)
+    text = re.sub(r'@"\r?\n.*?\r?\n"@', '""', text, flags=re.DOTALL)
+    text = re.sub(r"@'\r?\n.*?\r?\n'@", "''", text, flags=re.DOTALL)
+    out: list[str] = []
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char == "#":
+            index = text.find("\n", index)
+            index = len(text) if index < 0 else index
+        elif char == "'":
+            index += 1
+            while index < len(text) and not (text[index] == "'" and text[index + 1:index + 2] != "'"):
+                index += 2 if text[index] == "'" else 1
+            index += 1
+        elif char == '"':
+            index += 1
+            while index < len(text) and text[index] != '"':
+                index += 2 if text[index] == "`" else 1
+            index += 1
+        else:
+            out.append(char)
+            index += 1
+    return "".join(out)
+
+
+def role_script_calls() -> list[tuple[str, dict[str, object]]]:
+    """(script file name, parameters) of every win_powershell task that runs a script file."""
+    calls = []
+    tasks = [t for role in ROLES for t in role_tasks(role)]
+    tasks += [t for p in PLAYBOOK_DIR.glob("*.yml") for t in playbook_tasks(p)]
+    for task in tasks:
+        body = task.data.get("ansible.windows.win_powershell")
+        if body:
+            match = re.search(r"'(?:files/)?([A-Za-z]+-[A-Za-z0-9]+\.ps1)'", str(body.get("script", "")))
+            assert match, f"{task.name}: win_powershell must run a script file, not inline code"
+            calls.append((match.group(1), body.get("parameters") or {}))
+    return calls
+
+
+def test_the_shared_scripts_exist() -> None:
+    names = {str(p.relative_to(ROLES_DIR)) for p in SCRIPTS if ROLES_DIR in p.parents}
+    assert SHARED_WITH_INSTALLER <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_name_is_verb_noun_with_an_approved_verb(script: Path) -> None:
+    verb, _, noun = script.stem.partition("-")
+    assert verb in APPROVED_VERBS and noun
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_help_documents_exactly_the_parameters(script: Path) -> None:
+    text = script.read_text(encoding="utf-8")
+    help_text = help_block(text)
+    assert ".SYNOPSIS" in help_text and ".DESCRIPTION" in help_text and ".OUTPUTS" in help_text
+    assert "[CmdletBinding()]" in text
+    documented = set(re.findall(r"^\.PARAMETER\s+(\w+)", help_text, flags=re.MULTILINE))
+    assert documented == set(declared_parameters(text)), script.name
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_no_secret_is_a_parameter(script: Path) -> None:
+    text = script.read_text(encoding="utf-8")
+    secret_params = [name for name in declared_parameters(text) if SECRET_PARAM.search(name)]
+    assert not secret_params, f"{script.name}: secrets must come from the environment, not {secret_params}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_secrets_named_in_the_help_are_read_from_the_environment(script: Path) -> None:
+    text = script.read_text(encoding="utf-8")
+    names = re.findall(r"\b([A-Z][A-Z_]*(?:PASSWORD|KEY))\b", help_block(text))
+    for name in names:
+        read = f"GetEnvironmentVariable('{name}')" in text or (
+            f"Get-Secret '{name}'" in text and "GetEnvironmentVariable($EnvName)" in text)
+        assert read, f"{script.name}: {name} is not read from the environment"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_reports_changed_under_ansible_and_standalone(script: Path) -> None:
+    text = script.read_text(encoding="utf-8")
+    assert "Get-Variable -Name Ansible -Scope Global -ErrorAction SilentlyContinue" in text
+    assert re.search(r"\.Value\.Changed\s*=", text), "must set $Ansible.Changed"
+    assert re.search(r"\[pscustomobject\]", text), "must write a result object when run standalone"
+    assert "Set-StrictMode" in text and "$ErrorActionPreference = 'Stop'" in text
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_brackets_balance_outside_strings_and_comments(script: Path) -> None:
+    code = strip_strings_and_comments(script.read_text(encoding="utf-8"))
+    for opening, closing in ("{}", "()", "[]"):
+        assert code.count(opening) == code.count(closing), f"{script.name}: {opening}{closing} unbalanced"
+
+
+def test_roles_pass_only_declared_parameters_and_every_mandatory_one() -> None:
+    by_name = {p.name: declared_parameters(p.read_text(encoding="utf-8")) for p in SCRIPTS}
+    calls = role_script_calls()
+    assert {name for name, _ in calls} >= {p.name for p in SCRIPTS if p.name != "Set-NetworkFromOvfEnv.ps1"}
+    for name, parameters in calls:
+        declared = by_name[name]
+        assert set(parameters) <= set(declared), f"{name}: unknown parameters {sorted(set(parameters) - set(declared))}"
+        mandatory = {p for p, required in declared.items() if required}
+        assert mandatory <= set(parameters), f"{name}: mandatory parameters not passed {sorted(mandatory - set(parameters))}"
+
+
+def test_first_boot_task_passes_declared_parameters() -> None:
+    script = ROLES_DIR / "windows_baseline" / "files" / "Set-NetworkFromOvfEnv.ps1"
+    declared = declared_parameters(script.read_text(encoding="utf-8"))
+    task = next(t for t in role_tasks("windows_baseline") if "community.windows.win_scheduled_task" in t.data)
+    arguments = task.data["community.windows.win_scheduled_task"]["actions"][0]["arguments"]
+    passed = set(re.findall(r"(?:^|\s)-([A-Z][A-Za-z]+)\b", arguments)) - {"NoProfile", "NonInteractive", "ExecutionPolicy", "File"}
+    assert passed and passed <= set(declared)
+
+
+def test_first_boot_script_reads_exactly_the_agreed_ovf_properties() -> None:
+    text = (ROLES_DIR / "windows_baseline" / "files" / "Set-NetworkFromOvfEnv.ps1").read_text(encoding="utf-8")
+    used = set(re.findall(r"\$(?:Props|props)\.([a-z_]+)\b(?!\()", text)) | set(re.findall(r"ContainsKey\('(\w+)'\)", text))
+    assert used == OVF_KEYS
+    documented = set(re.findall(r"appliance\.(\w+)\s{2,}", help_block(text)))
+    assert documented == OVF_KEYS
+    assert "guestinfo.ovfEnv" in text and "StartsWith('appliance.')" in text
