@@ -120,10 +120,13 @@ def _quote(arg: str) -> str:
         "inventory": INVENTORY_HELP,
         "python_runtime": "local copy of python-3.11.9-amd64.exe to put in the bundle "
                           "(default: the installer downloads it and checks its pinned SHA-256)",
+        "service_wrapper": "local copy of WinSW-x64.exe to put in the bundle "
+                           "(default: the operator places it in C:\\Temp\\ASRSetup)",
         "dist": "output folder (default: dist)",
     },
 )
-def bundle(c: Context, inventory: str | None = None, python_runtime: str | None = None, dist: str = "dist") -> None:
+def bundle(c: Context, inventory: str | None = None, python_runtime: str | None = None,
+           service_wrapper: str | None = None, dist: str = "dist") -> None:
     """Build dist/replication-appliance-installer-<version>.zip (+ SHA256SUMS) for physical servers."""
     from pathlib import Path
 
@@ -131,7 +134,8 @@ def bundle(c: Context, inventory: str | None = None, python_runtime: str | None 
 
     with user_errors():
         out = bundling.build_bundle(Path(dist), inventory=_inventory(c, inventory),
-                                    python_runtime=Path(python_runtime) if python_runtime else None)
+                                    python_runtime=Path(python_runtime) if python_runtime else None,
+                                    service_wrapper=Path(service_wrapper) if service_wrapper else None)
         print(f"built {out}")
 
 

@@ -9,7 +9,11 @@ Layout inside the zip (one top folder named like the zip):
     setup/<Verb-Noun>.ps1              the Windows setup steps, copied from roles/*/files/ (the
                                        same files the Ansible roles run: one source of truth)
     wheels/*.whl                       the appliance wheel and every dependency, win_amd64 cp311
+    agent-packages/                    the Mobility agent packages of the same version (Linux and
+                                       Windows) and their SHA256SUMS, for push installs
     runtime/python-<v>-amd64.exe       only when a local copy was given; else downloaded and checked
+    runtime/WinSW-x64.exe              the service wrapper, when a local copy was given; else the
+                                       operator puts it in C:\Temp\ASRSetup (it is never downloaded)
     manifest.json                      versions and SHA-256 of every other file
 """
 from __future__ import annotations
@@ -78,6 +82,14 @@ def check_python_runtime(path: Path) -> None:
                              f"the pinned one is {PYTHON_RUNTIME.sha256}")
 
 
+def mysql_download_url(version: str, seed_installer_url: str) -> str:
+    """The seed's MySQL Installer for 5.7.20, the server MSI for any other version (as the mysql role)."""
+    if version == "5.7.20":
+        return seed_installer_url
+    major_minor = ".".join(version.split(".")[:2])
+    return f"https://dev.mysql.com/get/Downloads/MySQL-{major_minor}/mysql-{version}-winx64.msi"
+
+
 def prerequisites_document(settings: Settings) -> dict:
     """What the checker checks: the seed's rows with the numbers the settings module enforces."""
     from replication_appliance.requirements import requirement_rows, seed, time_source
@@ -94,18 +106,21 @@ def prerequisites_document(settings: Settings) -> dict:
         "cloud": settings.cloud,
         "time_source": time_source(settings.cloud),
         "mysql": {"version": settings.mysql_version, "offline_dir": seed()["mysql_offline_dir"],
-                  "seed_installer_url": seed()["mysql_installer_url"]},
+                  "download_url": mysql_download_url(settings.mysql_version, seed()["mysql_installer_url"])},
     }
 
 
 def build_bundle(dist: Path, inventory: str = "local", python_runtime: Path | None = None,
-                 cache_dir: Path = wheels.DEFAULT_CACHE, version: str | None = None,
-                 roles_dir: Path = ROLES_DIR) -> Path:
+                 service_wrapper: Path | None = None, cache_dir: Path = wheels.DEFAULT_CACHE,
+                 version: str | None = None, roles_dir: Path = ROLES_DIR) -> Path:
     """Write the bundle zip and SHA256SUMS into `dist`; return the zip's path."""
     settings = load_settings(inventory)
     version = version or APPLIANCE_VERSION
     if python_runtime is not None:
         check_python_runtime(python_runtime)
+    if service_wrapper is not None and not service_wrapper.is_file():
+        raise PreflightError(f"service wrapper {service_wrapper} does not exist; give the path of WinSW-x64.exe "
+                             "or leave --service-wrapper out (the operator then puts it in C:\\Temp\\ASRSetup)")
     for name in INSTALLER_FILES:
         if not (INSTALLER_DIR / name).is_file():
             raise PreflightError(f"installer file {INSTALLER_DIR / name} is missing")
@@ -118,8 +133,15 @@ def build_bundle(dist: Path, inventory: str = "local", python_runtime: Path | No
         files: dict[str, Path] = {name: INSTALLER_DIR / name for name in INSTALLER_FILES}
         files.update({f"setup/{p.name}": p for p in setup_scripts(roles_dir)})
         files.update({f"wheels/{p.name}": p for p in [appliance_wheel, *deps]})
+        from .agent_packages import build_agent_packages  # it takes PYTHON_RUNTIME from this module
+
+        agents_dir = work / "agent-packages"
+        build_agent_packages(agents_dir, cache_dir=cache_dir, version=version)
+        files.update({f"agent-packages/{p.name}": p for p in sorted(agents_dir.iterdir())})
         if python_runtime is not None:
             files[f"runtime/{PYTHON_RUNTIME.file}"] = python_runtime
+        if service_wrapper is not None:
+            files["runtime/WinSW-x64.exe"] = service_wrapper
         prereqs = work / "prerequisites.json"
         prereqs.write_text(json.dumps(prerequisites_document(settings), indent=1, sort_keys=True) + "\n")
         files["prerequisites.json"] = prereqs

@@ -7,24 +7,27 @@
         .\Install-ReplicationAppliance.ps1
     1. checks every file of the bundle against manifest.json (SHA-256);
     2. checks the prerequisites (Test-AppliancePrerequisites.ps1) and stops with a report if any fail;
-    3. detects the installed version: same version -> nothing to do; older -> upgrade in place;
-       newer -> refused unless -Force;
-    4. runs the Windows setup steps in setup\ (the same scripts the Ansible roles run);
-    5. MySQL and the Python runtime: detected, or from the offline folder (C:\Temp\ASRSetup),
-       or downloaded; a downloaded Python is checked against the SHA-256 pinned in manifest.json;
-    6. installs the wheels into a new versioned virtual environment (no index, bundle only),
-       runs the database migrations, switches the services to it; configuration, data and
-       certificates in -DataDir are kept.
-    Everything is logged to -LogPath; no secret is ever written to the log or the console.
-    The MySQL root password is asked for at a prompt (or read from the environment variable
-    APPLIANCE_MYSQL_ROOT_PASSWORD) and handed over in memory, never on a command line.
+    3. detects the installed version (InstallDir\install.json): the same version -> nothing to do;
+       older -> upgrade in place; newer -> refused unless -Force;
+    4. runs the Windows setup steps in setup\ - the same scripts the Ansible roles run (TLS 1.2,
+       .NET, firewall, MySQL by the seed's three methods: detected, from C:\Temp\ASRSetup, or
+       downloaded);
+    5. Python: detected, from the bundle or C:\Temp\ASRSetup, or downloaded; checked against the
+       SHA-256 pinned in manifest.json whichever way it came (Install-PythonRuntime.ps1);
+    6. setup\Install-ApplianceSoftware.ps1 installs the wheels (no index: bundle only), runs the
+       database migrations and (re)registers the service; configuration, data and certificates
+       in -DataDir are kept.
+    Everything is logged to -LogPath; no secret is written to the log or the console. The MySQL
+    passwords are generated or read by Install-MySql.ps1 (MYSQL_ROOT_PASSWORD and
+    APPLIANCE_DB_PASSWORD in the environment, never parameters).
 #>
 [CmdletBinding()]
 param(
     [string]$InstallDir = (Join-Path $env:ProgramFiles 'ReplicationAppliance'),
-    [string]$DataDir = (Join-Path $env:ProgramData 'ReplicationAppliance'),
+    [string]$DataDir = (Join-Path $env:ProgramData 'ReplicationAppliance\data'),
     [string]$OfflineDir = 'C:\Temp\ASRSetup',
     [string]$LogPath = (Join-Path $env:ProgramData 'ReplicationAppliance\logs\installer.log'),
+    [switch]$InitializeDisks,
     [switch]$CheckOnly,
     [switch]$Force
 )
@@ -32,7 +35,7 @@ param(
 Set-StrictMode -Version 3.0
 $ErrorActionPreference = 'Stop'
 $BundleDir = $PSScriptRoot
-$ServiceNames = @('ReplicationApplianceControl', 'ReplicationApplianceProcessServer')
+$PythonDir = Join-Path $InstallDir 'python'
 
 function Write-Log {
     param([Parameter(Mandatory)][string]$Message, [ValidateSet('INFO', 'WARN', 'ERROR')][string]$Level = 'INFO')
@@ -68,9 +71,9 @@ function Test-BundleIntegrity {
 }
 
 function Get-InstalledVersion {
-    $marker = Join-Path $InstallDir 'installed.json'
-    if (-not (Test-Path -LiteralPath $marker)) { return $null }
-    return [version]((Get-Content -LiteralPath $marker -Raw | ConvertFrom-Json).version)
+    $record = Join-Path $InstallDir 'install.json'  # written by Install-ApplianceSoftware.ps1
+    if (-not (Test-Path -LiteralPath $record)) { return $null }
+    return [version]((Get-Content -LiteralPath $record -Raw | ConvertFrom-Json).version)
 }
 
 function Invoke-SetupStep {
@@ -78,14 +81,17 @@ function Invoke-SetupStep {
     $path = Join-Path $BundleDir "setup\$Script"
     if (-not (Test-Path -LiteralPath $path)) { Stop-Install "setup step $Script is missing from the bundle" }
     Write-Log "setup step $Script"
-    & $path @Arguments
-    if (-not $?) { Stop-Install "setup step $Script failed; see the messages above" }
+    try {
+        & $path @Arguments | Out-String | ForEach-Object { if ($_.Trim()) { Write-Log $_.TrimEnd() } }
+    } catch {
+        Stop-Install "setup step $Script failed: $($_.Exception.Message)"
+    }
 }
 
 function Resolve-PythonRuntime {
     param([Parameter(Mandatory)]$Pinned)
     try {
-        return & (Join-Path $BundleDir 'Install-PythonRuntime.ps1') -TargetDir (Join-Path $InstallDir 'python') `
+        return & (Join-Path $BundleDir 'Install-PythonRuntime.ps1') -TargetDir $PythonDir `
             -Version $Pinned.version -FileName $Pinned.file -Url $Pinned.url -Sha256 $Pinned.sha256 `
             -SearchDirs @((Join-Path $BundleDir 'runtime'), $OfflineDir)
     } catch {
@@ -93,44 +99,15 @@ function Resolve-PythonRuntime {
     }
 }
 
-function Install-ApplianceWheels {
-    param([Parameter(Mandatory)][string]$Python, [Parameter(Mandatory)]$Manifest)
-    $venv = Join-Path $InstallDir "venv-$($Manifest.version)"
-    if (Test-Path -LiteralPath $venv) { Remove-Item -LiteralPath $venv -Recurse -Force }  # a half-made one from a failed run
-    & $Python -m venv $venv
-    if ($LASTEXITCODE -ne 0) { Stop-Install "creating the virtual environment $venv failed" }
-    $pip = Join-Path $venv 'Scripts\python.exe'
-    & $pip -m pip install --quiet --no-index --find-links (Join-Path $BundleDir 'wheels') "replication-appliance==$($Manifest.version)"
-    if ($LASTEXITCODE -ne 0) {
-        Remove-Item -LiteralPath $venv -Recurse -Force
-        Stop-Install 'installing the appliance wheels failed; the previous version (if any) is untouched'
+function Find-ServiceWrapper {
+    foreach ($candidate in @((Join-Path $BundleDir 'runtime\WinSW-x64.exe'), (Join-Path $OfflineDir 'WinSW-x64.exe'))) {
+        if (Test-Path -LiteralPath $candidate) { return $candidate }
     }
-    return $venv
-}
-
-function Switch-ApplianceVersion {
-    param([Parameter(Mandatory)][string]$Venv, [Parameter(Mandatory)]$Manifest)
-    $appliance = Join-Path $Venv 'Scripts\appliance.exe'
-    foreach ($name in $ServiceNames) { Stop-Service -Name $name -ErrorAction SilentlyContinue }
-    if (-not (Test-Path -LiteralPath (Join-Path $DataDir 'config.json'))) {
-        Write-Log "initialising the data directory $DataDir"
-        & $appliance init --data-dir $DataDir
-        if ($LASTEXITCODE -ne 0) { Stop-Install 'appliance init failed' }
-    }
-    Write-Log 'running database migrations'
-    & $appliance db upgrade --data-dir $DataDir
-    if ($LASTEXITCODE -ne 0) { Stop-Install 'database migrations failed; the previous version is still installed' }
-    Invoke-SetupStep -Script 'Install-ApplianceSoftware.ps1' -Arguments @{ VenvPath = $Venv; DataDir = $DataDir }
-    $current = Join-Path $InstallDir 'current'
-    if (Test-Path -LiteralPath $current) { (Get-Item -LiteralPath $current).Delete() }  # a junction: removes the link only
-    New-Item -ItemType Junction -Path $current -Target $Venv | Out-Null
-    @{ version = $Manifest.version; venv = $Venv; installed = (Get-Date -Format o) } | ConvertTo-Json |
-        Set-Content -LiteralPath (Join-Path $InstallDir 'installed.json') -Encoding UTF8
-    foreach ($name in $ServiceNames) { Start-Service -Name $name -ErrorAction SilentlyContinue }
+    Stop-Install "WinSW-x64.exe (WinSW 2.x, the service wrapper) is neither in the bundle nor in $OfflineDir: place it there and run again"
 }
 
 # --- main --------------------------------------------------------------------------------------
-New-Item -ItemType Directory -Force -Path (Split-Path -Parent $LogPath), $InstallDir, $DataDir | Out-Null
+New-Item -ItemType Directory -Force -Path (Split-Path -Parent $LogPath) | Out-Null
 $manifest = Read-Manifest
 Write-Log "replication appliance installer $($manifest.version) from $BundleDir"
 Test-BundleIntegrity -Manifest $manifest
@@ -154,13 +131,21 @@ if ($installed -and $installed -gt $bundleVersion -and -not $Force) {
 }
 Write-Log $(if ($installed) { "upgrading $installed -> $bundleVersion (configuration, data and certificates in $DataDir are kept)" } else { "installing $bundleVersion" })
 
+$mysql = (Get-Content -LiteralPath $prerequisites -Raw | ConvertFrom-Json).mysql
+$wrapper = Find-ServiceWrapper
 Invoke-SetupStep -Script 'Set-Tls12.ps1'
-Invoke-SetupStep -Script 'Install-DotNet.ps1'
+Invoke-SetupStep -Script 'Install-DotNet.ps1' -Arguments @{ InstallerPath = (Join-Path $OfflineDir 'ndp48-x86-x64-allos-enu.exe') }
 Invoke-SetupStep -Script 'Set-ApplianceFirewall.ps1' -Arguments @{ ControlPort = [int]$ports.control; DataPort = [int]$ports.data }
-Invoke-SetupStep -Script 'Install-MySql.ps1' -Arguments @{ OfflineDir = $OfflineDir }
+if ($InitializeDisks) { Invoke-SetupStep -Script 'Initialize-ApplianceDisks.ps1' }
+Invoke-SetupStep -Script 'Install-MySql.ps1' -Arguments @{ Version = $mysql.version; OfflineDir = $OfflineDir; DownloadUrl = $mysql.download_url }
 $python = Resolve-PythonRuntime -Pinned $manifest.python_runtime
-$venv = Install-ApplianceWheels -Python $python -Manifest $manifest
-Switch-ApplianceVersion -Venv $venv -Manifest $manifest
-Get-ChildItem -LiteralPath $InstallDir -Directory -Filter 'venv-*' | Where-Object { $_.FullName -ne $venv } |
-    Remove-Item -Recurse -Force  # older versions, once the new one runs
-Write-Log "replication appliance $bundleVersion installed in $InstallDir; log: $LogPath"
+Invoke-SetupStep -Script 'Install-ApplianceSoftware.ps1' -Arguments @{
+    ApplianceVersion = $manifest.version; WheelDir = (Join-Path $BundleDir 'wheels'); PythonVersion = $manifest.python_runtime.version
+    PythonDir = (Split-Path -Parent $python); ServiceWrapper = $wrapper; InstallDir = $InstallDir; DataDir = $DataDir
+    ControlPort = [int]$ports.control; DataPort = [int]$ports.data; AllowDowngrade = [bool]$Force
+}
+# The agent packages the appliance pushes (appliance push-install / agents upgrade read them here).
+$agentPackages = Join-Path $DataDir 'agent-packages'
+New-Item -ItemType Directory -Force -Path $agentPackages | Out-Null
+Copy-Item -Path (Join-Path $BundleDir 'agent-packages\*') -Destination $agentPackages -Force
+Write-Log "replication appliance $bundleVersion installed in $InstallDir (data in $DataDir); log: $LogPath"
