@@ -11,12 +11,9 @@ from pathlib import Path
 
 from ..common.datadir import CLOUDS, DataDir
 from ..common.errors import DataDirError
-from ..common.secrets import generate_passphrase
-from ..db.engine import datadir_engine, session_factory
-from ..db.migrate import upgrade
-from ..db.models import utcnow
-from . import service
-from .initialise import InitOptions, initialise
+
+# The database, web and crypto stacks are imported inside each command: `appliance --help`
+# and `appliance passphrase show` should not pay for what they do not use.
 
 ADMIN_PASSWORD_ENV = "APPLIANCE_ADMIN_PASSWORD"
 DB_PASSWORD_ENV = "APPLIANCE_DB_PASSWORD"
@@ -102,6 +99,8 @@ def register(subparsers) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from .initialise import InitOptions, initialise
+
     admin_password = _secret(ADMIN_PASSWORD_ENV, args.admin_password_file, "operator password: ", "operator password", True)
     db_password = None
     if args.db:
@@ -128,6 +127,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_passphrase(args: argparse.Namespace) -> int:
+    from ..common.secrets import generate_passphrase
+    from ..db.engine import datadir_engine, session_factory
+    from . import service
+
     d = DataDir(args.data_dir)
     d.require_initialised()
     if args.action == "rotate":
@@ -145,6 +148,9 @@ def cmd_passphrase(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from ..db.engine import datadir_engine, session_factory
+    from ..db.models import utcnow
+    from . import service
     from .status_view import render_status
 
     d = DataDir(args.data_dir)
@@ -164,6 +170,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
+    from ..db.engine import datadir_engine
+    from ..db.migrate import upgrade
+
     engine = datadir_engine(DataDir(args.data_dir))
     try:
         upgrade(engine)

@@ -21,7 +21,7 @@ from ..common.datadir import CLOUDS, ApplianceConfig, DataDir
 from ..common.errors import DatabaseError, DataDirError
 from ..common.secrets import MasterKey, generate_passphrase, write_private_file
 from ..common.tls import CertificateAuthority, cert_fingerprint, cert_to_pem, key_to_pem
-from ..db.engine import make_engine, parse_db_url, session_factory
+from ..db.engine import make_engine, parse_db_url, session_factory, without_password
 from ..db.migrate import alembic_config, upgrade
 from ..db.models import ProcessServer
 from . import service
@@ -83,7 +83,7 @@ def _validated(opts: InitOptions) -> tuple[str, list[str], URL | None]:
 
 
 def _ensure_mysql_database(url: URL) -> None:
-    server = make_engine(url.set(database=None))
+    server = make_engine(URL.create(url.drivername, url.username, url.password, url.host, url.port, None, url.query))
     try:
         with server.begin() as conn:
             conn.execute(text(f"CREATE DATABASE IF NOT EXISTS `{url.database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"))
@@ -118,7 +118,7 @@ def initialise(opts: InitOptions) -> InitResult:
         if url is None:
             url = parse_db_url(f"sqlite:///{d.sqlite_path}")
         password = opts.db_password if opts.db_password is not None else url.password
-        stored_url = url.set(password=None)
+        stored_url = without_password(url)
         if password is not None:
             d.store_database_password(password)
         config = ApplianceConfig(hostname=hostname, addresses=addresses,

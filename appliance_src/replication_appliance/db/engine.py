@@ -24,6 +24,11 @@ def parse_db_url(text: str) -> URL:
     return url
 
 
+def without_password(url: URL) -> URL:
+    """The URL to store or show: URL.set(password=None) would keep the old password."""
+    return URL.create(url.drivername, url.username, None, url.host, url.port, url.database, url.query)
+
+
 def make_engine(url: URL) -> Engine:
     if url.drivername == "sqlite":
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})

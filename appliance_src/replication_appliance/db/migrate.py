@@ -26,6 +26,9 @@ VERSION_LOCATIONS: list[str] = [
 
 
 def _resolve(location: str) -> str:
+    """"package:sub/folder" inside an installed package, or a plain directory path."""
+    if ":" not in location:
+        return location
     package, _, sub = location.partition(":")
     return str(Path(str(resources.files(package))) / sub)
 
