@@ -46,7 +46,7 @@ def test_deploys_the_appliance_with_its_hardware_network_and_properties(settings
                             folder="Appliances", ip="10.20.0.7/22", gateway="10.20.0.1", dns="10.20.0.2,10.20.0.3",
                             hostname="asr-east")
 
-    result = deploy(options, credentials, say=lines.append, progress=False)
+    result = deploy(options, credentials, say=lines.append, progress=False, progress_interval=0)  # lease progress per MiB
 
     vm = vm_named(si, "appliance-full")
     assert vm is not None and vm._moId == result.vm_id
@@ -105,6 +105,18 @@ def test_unknown_cluster_and_folder_list_what_exists(settings, vcsim, credential
     with pytest.raises(PlacementError, match=r"folder 'Nope' not found"):
         deploy(vcsim_options(settings, vcsim, appliance_ova, "x", folder="Nope"), credentials, say=lambda _: None,
                progress=False)
+
+
+def test_host_placement_uses_the_hosts_pool_and_host(settings, vcsim, si, credentials, appliance_ova):
+    with pytest.raises(PlacementError, match=r"host 'esx9' not found in datacenter 'DC0'.*'DC0_C0_H1'.*'DC0_H0'"):
+        deploy(vcsim_options(settings, vcsim, appliance_ova, "x", host="esx9", cluster=None), credentials,
+               say=lambda _: None, progress=False)
+    result = deploy(vcsim_options(settings, vcsim, appliance_ova, "appliance-host", host="DC0_H0", cluster=None), credentials,
+                    say=lambda _: None, progress=False)
+    vm = vm_named(si, "appliance-host")
+    assert vm._moId == result.vm_id
+    assert vm.runtime.host.name == "DC0_H0"
+    assert vm.resourcePool == vm.runtime.host.parent.resourcePool
 
 
 def test_duplicate_name_is_refused_unless_replace(settings, vcsim, si, credentials, appliance_ova):
