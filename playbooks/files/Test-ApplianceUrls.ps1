@@ -32,6 +32,13 @@ function Get-Field($Entry, [string]$Name, $Default) {
     return $Default
 }
 
+# One NTP sample; 'Continue' because w32tm writes failures to stderr.
+function Test-Ntp([string]$Server) {
+    $ErrorActionPreference = 'Continue'
+    $sample = (& w32tm.exe /stripchart "/computer:$Server" /samples:1 /dataonly 2>&1) -join ' '
+    return $sample -match '[+-]\d+\.\d+s'
+}
+
 $results = foreach ($entry in $Urls) {
     $protocol = Get-Field $entry 'protocol' 'tcp'
     $port = [int](Get-Field $entry 'port' 443)
@@ -39,8 +46,7 @@ $results = foreach ($entry in $Urls) {
     $reachable = $false
     $detail = ''
     if ($protocol -eq 'udp') {
-        $sample = (& w32tm.exe /stripchart "/computer:$probe" /samples:1 /dataonly 2>&1) -join ' '
-        $reachable = $sample -match '[+-]\d+\.\d+s'
+        $reachable = Test-Ntp $probe
         $detail = if ($reachable) { 'NTP answered' } else { 'no NTP answer' }
     } else {
         $client = New-Object System.Net.Sockets.TcpClient

@@ -56,3 +56,15 @@ def test_a_secret_given_on_validation_is_not_echoed(tmp_path: Path) -> None:
     code, output = validate_roles(tmp_path, f"mysql_root_password={secret}", "mysql_port=not-a-port")
     assert code != 0 and "mysql_port" in output
     assert secret not in output
+
+
+def test_the_playbooks_wire_the_roles_together_and_validate(tmp_path: Path) -> None:
+    """appliance.yml maps one role's settings onto another's (data dir on the cache volume,
+    database URL from the mysql role...): every such value must resolve and validate."""
+    for playbook, roles in (("appliance.yml", len(ROLES)), ("upgrade.yml", 1)):
+        result = run_tool([str(VENV_BIN / "ansible-playbook"), "-i", "localhost,", f"playbooks/{playbook}",
+                           "-e", f"@{INVENTORY_VARS}", "-e", "ansible_connection=local",
+                           "--tags", "argument-validation-only"], tmp_path)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        assert output.count("Validating arguments against arg spec") == roles, playbook

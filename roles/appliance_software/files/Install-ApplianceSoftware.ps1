@@ -96,7 +96,10 @@ $serviceExe = Join-Path $serviceDir "$ServiceName.exe"
 $serviceXml = Join-Path $serviceDir "$ServiceName.xml"
 $changes = @()
 
+# Windows PowerShell turns a native command's stderr into a terminating error under 'Stop';
+# the exit code is what tells success here.
 function Invoke-Checked([string]$FilePath, [string[]]$Arguments, [string]$What) {
+    $ErrorActionPreference = 'Continue'
     & $FilePath @Arguments 2>&1 | Out-Null
     if ($LASTEXITCODE -ne 0) { throw "$What failed (exit code $LASTEXITCODE)" }
 }
@@ -147,9 +150,13 @@ if (-not (Test-Path $venvPython)) {
     Invoke-Checked $python @('-m', 'venv', $venv) "creating the virtual environment $venv"
     $changes += 'venv'
 }
-$previous = ''
-$shown = & $venvPython -m pip show replication-appliance 2>$null
-if ($LASTEXITCODE -eq 0) { $previous = (($shown | Where-Object { $_ -like 'Version:*' }) -replace 'Version:\s*', '').Trim() }
+function Get-InstalledVersion {
+    $ErrorActionPreference = 'Continue'
+    $shown = & $venvPython -m pip show replication-appliance 2>$null
+    if ($LASTEXITCODE -ne 0) { return '' }
+    return (($shown | Where-Object { $_ -like 'Version:*' }) -replace 'Version:\s*', '').Trim()
+}
+$previous = Get-InstalledVersion
 $action = 'unchanged'
 if ($previous -ne $ApplianceVersion) {
     if ($previous -ne '' -and ([version]($previous -replace '[^\d.].*$', '')) -gt ([version]($ApplianceVersion -replace '[^\d.].*$', '')) -and -not $AllowDowngrade) {

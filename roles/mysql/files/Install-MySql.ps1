@@ -116,7 +116,16 @@ function Find-MySqlBin {
     return $null
 }
 
+# Native commands run with 'Continue': under 'Stop' Windows PowerShell turns their stderr
+# into a terminating error; the exit code is what tells success.
+function Invoke-Native([string]$FilePath, [string[]]$Arguments) {
+    $ErrorActionPreference = 'Continue'
+    & $FilePath @Arguments 2>&1 | Out-Null
+    return $LASTEXITCODE
+}
+
 function Invoke-MySql([string]$Bin, [string]$User, [string]$Password, [string]$Sql) {
+    $ErrorActionPreference = 'Continue'
     $env:MYSQL_PWD = $Password
     try {
         $output = $Sql | & (Join-Path $Bin 'mysql.exe') --protocol=TCP --host=127.0.0.1 "--port=$Port" "--user=$User" --batch --skip-column-names 2>&1
@@ -204,12 +213,13 @@ function Register-MySqlService([string]$Bin, [string]$RootPassword) {
     ) -join "`r`n"
     New-Item -ItemType Directory -Force -Path (Split-Path $DataDir) | Out-Null
     Set-Content -Path $iniPath -Value $ini -Encoding ASCII
+    $mysqld = Join-Path $Bin 'mysqld.exe'
     if (-not (Test-Path (Join-Path $DataDir 'mysql'))) {
-        & (Join-Path $Bin 'mysqld.exe') "--defaults-file=$iniPath" --initialize-insecure 2>&1 | Out-Null
-        if ($LASTEXITCODE -ne 0) { throw "mysqld --initialize-insecure failed for $DataDir (exit code $LASTEXITCODE)" }
+        $code = Invoke-Native $mysqld @("--defaults-file=$iniPath", '--initialize-insecure')
+        if ($code -ne 0) { throw "mysqld --initialize-insecure failed for $DataDir (exit code $code)" }
     }
-    & (Join-Path $Bin 'mysqld.exe') --install $ServiceName "--defaults-file=$iniPath" | Out-Null
-    if ($LASTEXITCODE -ne 0) { throw "mysqld --install $ServiceName failed (exit code $LASTEXITCODE)" }
+    $code = Invoke-Native $mysqld @('--install', $ServiceName, "--defaults-file=$iniPath")
+    if ($code -ne 0) { throw "mysqld --install $ServiceName failed (exit code $code)" }
     Start-Service -Name $ServiceName
     # --initialize-insecure leaves root without a password: set the generated one.
     $set = Invoke-MySql $Bin 'root' '' ("ALTER USER 'root'@'localhost' IDENTIFIED BY " + (ConvertTo-SqlString $RootPassword) + ';')

@@ -162,13 +162,20 @@ function Set-DataPort([int]$Port) {
     }
 }
 
+# rpctool answers "No value found" on stderr when vCenter passed no OVF environment; under
+# 'Stop' Windows PowerShell would make that a terminating error.
+function Read-OvfEnvironment {
+    $ErrorActionPreference = 'Continue'
+    return (& $RpcToolPath 'info-get guestinfo.ovfEnv' 2>$null | Out-String).Trim()
+}
+
 if ($OvfEnvXml -eq '') {
     if (-not (Test-Path $RpcToolPath)) {
         Write-Log "no VMware Tools rpctool at $RpcToolPath: no OVF environment, nothing to apply"
         Complete-Run @{}
         return
     }
-    $OvfEnvXml = (& $RpcToolPath 'info-get guestinfo.ovfEnv' 2>$null | Out-String).Trim()
+    $OvfEnvXml = Read-OvfEnvironment
 }
 if ($OvfEnvXml -eq '' -or $OvfEnvXml -like 'No value found*') {
     Write-Log 'the OVF environment is empty: nothing to apply'
