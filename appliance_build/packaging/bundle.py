@@ -1,4 +1,4 @@
-"""The physical-server installer bundle: dist/replication-appliance-installer-<version>.zip.
+r"""The physical-server installer bundle: dist/replication-appliance-installer-<version>.zip.
 
 Layout inside the zip (one top folder named like the zip):
     Install-ReplicationAppliance.ps1   entry script (installer/windows/)
