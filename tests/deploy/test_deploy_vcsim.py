@@ -2,9 +2,11 @@
 through the vSphere API, as a user's vCenter would show it."""
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import socket
+import tarfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -15,7 +17,8 @@ import pytest
 from pyVmomi import vim
 
 from appliance_build.deploy.deployer import deploy
-from appliance_build.deploy.errors import DuplicateVmError, GuestIpTimeout, PlacementError, UploadError
+from appliance_build.deploy.errors import (DuplicateVmError, GuestIpTimeout, ImportSpecError, PlacementError,
+                                           UploadError)
 from appliance_build.deploy.ovfenv import ENV_NS, OVF_ENV_KEY
 from appliance_build.errors import VerificationError
 from appliance_build.ova.package import open_package
@@ -98,13 +101,16 @@ def test_unknown_datastore_lists_the_datastores_that_exist(settings, vcsim, si, 
     assert vm_named(si, "appliance-badds") is None
 
 
-def test_unknown_cluster_and_folder_list_what_exists(settings, vcsim, credentials, appliance_ova):
+def test_unknown_cluster_folder_and_pool_list_what_exists(settings, vcsim, credentials, appliance_ova):
     with pytest.raises(PlacementError, match=r"cluster 'C9' not found.*'DC0_C0'"):
         deploy(vcsim_options(settings, vcsim, appliance_ova, "x", cluster="C9"), credentials, say=lambda _: None,
                progress=False)
     with pytest.raises(PlacementError, match=r"folder 'Nope' not found"):
         deploy(vcsim_options(settings, vcsim, appliance_ova, "x", folder="Nope"), credentials, say=lambda _: None,
                progress=False)
+    with pytest.raises(PlacementError, match=r"resource pool 'gold' not found.*'Resources'"):
+        deploy(vcsim_options(settings, vcsim, appliance_ova, "x", resource_pool="gold"), credentials,
+               say=lambda _: None, progress=False)
 
 
 def test_host_placement_uses_the_hosts_pool_and_host(settings, vcsim, si, credentials, appliance_ova):
@@ -117,6 +123,35 @@ def test_host_placement_uses_the_hosts_pool_and_host(settings, vcsim, si, creden
     assert vm._moId == result.vm_id
     assert vm.runtime.host.name == "DC0_H0"
     assert vm.resourcePool == vm.runtime.host.parent.resourcePool
+
+
+def test_ovf_folder_without_a_property_warns_and_strict_refuses(settings, vcsim, si, credentials, appliance_ova,
+                                                                tmp_path):
+    folder = tmp_path / "ovf"
+    with tarfile.open(appliance_ova) as tar:
+        tar.extractall(folder, filter="data")
+    descriptor = next(folder.glob("*.ovf"))
+    text, removed = re.subn(r'\s*<ovf:Property ovf:key="dns".*?</ovf:Property>', "", descriptor.read_text(),
+                            flags=re.S)
+    assert removed == 1
+    descriptor.write_text(text)
+    manifest = next(folder.glob("*.mf"))
+    digest = hashlib.sha256(descriptor.read_bytes()).hexdigest()
+    manifest.write_text(re.sub(rf"(SHA256\({re.escape(descriptor.name)}\)= )[0-9a-f]+", rf"\g<1>{digest}",
+                               manifest.read_text()))
+
+    with pytest.raises(ImportSpecError, match=r"--strict.*no OVF property 'dns'"):
+        deploy(vcsim_options(settings, vcsim, folder, "appliance-strict", strict=True), credentials,
+               say=lambda _: None, progress=False)
+    assert vm_named(si, "appliance-strict") is None
+
+    lines: list[str] = []
+    deploy(vcsim_options(settings, vcsim, folder, "appliance-folder"), credentials, say=lines.append,
+           progress=False)
+    assert any(line.startswith("warning: the OVA has no OVF property 'dns'") for line in lines)
+    environment = ET.fromstring(_extra(vm_named(si, "appliance-folder"))[OVF_ENV_KEY])
+    keys = {p.get(f"{{{ENV_NS}}}key") for p in environment.iter(f"{{{ENV_NS}}}Property")}
+    assert "appliance.ip" in keys and "appliance.dns" not in keys
 
 
 def test_duplicate_name_is_refused_unless_replace(settings, vcsim, si, credentials, appliance_ova):
