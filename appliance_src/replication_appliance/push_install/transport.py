@@ -127,13 +127,14 @@ def _private_key(credential: Credential) -> paramiko.PKey:
 class WinRmTransport:
     """An administrator over WinRM (HTTPS 5986 by default, NTLM). PowerShell only; files over stdin."""
 
-    def __init__(self, target: Target, credential: Credential, verify_tls: bool = True) -> None:
+    def __init__(self, target: Target, credential: Credential, verify_tls: bool = True, protocol=None) -> None:
         import winrm  # pywinrm: imported here, only Windows targets need it
 
         if credential.kind != "password":
             raise TargetAuthError(f"credential {credential.name!r} is a key; Windows targets need a password credential")
         scheme = "http" if target.port == 5985 else "https"
-        self.protocol = winrm.Protocol(
+        # `protocol` stands in for pywinrm's in tests: there is no Windows host to talk to here.
+        self.protocol = protocol or winrm.Protocol(
             endpoint=f"{scheme}://{target.host}:{target.port}/wsman", transport="ntlm",
             username=credential.username, password=credential.secret,
             server_cert_validation="validate" if verify_tls else "ignore",

@@ -19,6 +19,10 @@ set -eu
 PACKAGE_DIR=$(cd "$(dirname "$0")" && pwd)
 ACTION=${1:-}
 [ $# -gt 0 ] && shift
+case "$ACTION" in
+    check|install|start|stop|status|uninstall) ;;
+    *) echo "usage: install.sh check|install|start|stop|status|uninstall [--prefix DIR] [--force]" >&2; exit 2 ;;
+esac
 PREFIX=/
 FORCE=0
 while [ $# -gt 0 ]; do
@@ -30,6 +34,7 @@ while [ $# -gt 0 ]; do
 done
 PREFIX=${PREFIX%/}
 PYTHON=${MOBILITY_AGENT_PYTHON:-python3}
+[ -f "$PACKAGE_DIR/manifest.json" ] || { echo "install.sh: no manifest.json beside it: run it from the unpacked package" >&2; exit 2; }
 # manifest.json is written with one key per line and a one-space indent at the top level.
 VERSION=$(sed -n 's/^ "version": "\([^"]*\)",*$/\1/p' "$PACKAGE_DIR/manifest.json")
 REQUIRED_PYTHON=$(sed -n 's/^  "python": "\([0-9.]*\)",*$/\1/p' "$PACKAGE_DIR/manifest.json")
@@ -181,5 +186,4 @@ case "$ACTION" in
     stop) stop ;;
     status) status ;;
     uninstall) uninstall ;;
-    *) echo "usage: install.sh check|install|start|stop|status|uninstall [--prefix DIR] [--force]" >&2; exit 2 ;;
 esac
