@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.roles.conftest import PLAYBOOK_DIR, REPO_ROOT, ROLES_DIR, VENV_BIN, load_yaml, run_tool
+from tests.roles.conftest import PLAYBOOK_DIR, REPO_ROOT, ROLES_DIR, VENV_BIN, load_yaml, run_tool, tool_env
 
 PLAYBOOKS = sorted(PLAYBOOK_DIR.glob("*.yml"))
 OWN_YAML = ["roles", "playbooks", "molecule", "docs/traceability.yml", "requirements.yml", ".ansible-lint", ".yamllint"]
@@ -88,3 +89,15 @@ def test_molecule_syntax_runs_offline(tmp_path: Path) -> None:
                                  "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "playbooks/appliance.yml" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("playbook", PLAYBOOKS, ids=lambda p: p.name)
+def test_playbook_finds_its_roles_from_any_directory_without_ansible_cfg(playbook: Path, tmp_path: Path) -> None:
+    """Packer runs ansible-playbook beside its template (build/<inventory>/packer), where the
+    repository's ansible.cfg is not read: the roles must still be found (playbooks/roles)."""
+    env = tool_env(tmp_path)
+    for key in ("ANSIBLE_CONFIG", "ANSIBLE_ROLES_PATH"):
+        env.pop(key)
+    result = subprocess.run([str(VENV_BIN / "ansible-playbook"), "--syntax-check", "-i", "localhost,", str(playbook)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
