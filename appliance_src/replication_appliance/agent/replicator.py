@@ -99,7 +99,8 @@ class Replicator:
                 if queued:  # the replay after reconnecting has sent it
                     break
         self.report.frames += 1
-        self.report.bytes_sent += len(payload)
+        if frame_kind is Kind.DATA:
+            self.report.bytes_sent += len(payload)
         return seq
 
     def _wait(self, seq: int) -> None:

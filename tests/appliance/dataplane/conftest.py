@@ -178,7 +178,7 @@ class ServerProcess:
     @property
     def cache(self) -> Path: return self.workdir / "cache"
     @property
-    def master_key_path(self) -> Path: return self.workdir / "master.key"
+    def master_key_path(self) -> Path: return self.workdir / "private" / "master.key"  # DataDir layout
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
