@@ -153,7 +153,8 @@ install() {
     trap 'rm -rf "$target"' EXIT
     "$PYTHON" -m venv --without-pip "$target"
     pip_wheel=$(ls "$PACKAGE_DIR"/wheels/pip-*.whl | head -n1)
-    "$target/bin/python" "$pip_wheel/pip" install --quiet --no-index --disable-pip-version-check \
+    # --no-compile: the agent compiles what it imports on first start; installing stays light.
+    "$target/bin/python" "$pip_wheel/pip" install --quiet --no-index --no-compile --disable-pip-version-check \
         --find-links "$PACKAGE_DIR/wheels" --no-deps "$PACKAGE_DIR"/wheels/*.whl
     "$target/bin/mobility-agent" --help >/dev/null || fail "the installed agent does not start (see above)"
     echo "$VERSION" >"$target/INSTALLED"
