@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 
 from appliance_build.deploy.connection import Credentials, vcenter_session  # noqa: E402
 from appliance_build.deploy.deployer import deploy, import_plan, remove_vm  # noqa: E402
-from appliance_build.deploy.lease import CHUNK, STREAM_VMDK_TYPE, DeviceUrl, plan_uploads, wait_until_ready  # noqa: E402
+from appliance_build.deploy.lease import (CHUNK, STREAM_VMDK_TYPE, DeviceUrl, plan_uploads,  # noqa: E402
+                                          wait_until_ready)
 from appliance_build.deploy.options import Flags, options_from  # noqa: E402
 from appliance_build.deploy.placement import find_vm, resolve  # noqa: E402
 from appliance_build.ova.descriptor import parse_descriptor  # noqa: E402
@@ -159,7 +160,8 @@ def main() -> None:
                         sys.exit(f"{kind} worker failed:\n{worker.stderr[-3000:]}")
                     results[kind].append(json.loads(worker.stdout.strip().splitlines()[-1]))
                     run = results[kind][-1]
-                    print(f"  round {round_number + 1} {kind:8}: {disk_bytes / MIB / run['upload_s']:7.1f} MB/s upload, "
+                    rate = disk_bytes / MIB / run["upload_s"]
+                    print(f"  round {round_number + 1} {kind:8}: {rate:7.1f} MiB/s upload, "
                           f"client CPU {run['cpu_s']:.2f}s, peak RSS {run['peak_rss_mib']:.0f} MiB", flush=True)
     rates = {kind: sorted(disk_bytes / MIB / r["upload_s"] for r in runs) for kind, runs in results.items()}
     rss = {kind: max(r["peak_rss_mib"] for r in runs) for kind, runs in results.items()}
@@ -169,7 +171,8 @@ def main() -> None:
     for kind, label in (("baseline", "baseline (plain http.client POST)"), ("deploy", "invoke deploy (upload phase)")):
         print(f"{label:34}{statistics.median(rates[kind]):14.1f}{rates[kind][-1]:12.1f}"
               f"{cpu[kind] * 1024 * MIB / disk_bytes:11.2f}{rss[kind]:14.0f}")
-    print(f"ratio deploy/baseline: median {statistics.median(rates['deploy']) / statistics.median(rates['baseline']):.2f}x, "
+    median_ratio = statistics.median(rates["deploy"]) / statistics.median(rates["baseline"])
+    print(f"ratio deploy/baseline: median {median_ratio:.2f}x, "
           f"best {rates['deploy'][-1] / rates['baseline'][-1]:.2f}x (goal >= 0.8x, RSS < 150 MiB); "
           f"whole deploy incl. verification {min(r['total_s'] for r in results['deploy']):.1f}s "
           f"for {disk_bytes / MIB:.0f} MiB")

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..settings import DISK_PROVISIONING, Settings
+# The inventory's own checks: a flag obeys the same rules as the setting it overrides.
+from ..settings import DISK_PROVISIONING, Settings, _check_dns_list, _check_hostname, _check_ipv4
 from ..version import REPO_ROOT
 from .errors import DeployOptionsError
 
@@ -18,7 +19,6 @@ DEFAULT_HTTPS_PORT = 443
 DEFAULT_LEASE_TIMEOUT = 300.0
 DEFAULT_IP_TIMEOUT = 900.0  # Windows first boot with sysprep specialize takes minutes
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
-_HOSTNAME_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,15}(?<!-)$")
 _VM_NAME_MAX = 80  # vCenter's limit for an inventory name
 
 
@@ -212,11 +212,11 @@ def options_from(settings: Settings, flags: Flags) -> DeployOptions:
     gateway = flags.gateway if flags.gateway is not None else settings.network.gateway
     problems += _gateway_problems(ip, prefix, gateway)
     dns = tuple(d.strip() for d in flags.dns.split(",") if d.strip()) if flags.dns is not None else settings.network.dns
-    problems += _dns_problems(dns)
+    if problem := _check_dns_list(list(dns)):
+        problems.append(f"--dns {','.join(dns)!r}: {problem}")
     hostname = flags.hostname if flags.hostname is not None else settings.network.hostname
-    if not _HOSTNAME_RE.match(hostname) or hostname.isdigit():
-        problems.append(f"--hostname {hostname!r}: must be 1-15 letters, digits or '-', not all digits, "
-                        f"not starting or ending with '-' (Windows computer name)")
+    if problem := _check_hostname(hostname):
+        problems.append(f"--hostname {hostname!r}: {problem}")
 
     ca_file = Path(flags.ca_file).expanduser() if flags.ca_file else None
     if ca_file is not None and flags.insecure:
@@ -253,31 +253,15 @@ def options_from(settings: Settings, flags: Flags) -> DeployOptions:
 
 
 def _gateway_problems(ip: str, prefix: int, gateway: str) -> list[str]:
-    try:
-        address = ipaddress.IPv4Address(gateway)
-    except ValueError:
-        return [f"--gateway {gateway!r}: must be an IPv4 address such as 10.0.0.1"]
+    if problem := _check_ipv4(gateway):
+        return [f"--gateway {gateway!r}: {problem}"]
+    address = ipaddress.IPv4Address(gateway)
     network = ipaddress.IPv4Network(f"{ip}/{prefix}", strict=False)
     if address not in network:
         return [f"--gateway {gateway}: must be inside the appliance's network {network}"]
     if str(address) == ip:
         return [f"--gateway {gateway}: must differ from the appliance's own address"]
     return []
-
-
-def _dns_problems(dns: tuple[str, ...]) -> list[str]:
-    if not 1 <= len(dns) <= 3:
-        return [f"--dns {','.join(dns)!r}: give 1 to 3 IPv4 addresses, comma-separated"]
-    bad = [d for d in dns if not _is_ipv4(d)]
-    return [f"--dns: {', '.join(map(repr, bad))} not IPv4 address(es)"] if bad else []
-
-
-def _is_ipv4(text: str) -> bool:
-    try:
-        ipaddress.IPv4Address(text)
-        return True
-    except ValueError:
-        return False
 
 
 def _positive(value: str | float | None, default: float, flag: str, problems: list[str]) -> float:

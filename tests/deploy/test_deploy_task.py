@@ -38,7 +38,8 @@ def test_bad_flags_exit_with_every_problem_listed(monkeypatch):
         tasks.deploy(MockContext(), vcenter="http://vc.example.com", ip="10.0.0.300", dns="8.8.8.8,x",
                      disk_provisioning="sparse", insecure=True, ca_file="/nonexistent.pem", wait_ip=True)
     message = str(caught.value.message)
-    for expected in ("only https://", "--ip '10.0.0.300'", "'x' not IPv4", "allowed are thin, thick, eagerZeroedThick",
+    for expected in ("only https://", "--ip '10.0.0.300'", "'x' is not an IPv4 address",
+                     "allowed are thin, thick, eagerZeroedThick",
                      "--ca-file and --insecure contradict", "--wait-ip needs --power-on"):
         assert expected in message
     assert caught.value.code == 1

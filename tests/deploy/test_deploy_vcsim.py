@@ -49,7 +49,8 @@ def test_deploys_the_appliance_with_its_hardware_network_and_properties(settings
                             folder="Appliances", ip="10.20.0.7/22", gateway="10.20.0.1", dns="10.20.0.2,10.20.0.3",
                             hostname="asr-east")
 
-    result = deploy(options, credentials, say=lines.append, progress=False, progress_interval=0)  # lease progress per MiB
+    # progress_interval=0: HttpNfcLeaseProgress after every MiB, so the real call is exercised
+    result = deploy(options, credentials, say=lines.append, progress=False, progress_interval=0)
 
     vm = vm_named(si, "appliance-full")
     assert vm is not None and vm._moId == result.vm_id
@@ -73,7 +74,8 @@ def test_deploys_the_appliance_with_its_hardware_network_and_properties(settings
               "appliance.dns": "10.20.0.2,10.20.0.3", "appliance.hostname": "asr-east", "appliance.data_port": "9443"}
     assert {k: extra.get(k) for k in wanted} == wanted  # the property mapping vCenter received
     environment = ET.fromstring(extra[OVF_ENV_KEY])  # what VMware Tools hands the guest
-    properties = {p.get(f"{{{ENV_NS}}}key"): p.get(f"{{{ENV_NS}}}value") for p in environment.iter(f"{{{ENV_NS}}}Property")}
+    properties = {p.get(f"{{{ENV_NS}}}key"): p.get(f"{{{ENV_NS}}}value")
+                  for p in environment.iter(f"{{{ENV_NS}}}Property")}
     assert wanted.items() <= properties.items()
     assert properties["appliance.admin_password"] == ""  # OVF default kept for what we did not set
 
@@ -117,8 +119,8 @@ def test_host_placement_uses_the_hosts_pool_and_host(settings, vcsim, si, creden
     with pytest.raises(PlacementError, match=r"host 'esx9' not found in datacenter 'DC0'.*'DC0_C0_H1'.*'DC0_H0'"):
         deploy(vcsim_options(settings, vcsim, appliance_ova, "x", host="esx9", cluster=None), credentials,
                say=lambda _: None, progress=False)
-    result = deploy(vcsim_options(settings, vcsim, appliance_ova, "appliance-host", host="DC0_H0", cluster=None), credentials,
-                    say=lambda _: None, progress=False)
+    options = vcsim_options(settings, vcsim, appliance_ova, "appliance-host", host="DC0_H0", cluster=None)
+    result = deploy(options, credentials, say=lambda _: None, progress=False)
     vm = vm_named(si, "appliance-host")
     assert vm._moId == result.vm_id
     assert vm.runtime.host.name == "DC0_H0"

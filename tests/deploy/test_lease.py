@@ -31,7 +31,8 @@ def test_every_file_is_paired_with_its_device_url():
             DeviceUrl("/app/VirtualLsiLogicController0:0", "/vm-1/disk:0", "https://*/nfc/l/disk-0.vmdk")]
     plan = plan_uploads(items, urls, {"disk1.vmdk": 10, "disk2.vmdk": 20}, VC)
     assert [(u.member, u.url.rsplit("/", 1)[1], u.size, u.device_key, u.thumbprint) for u in plan] == [
-        ("disk1.vmdk", "disk-0.vmdk", 10, "/vm-1/disk:0", ""), ("disk2.vmdk", "disk-1.vmdk", 20, "/vm-1/disk:1", "AB:CD")]
+        ("disk1.vmdk", "disk-0.vmdk", 10, "/vm-1/disk:0", ""),
+        ("disk2.vmdk", "disk-1.vmdk", 20, "/vm-1/disk:1", "AB:CD")]
     with pytest.raises(LeaseError, match="no upload URL for disk2.vmdk"):
         plan_uploads(items, urls[1:], {"disk1.vmdk": 10, "disk2.vmdk": 20}, VC)
 

@@ -76,6 +76,7 @@ def test_all_problems_are_reported_together(settings):
         options_from(settings, Flags(vcenter="", ip="10.0.0.5/24", gateway="10.9.0.1", dns="", hostname="x" * 16,
                                      name="a/b", lease_timeout="soon"))
     message = str(caught.value)
-    for expected in ("--vcenter is empty", "must be inside the appliance's network 10.0.0.0/24", "give 1 to 3",
+    for expected in ("--vcenter is empty", "must be inside the appliance's network 10.0.0.0/24",
+                     "--dns '': must be a list of 1-3",
                      "--hostname", "--name 'a/b'", "--lease-timeout 'soon'"):
         assert expected in message
