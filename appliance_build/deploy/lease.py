@@ -130,19 +130,7 @@ def upload(item: Upload, source: BinaryIO, tls: TlsOptions, on_bytes: Callable[[
     parts = urlsplit(item.url)
     connection = _connection(parts.scheme, parts.hostname or "", parts.port, tls, item.thumbprint)
     try:
-        try:
-            connection.connect()
-        except ssl.SSLCertVerificationError as exc:
-            raise UploadError(
-                f"the TLS certificate of {item.host}, where vCenter sends the disk {item.member}, is not trusted "
-                f"({exc.verify_message}): give --ca-file a PEM with the CA of the ESXi hosts as well as vCenter's "
-                f"(the VMCA root), or --insecure on a network you trust") from None
-        except (OSError, ssl.SSLError) as exc:
-            raise UploadError(
-                f"cannot reach {item.host}, the ESXi host named in the upload URL of {item.member} ({exc}): this "
-                f"machine must reach the ESXi hosts on port {parts.port or 443}, not only vCenter. Check DNS for "
-                f"{parts.hostname} and the firewall, or deploy from a machine in the management network") from None
-        _check_thumbprint(connection, item)
+        _connect(connection, item)
         sent = 0
         try:
             connection.putrequest("POST", parts.path + (f"?{parts.query}" if parts.query else ""),
@@ -150,8 +138,7 @@ def upload(item: Upload, source: BinaryIO, tls: TlsOptions, on_bytes: Callable[[
             connection.putheader("Content-Type", STREAM_VMDK_TYPE)
             connection.putheader("Content-Length", str(item.size))
             connection.endheaders()
-            buffer = bytearray(CHUNK)
-            view = memoryview(buffer)
+            view = memoryview(bytearray(CHUNK))
             while sent < item.size:
                 n = source.readinto(view[: min(CHUNK, item.size - sent)])
                 if not n:
@@ -160,16 +147,46 @@ def upload(item: Upload, source: BinaryIO, tls: TlsOptions, on_bytes: Callable[[
                 sent += n
                 on_bytes(n)
             response = connection.getresponse()
-            body = response.read(2048)
         except (OSError, http.client.HTTPException) as exc:
-            raise UploadError(f"the upload of {item.member} to {item.host} failed after {sent} of {item.size} bytes: "
-                              f"{exc or type(exc).__name__}") from None
+            # A server that refuses the upload answers and closes before reading it all: show its answer.
+            response = _early_response(connection)
+            if response is None:
+                raise UploadError(f"the upload of {item.member} to {item.host} failed after {sent} of {item.size} "
+                                  f"bytes: {exc or type(exc).__name__}") from None
+        body = response.read(2048)
         if response.status not in (200, 201):
             detail = body.decode("utf-8", "replace").strip()[:300]
             raise UploadError(f"{item.host} refused {item.member}: HTTP {response.status} {response.reason}"
                               + (f": {detail}" if detail else ""))
     finally:
         connection.close()
+
+
+def _connect(connection: http.client.HTTPConnection, item: Upload) -> None:
+    host = urlsplit(item.url)
+    try:
+        connection.connect()
+    except ssl.SSLCertVerificationError as exc:
+        raise UploadError(
+            f"the TLS certificate of {item.host}, where vCenter sends the disk {item.member}, is not trusted "
+            f"({exc.verify_message}): give --ca-file a PEM with the CA of the ESXi hosts as well as vCenter's "
+            f"(the VMCA root), or --insecure on a network you trust") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise UploadError(
+            f"cannot reach {item.host}, the ESXi host named in the upload URL of {item.member} ({exc}): this "
+            f"machine must reach the ESXi hosts on port {host.port or 443}, not only vCenter. Check DNS for "
+            f"{host.hostname} and the firewall, or deploy from a machine in the management network") from None
+    _check_thumbprint(connection, item)
+
+
+def _early_response(connection: http.client.HTTPConnection) -> http.client.HTTPResponse | None:
+    if connection.sock is None:
+        return None
+    try:
+        connection.sock.settimeout(5)
+        return connection.getresponse()
+    except (OSError, http.client.HTTPException):
+        return None
 
 
 def _connection(scheme: str, host: str, port: int | None, tls: TlsOptions,

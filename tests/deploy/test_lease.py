@@ -136,3 +136,11 @@ def test_package_fingerprint_changes_when_the_ova_is_rewritten(tmp_path):
     before = package_fingerprint(folder)
     (folder / "disk1.vmdk").write_bytes(b"d")
     assert package_fingerprint(folder) != before
+
+
+def test_a_refused_upload_shows_the_servers_answer(vcsim):
+    size = 8 * 2**20  # far more than the server reads before it answers and closes
+    url = f"https://{vcsim.address}/nfc/no-such-lease/disk-0.vmdk"
+    with pytest.raises(UploadError, match="refused d.vmdk: HTTP 404"):
+        upload(Upload("d.vmdk", url, size, "k"), io.BytesIO(bytes(size)), TlsOptions(ca_file=vcsim.ca_file),
+               lambda n: None)
