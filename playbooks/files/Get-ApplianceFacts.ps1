@@ -49,23 +49,25 @@ function Get-RegValue([string]$Path, [string]$Name) {
     return $null
 }
 
+# Bytes in a GiB (a literal, not the 1GB multiplier, so every PowerShell parser reads it).
+$GiB = 1073741824
 $facts = [ordered]@{}
 $computer = Get-CimInstance Win32_ComputerSystem
 $os = Get-CimInstance Win32_OperatingSystem
 $facts.manufacturer = [string]$computer.Manufacturer
 $facts.is_vmware = ([string]$computer.Manufacturer) -match 'VMware'
 $facts.cpu_cores = [int]$computer.NumberOfLogicalProcessors
-$facts.ram_gb = [math]::Round($computer.TotalPhysicalMemory / 1GB, 1)
+$facts.ram_gb = [math]::Round($computer.TotalPhysicalMemory / $GiB, 1)
 $facts.os_caption = [string]$os.Caption
 $facts.os_version = [string]$os.Version
 
 # Disks: labelled volumes once prepared, else the raw disks that would become them.
 $facts.disk_count = @(Get-Disk).Count
-$raw = @(Get-Disk | Where-Object { $_.PartitionStyle -eq 'RAW' } | Sort-Object Size -Descending | ForEach-Object { [math]::Round($_.Size / 1GB, 1) })
+$raw = @(Get-Disk | Where-Object { $_.PartitionStyle -eq 'RAW' } | Sort-Object Size -Descending | ForEach-Object { [math]::Round($_.Size / $GiB, 1) })
 foreach ($pair in @(@('cache', $CacheLabel, 0), @('retention', $RetentionLabel, 1))) {
     $volume = Get-Volume -FileSystemLabel $pair[1] -ErrorAction SilentlyContinue | Select-Object -First 1
     if ($volume) {
-        $facts["$($pair[0])_free_gb"] = [math]::Round($volume.SizeRemaining / 1GB, 1)
+        $facts["$($pair[0])_free_gb"] = [math]::Round($volume.SizeRemaining / $GiB, 1)
         $facts["$($pair[0])_where"] = "$($volume.DriveLetter): ($($pair[1]))"
     } elseif ($raw.Count -gt $pair[2]) {
         $facts["$($pair[0])_free_gb"] = $raw[$pair[2]]
@@ -117,7 +119,7 @@ $facts.other_apps = @($programs | Sort-Object -Unique | Where-Object { $name = $
 # Windows Server roles.
 $facts.features = @{}
 if (Get-Command Get-WindowsFeature -ErrorAction SilentlyContinue) {
-    foreach ($feature in Get-WindowsFeature -Name AD-Domain-Services, Web-Server, Hyper-V, Web-CGI, Web-Basic-Auth) {
+    foreach ($feature in Get-WindowsFeature -Name @('AD-Domain-Services', 'Web-Server', 'Hyper-V', 'Web-CGI')) {
         $facts.features[$feature.Name] = [bool]$feature.Installed
     }
 }
@@ -178,7 +180,7 @@ foreach ($adapter in $adapters) {
 $facts.ip_addresses = @($adapters | ForEach-Object { Get-NetIPAddress -InterfaceIndex $_.ifIndex -AddressFamily IPv4 -ErrorAction SilentlyContinue } | ForEach-Object { "$($_.IPAddress)/$($_.PrefixLength)" })
 
 # PowerCLI.
-$powercli = Get-Module -ListAvailable -Name VMware.PowerCLI, VMware.VimAutomation.Core -ErrorAction SilentlyContinue | Sort-Object Version -Descending | Select-Object -First 1
+$powercli = Get-Module -ListAvailable -Name @('VMware.PowerCLI', 'VMware.VimAutomation.Core') -ErrorAction SilentlyContinue | Sort-Object Version -Descending | Select-Object -First 1
 $facts.powercli_version = if ($powercli) { $powercli.Version.ToString() } else { '' }
 
 # Windows Time.

@@ -55,8 +55,7 @@ $results = foreach ($entry in $Urls) {
             $reachable = $connect.AsyncWaitHandle.WaitOne($TimeoutSeconds * 1000) -and $client.Connected
             $detail = if ($reachable) { 'connected' } else { "no connection within $TimeoutSeconds s" }
         } catch {
-            $detail = $_.Exception.InnerException.Message
-            if (-not $detail) { $detail = $_.Exception.Message }
+            $detail = if ($_.Exception.InnerException) { $_.Exception.InnerException.Message } else { $_.Exception.Message }
         } finally {
             $client.Close()
         }

@@ -1,15 +1,18 @@
 """The PowerShell files that the roles run and the physical-server installer bundles.
 
-No PowerShell is available here, so they are checked statically: documented parameters (the
-bundle helper reads the help block), the parameters the roles pass exist, secrets only come
-from the environment, each reports changed/unchanged both under Ansible and standalone, and
-brackets balance outside strings and comments."""
+No PowerShell is available here, so they are checked statically: they parse with a real
+PowerShell grammar (tree-sitter-powershell), documented parameters (the bundle helper reads
+the help block), the parameters the roles pass exist, secrets only come from the
+environment, each reports changed/unchanged both under Ansible and standalone, and brackets
+balance outside strings and comments."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
 import pytest
+import tree_sitter_powershell
+from tree_sitter import Language, Node, Parser
 
 from tests.roles.conftest import PLAYBOOK_DIR, ROLES, ROLES_DIR, role_tasks, playbook_tasks
 
@@ -92,6 +95,30 @@ def role_script_calls() -> list[tuple[str, dict[str, object]]]:
             assert match, f"{task.name}: win_powershell must run a script file, not inline code"
             calls.append((match.group(1), body.get("parameters") or {}))
     return calls
+
+
+def syntax_errors(node: Node) -> list[str]:
+    found = []
+    if node.type == "ERROR" or node.is_missing:
+        found.append(f"line {node.start_point[0] + 1}: {node.text.decode(errors='replace')[:80]!r}")
+    for child in node.children:
+        found.extend(syntax_errors(child))
+    return found
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_parses_with_the_powershell_grammar(script: Path) -> None:
+    parser = Parser(Language(tree_sitter_powershell.language()))
+    tree = parser.parse(script.read_bytes())
+    assert tree.root_node.type == "program"
+    assert not tree.root_node.has_error, f"{script.name}: {syntax_errors(tree.root_node)[:5]}"
+
+
+def test_the_grammar_rejects_a_broken_script() -> None:
+    """The parse check above can fail: an unclosed block and a dangling pipe are errors."""
+    parser = Parser(Language(tree_sitter_powershell.language()))
+    broken = b"param([int]$Port = 443)\nif ($Port -gt 0) {\n    Get-Item C:\\ |\n"
+    assert parser.parse(broken).root_node.has_error
 
 
 def test_the_shared_scripts_exist() -> None:

@@ -45,13 +45,15 @@ $ErrorActionPreference = 'Stop'
 if ($CacheDriveLetter.ToUpper() -eq $RetentionDriveLetter.ToUpper()) { throw "the cache and retention drive letters must differ (both are $CacheDriveLetter)" }
 if ($CacheLabel -eq $RetentionLabel) { throw "the cache and retention labels must differ (both are $CacheLabel)" }
 
+# Bytes in a GiB (a literal, not the 1GB multiplier, so every PowerShell parser reads it).
+$GiB = 1073741824
 $volumes = @(
-    @{ Role = 'cache'; Label = $CacheLabel; Letter = $CacheDriveLetter.ToUpper(); MinBytes = [int64]$CacheMinSizeGB * 1GB },
-    @{ Role = 'retention'; Label = $RetentionLabel; Letter = $RetentionDriveLetter.ToUpper(); MinBytes = [int64]$RetentionMinSizeGB * 1GB }
+    @{ Role = 'cache'; Label = $CacheLabel; Letter = $CacheDriveLetter.ToUpper(); MinBytes = [int64]$CacheMinSizeGB * $GiB },
+    @{ Role = 'retention'; Label = $RetentionLabel; Letter = $RetentionDriveLetter.ToUpper(); MinBytes = [int64]$RetentionMinSizeGB * $GiB }
 )
 
 # Plan everything first, so that an impossible request changes nothing.
-$candidates = @(Get-Disk | Where-Object { $_.PartitionStyle -eq 'RAW' -and -not $_.IsBoot -and -not $_.IsSystem -and -not $_.IsReadOnly } | Sort-Object Size, Number)
+$candidates = @(Get-Disk | Where-Object { $_.PartitionStyle -eq 'RAW' -and -not $_.IsBoot -and -not $_.IsSystem -and -not $_.IsReadOnly } | Sort-Object -Property @('Size', 'Number'))
 $plan = @()
 $usedDisks = @()
 $paths = @{}
@@ -65,7 +67,7 @@ foreach ($volume in $volumes) {
     if ($holder) { throw "drive letter $($volume.Letter): is already used by volume '$($holder.FileSystemLabel)'; choose another letter for the $($volume.Role) volume" }
     $disk = $candidates | Where-Object { $_.Size -ge $volume.MinBytes -and ($usedDisks -notcontains $_.Number) } | Select-Object -First 1
     if (-not $disk) {
-        throw "no uninitialised disk of at least $([int64]($volume.MinBytes / 1GB)) GiB is free for the $($volume.Role) volume '$($volume.Label)'"
+        throw "no uninitialised disk of at least $([int64]($volume.MinBytes / $GiB)) GiB is free for the $($volume.Role) volume '$($volume.Label)'"
     }
     $plan += [pscustomobject]@{ Volume = $volume; Disk = $disk }
     $usedDisks += $disk.Number

@@ -128,7 +128,8 @@ function Invoke-MySql([string]$Bin, [string]$User, [string]$Password, [string]$S
     $ErrorActionPreference = 'Continue'
     $env:MYSQL_PWD = $Password
     try {
-        $output = $Sql | & (Join-Path $Bin 'mysql.exe') --protocol=TCP --host=127.0.0.1 "--port=$Port" "--user=$User" --batch --skip-column-names 2>&1
+        $arguments = @('--protocol=TCP', '--host=127.0.0.1', "--port=$Port", "--user=$User", '--batch', '--skip-column-names')
+        $output = $Sql | & (Join-Path $Bin 'mysql.exe') @arguments 2>&1
         return @{ ok = ($LASTEXITCODE -eq 0); output = ($output | Out-String) }
     } finally {
         Remove-Item Env:\MYSQL_PWD -ErrorAction SilentlyContinue
@@ -193,7 +194,7 @@ function Install-MySqlBinaries([string]$Installer, [string]$InstallVersion) {
         Move-Item -Path $top.FullName -Destination $installDir
         Remove-Item -Recurse -Force $staging
     } else {
-        $process = Start-Process msiexec.exe -ArgumentList '/i', "`"$Installer`"", '/qn', '/norestart', "INSTALLDIR=`"$installDir\`"" -Wait -PassThru
+        $process = Start-Process msiexec.exe -ArgumentList '/i', "`"$Installer`"", '/qn', '/norestart', "INSTALLDIR=`"$installDir`"" -Wait -PassThru
         if ($process.ExitCode -notin 0, 3010) { throw "MySQL server MSI $Installer failed with exit code $($process.ExitCode)" }
     }
     $bin = Find-MySqlBin
