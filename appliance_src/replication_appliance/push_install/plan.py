@@ -225,7 +225,8 @@ class WindowsLayout:
                 f"Expand-Archive -LiteralPath {ps_quote(self.archive)} -DestinationPath {ps_quote(self.staging)} -Force")
 
     def installer_command(self, action: str) -> str:
-        return f"& {ps_quote(self.installer)} -Action {action}; exit $LASTEXITCODE"
+        """`action` as install.sh names it (check, install, start...); the script's -Action is capitalised."""
+        return f"& {ps_quote(self.installer)} -Action {action.capitalize()}; exit $LASTEXITCODE"
 
     @property
     def ca_file(self) -> str:

@@ -82,10 +82,10 @@ def run_push_install(request: PushRequest, transport: Transport, sink: ProgressS
                 _run(transport, "copy", layout.verify_and_unpack())
                 step.message = f"{request.package.path.name} (SHA-256 {request.package.sha256[:12]}...) copied and checked"
             with step("check"):
-                _run(transport, "check", layout.installer_command("check" if request.target.os == "linux" else "Check"))
+                _run(transport, "check", layout.installer_command("check"))
             heartbeat_since = time.time()  # from here on, only the new agent's heartbeat counts
             with step("install"):
-                result = transport.run(layout.installer_command("install" if request.target.os == "linux" else "Install"))
+                result = transport.run(layout.installer_command("install"))
                 if result.exit_code == EXIT_NEWER_INSTALLED:
                     raise VersionRefused(f"{request.target.label}: {result.last_words()}")
                 if result.exit_code != 0:
@@ -104,7 +104,7 @@ def run_push_install(request: PushRequest, transport: Transport, sink: ProgressS
                     step.message = f"registered as machine {identity['machine_id']}"
         assert identity is not None
         with step("start"):
-            result = _run(transport, "start", layout.installer_command("start" if request.target.os == "linux" else "Start"))
+            result = _run(transport, "start", layout.installer_command("start"))
             step.message = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "running"
         with step("heartbeat"):
             version = _wait_for_heartbeat(heartbeat, identity["machine_id"], heartbeat_since, heartbeat_timeout)
@@ -112,7 +112,7 @@ def run_push_install(request: PushRequest, transport: Transport, sink: ProgressS
         return PushOutcome(identity["machine_id"], request.package.version, changed=not up_to_date)
     finally:
         if not up_to_date:
-            transport.run(layout.cleanup())
+            _cleanup(transport, layout.cleanup())
 
 
 class _Steps:
@@ -145,6 +145,14 @@ def _run(transport: Transport, step: str, command: str, stdin: str | None = None
     if result.exit_code != 0:
         raise StepFailed(step, result.last_words())
     return result
+
+
+def _cleanup(transport: Transport, command: str) -> None:
+    """Best effort: the staging folder goes, but a lost connection must not hide the step's own error."""
+    try:
+        transport.run(command)
+    except Exception:  # noqa: BLE001 - whatever the transport raises, the original outcome stands
+        pass
 
 
 def _identity(text: str | None) -> dict | None:

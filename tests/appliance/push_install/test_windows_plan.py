@@ -94,7 +94,7 @@ def test_windows_commands_quote_paths_and_keep_the_passphrase_off_the_command_li
     assert "Remove-Item -LiteralPath 'C:\\Windows\\Temp\\MobilityAgentPush\\passphrase.txt'" in register
     assert "--passphrase-file" in register and "'\\\\.\\PhysicalDrive0'" in register
     assert package.sha256 in layout.verify_and_unpack()
-    assert layout.installer_command("Install").startswith(
+    assert layout.installer_command("install").startswith(
         "& 'C:\\Windows\\Temp\\MobilityAgentPush\\mobility-agent-1.2.3-windows\\Install-MobilityAgent.ps1' -Action Install")
     for command in (register, layout.verify_and_unpack(), layout.prepare_staging(), layout.cleanup()):
         code = strip_strings_and_comments(command)
