@@ -13,7 +13,6 @@ from ..ova.descriptor import ParsedDescriptor
 GUESTINFO_TRANSPORT = "com.vmware.guestInfo"
 OVF_ENV_KEY = "guestinfo.ovfEnv"
 ENV_NS = "http://schemas.dmtf.org/ovf/environment/1"
-VMWARE_ENV_NS = "http://www.vmware.com/schema/ovfenv"
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,6 @@ def plan_properties(descriptor: ParsedDescriptor, wanted: dict[str, str]) -> Pro
 def ovf_environment(descriptor: ParsedDescriptor, values: dict[str, str], platform: str) -> str:
     """The OVF environment document (DSP0243) with every property: set values over OVF defaults."""
     ET.register_namespace("oe", ENV_NS)
-    ET.register_namespace("ve", VMWARE_ENV_NS)
     env = ET.Element(f"{{{ENV_NS}}}Environment", {f"{{{ENV_NS}}}id": descriptor.name})
     platform_section = ET.SubElement(env, f"{{{ENV_NS}}}PlatformSection")
     ET.SubElement(platform_section, f"{{{ENV_NS}}}Kind").text = platform
