@@ -36,7 +36,7 @@ def test_an_unknown_cloud_is_refused_with_the_allowed_values(tmp_path: Path) -> 
     settings = json.dumps({"appliance": {"cloud": "moon", "mysql_version": "8.0.40"}})
     code, output = validate_roles(tmp_path, settings)
     assert code != 0
-    assert "windows_baseline_cloud must be one of: public, government, got: moon" in output
+    assert "_cloud must be one of: public, government, got: moon" in output
 
 
 def test_a_port_that_is_not_a_number_is_refused(tmp_path: Path) -> None:

@@ -9,18 +9,23 @@
     3. A virtual environment in InstallDir\venv with replication-appliance==ApplianceVersion
        from WheelDir only (--no-index: no network). An installed newer version is refused
        unless AllowDowngrade; an older one is upgraded in place (service stopped first).
-    4. `appliance init --data-dir DataDir --db DatabaseUrl --hostname Hostname` on first
-       install and after an upgrade (init runs the database migrations; data, configuration
-       and certificates in DataDir are kept).
+    4. First install (DataDir has no config.json): `appliance init --data-dir DataDir
+       --db DatabaseUrl --hostname Hostname --control-port ControlPort --data-port DataPort
+       --cloud Cloud` (CA, certificates, master key, passphrase, database schema). After an
+       upgrade: `appliance db upgrade --data-dir DataDir` (the migrations the new version
+       brings); data, configuration and certificates in DataDir are kept.
     5. The service ServiceName (WinSW wrapper in InstallDir\service) running
        `appliance serve --data-dir DataDir --bind Bind --control-port ControlPort --data-port DataPort`:
        the configuration server and the process server, automatic start at boot, restart on
        failure (10 s, 10 s, 60 s; counter reset after a day), after DependsOn (MySQL).
     6. InstallDir\install.json records version, ports and paths.
 
-    Secret: APPLIANCE_DB_PASSWORD (environment) is the database password; when unset it is
-    read from SecretsDir\appliance-db-password (written by Install-MySql.ps1). It reaches
-    `appliance init` only through that environment variable, never its command line.
+    Secrets, from the environment only, passed on to `appliance init` the same way (never on
+    a command line):
+      APPLIANCE_DB_PASSWORD     the database password; when unset it is read from
+                                SecretsDir\appliance-db-password (written by Install-MySql.ps1)
+      APPLIANCE_ADMIN_PASSWORD  the operator password `appliance init` sets (at least 12
+                                characters); needed on the first install only
 
 .PARAMETER ApplianceVersion
     Version of the replication-appliance wheel to install (e.g. 1.0.0).
@@ -52,6 +57,8 @@
     SQLAlchemy URL without password (default mysql+pymysql://appliance@127.0.0.1:3306/appliance).
 .PARAMETER DependsOn
     Service started before the appliance (default MySQL); empty for none.
+.PARAMETER Cloud
+    Azure cloud the appliance replicates to: public or government (default public).
 .PARAMETER SecretsDir
     Folder of the stored database password (default C:\ProgramData\ReplicationAppliance\secrets).
 .PARAMETER AllowDowngrade
@@ -79,6 +86,7 @@ param(
     [string]$Hostname = '',
     [string]$DatabaseUrl = 'mysql+pymysql://appliance@127.0.0.1:3306/appliance',
     [string]$DependsOn = 'MySQL',
+    [ValidateSet('public', 'government')][string]$Cloud = 'public',
     [string]$SecretsDir = 'C:\ProgramData\ReplicationAppliance\secrets',
     [bool]$AllowDowngrade = $false
 )
@@ -169,20 +177,27 @@ if ($previous -ne $ApplianceVersion) {
     $changes += "replication-appliance $ApplianceVersion"
 }
 
-# 4. Initialise (first install) or migrate (after an upgrade) the data folder and database.
-if (-not (Test-Path (Join-Path $DataDir 'ca.pem')) -or $action -ne 'unchanged') {
-    New-Item -ItemType Directory -Force -Path $DataDir | Out-Null
+# 4. Initialise the data folder and database (first install) or migrate them (upgrade).
+if (-not (Test-Path (Join-Path $DataDir 'config.json'))) {
     $password = [Environment]::GetEnvironmentVariable('APPLIANCE_DB_PASSWORD')
     $passwordFile = Join-Path $SecretsDir 'appliance-db-password'
     if (-not $password -and (Test-Path $passwordFile)) { $password = (Get-Content -Raw -Path $passwordFile).Trim() }
     if (-not $password -and $DatabaseUrl -like 'mysql*') { throw "no database password: set APPLIANCE_DB_PASSWORD or run Install-MySql.ps1 first (it writes $passwordFile)" }
+    if (-not [Environment]::GetEnvironmentVariable('APPLIANCE_ADMIN_PASSWORD')) {
+        throw 'no operator password for the first install: set APPLIANCE_ADMIN_PASSWORD (at least 12 characters)'
+    }
+    New-Item -ItemType Directory -Force -Path $DataDir | Out-Null
     $env:APPLIANCE_DB_PASSWORD = $password
     try {
-        Invoke-Checked $applianceExe @('init', '--data-dir', $DataDir, '--db', $DatabaseUrl, '--hostname', $Hostname) "appliance init in $DataDir"
+        Invoke-Checked $applianceExe @('init', '--data-dir', $DataDir, '--db', $DatabaseUrl, '--hostname', $Hostname,
+            '--control-port', $ControlPort, '--data-port', $DataPort, '--cloud', $Cloud) "appliance init in $DataDir"
     } finally {
         Remove-Item Env:\APPLIANCE_DB_PASSWORD -ErrorAction SilentlyContinue
     }
     $changes += 'init'
+} elseif ($action -ne 'unchanged') {
+    Invoke-Checked $applianceExe @('db', 'upgrade', '--data-dir', $DataDir) "appliance db upgrade in $DataDir"
+    $changes += 'database migrated'
 }
 
 # 5. The Windows service.
