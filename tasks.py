@@ -201,6 +201,8 @@ def deploy(c: Context, vcenter: str | None = None, ova: str | None = None, name:
             ip_timeout=ip_timeout, lease_timeout=lease_timeout))
 
 
-TASKS: list[Callable[..., Any]] = [render, validate, build_ova, assemble_ova, verify_ova, test, bundle, agent_packages, deploy]
+TASKS: list[Callable[..., Any]] = [
+    render, validate, build_ova, assemble_ova, verify_ova, deploy, bundle, agent_packages, test,
+]
 ns = Collection(*TASKS)
 ns.configure({"appliance": {"inventory": "local"}})

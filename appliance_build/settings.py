@@ -154,16 +154,16 @@ def settings_from_mapping(raw: dict[str, Any], inventory: str = "test", folder: 
                                _int_range(MIN_RETENTION_GB, MAX_DISK_GB, "the seed requires 600 GB of retention")),
         ),
     )
-    ip = v.get("network.ip", _check_ipv4)
+    ip = v.get("network.ip", check_ipv4)
     prefix = v.get("network.prefix", _int_range(1, 32, "an IPv4 prefix length"))
-    gateway = v.get("network.gateway", _check_ipv4)
+    gateway = v.get("network.gateway", check_ipv4)
     network = NetworkSettings(
         ovf_network=v.get("network.ovf_network", _check_text),
-        hostname=v.get("network.hostname", _check_hostname),
+        hostname=v.get("network.hostname", check_hostname),
         ip=ip,
         prefix=prefix,
         gateway=gateway,
-        dns=tuple(v.get("network.dns", _check_dns_list) or ()),
+        dns=tuple(v.get("network.dns", check_dns_list) or ()),
     )
     if isinstance(ip, str) and isinstance(gateway, str) and isinstance(prefix, int) and not v.failed("network"):
         net = ipaddress.IPv4Network(f"{ip}/{prefix}", strict=False)
@@ -313,7 +313,7 @@ def _check_name(value: Any) -> str | None:
     return None
 
 
-def _check_hostname(value: Any) -> str | None:
+def check_hostname(value: Any) -> str | None:
     if not isinstance(value, str) or not _HOSTNAME_RE.match(value) or value.isdigit():
         return "must be 1-15 letters, digits or '-', not all digits, not starting or ending with '-' (Windows limit)"
     return None
@@ -325,7 +325,7 @@ def _check_account(value: Any) -> str | None:
     return None
 
 
-def _check_ipv4(value: Any) -> str | None:
+def check_ipv4(value: Any) -> str | None:
     try:
         address = ipaddress.IPv4Address(value if isinstance(value, str) else "x")
     except ValueError:
@@ -335,13 +335,13 @@ def _check_ipv4(value: Any) -> str | None:
     return None
 
 
-def _check_dns_list(value: Any) -> str | None:
+def check_dns_list(value: Any) -> str | None:
     if not isinstance(value, list) or not value:
         return "must be a list of 1-3 IPv4 addresses"
     if len(value) > 3:
         return "must list at most 3 DNS servers"
     for item in value:
-        if _check_ipv4(item):
+        if check_ipv4(item):
             return f"{item!r} is not an IPv4 address; must be a list of IPv4 addresses"
     return None
 

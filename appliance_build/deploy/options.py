@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 # The inventory's own checks: a flag obeys the same rules as the setting it overrides.
-from ..settings import DISK_PROVISIONING, Settings, _check_dns_list, _check_hostname, _check_ipv4
+from ..settings import DISK_PROVISIONING, Settings, check_dns_list, check_hostname, check_ipv4
 from ..version import REPO_ROOT
 from .errors import DeployOptionsError
 
@@ -212,10 +212,10 @@ def options_from(settings: Settings, flags: Flags) -> DeployOptions:
     gateway = flags.gateway if flags.gateway is not None else settings.network.gateway
     problems += _gateway_problems(ip, prefix, gateway)
     dns = tuple(d.strip() for d in flags.dns.split(",") if d.strip()) if flags.dns is not None else settings.network.dns
-    if problem := _check_dns_list(list(dns)):
+    if problem := check_dns_list(list(dns)):
         problems.append(f"--dns {','.join(dns)!r}: {problem}")
     hostname = flags.hostname if flags.hostname is not None else settings.network.hostname
-    if problem := _check_hostname(hostname):
+    if problem := check_hostname(hostname):
         problems.append(f"--hostname {hostname!r}: {problem}")
 
     ca_file = Path(flags.ca_file).expanduser() if flags.ca_file else None
@@ -253,7 +253,7 @@ def options_from(settings: Settings, flags: Flags) -> DeployOptions:
 
 
 def _gateway_problems(ip: str, prefix: int, gateway: str) -> list[str]:
-    if problem := _check_ipv4(gateway):
+    if problem := check_ipv4(gateway):
         return [f"--gateway {gateway!r}: {problem}"]
     address = ipaddress.IPv4Address(gateway)
     network = ipaddress.IPv4Network(f"{ip}/{prefix}", strict=False)
