@@ -63,6 +63,23 @@ def find_point(store: BlobStore, machine: MachineRecord, point_id: str) -> Recov
                      f"{len(points)} exist (see `appliance recovery-points`)")
 
 
+def _windows(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Few large reads instead of one per stored range: a replica written by many small
+    writes has thousands of ranges, and each read costs a round trip."""
+    out: list[tuple[int, int]] = []
+    for start, end in ranges:
+        while start < end:
+            if out and start < out[-1][0] + EXPORT_CHUNK:
+                w_start = out[-1][0]
+                w_end = min(end, w_start + EXPORT_CHUNK)
+                out[-1] = (w_start, max(out[-1][1], w_end))
+            else:
+                w_end = min(end, start + EXPORT_CHUNK)
+                out.append((start, w_end))
+            start = w_end
+    return out
+
+
 def export_disk(store: BlobStore, machine: MachineRecord, disk: int, out: Path, point: RecoveryPoint | None) -> int:
     """Write the replica (or a recovery point) as a raw image; unwritten pages stay holes."""
     if not 0 <= disk < len(machine.disk_sizes):
@@ -74,11 +91,9 @@ def export_disk(store: BlobStore, machine: MachineRecord, disk: int, out: Path, 
     written = 0
     with open(tmp, "wb") as f:
         f.truncate(size)
-        for start, end in store.page_ranges(name, snapshot):
-            for pos in range(start, end, EXPORT_CHUNK):
-                n = min(EXPORT_CHUNK, end - pos)
-                os.pwrite(f.fileno(), store.read_pages(name, pos, n, snapshot), pos)
-                written += n
+        for start, end in _windows(store.page_ranges(name, snapshot)):
+            os.pwrite(f.fileno(), store.read_pages(name, start, end - start, snapshot), start)
+            written += end - start
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out)
