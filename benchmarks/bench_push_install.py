@@ -35,7 +35,7 @@ from appliance_build.packaging.wheels import DEFAULT_CACHE  # noqa: E402
 from replication_appliance.common.datadir import DataDir  # noqa: E402
 from replication_appliance.control.initialise import InitOptions, initialise  # noqa: E402
 from replication_appliance.db.engine import datadir_engine, session_factory  # noqa: E402
-from replication_appliance.db.models import Job  # noqa: E402
+from replication_appliance.db.models import Job, utcnow  # noqa: E402
 from replication_appliance.push_install import service  # noqa: E402
 from replication_appliance.push_install.credentials import Credential, CredentialStore  # noqa: E402
 from replication_appliance.push_install.plan import Target  # noqa: E402
@@ -70,10 +70,24 @@ def run_round(data_dir: DataDir, sessions, jobs: list[service.PushJob], server: 
               serve: psutil.Process) -> dict:
     me = psutil.Process()
     cpu0, machine0, t0 = cpu_seconds([me, serve]), machine_cpu_seconds(), time.perf_counter()
+    started = utcnow()
     results = service.run_jobs(data_dir, sessions, jobs, parallel=len(jobs), server=server, heartbeat_timeout=timeout)
     wall = time.perf_counter() - t0
     return {"wall": wall, "appliance_cpu": cpu_seconds([me, serve]) - cpu0,
-            "machine_cpu": machine_cpu_seconds() - machine0, "results": results}
+            "machine_cpu": machine_cpu_seconds() - machine0, "results": results,
+            "to_started": last_step_end(sessions, [job_id for job_id, _o, _e in results], "start", started)}
+
+
+def last_step_end(sessions, job_ids: list[str], step: str, since) -> float | None:
+    """Seconds from the round's start until the last job finished `step` (None if one never did)."""
+    ends = []
+    with sessions() as session:
+        for job_id in job_ids:
+            row = next(st for st in session.get(Job, job_id).steps if st.name == step)
+            if row.status != "succeeded" or row.finished_at is None:
+                return None
+            ends.append((row.finished_at - since).total_seconds())
+    return max(ends)
 
 
 def step_times(sessions, job_ids: list[str]) -> dict[str, float]:
@@ -146,15 +160,19 @@ def main() -> int:
 
         for label, figures in (("1 target", single), (f"{args.targets} targets at once", many)):
             failed = [error for _job, _outcome, error in figures["results"] if error]
-            print(f"{label:<22} wall {figures['wall']:7.1f} s   appliance CPU {figures['appliance_cpu']:6.1f} s   "
-                  f"machine CPU {figures['machine_cpu']:7.1f} s   failed {len(failed)}")
+            to_started = "n/a" if figures["to_started"] is None else f"{figures['to_started']:.1f} s"
+            print(f"{label:<22} wall {figures['wall']:7.1f} s   all agents started after {to_started}   "
+                  f"appliance CPU {figures['appliance_cpu']:6.1f} s   machine CPU {figures['machine_cpu']:7.1f} s   "
+                  f"failed {len(failed)}")
             for error in sorted(set(failed))[:3]:
                 print(f"    error: {error[:200]}")
             steps = step_times(sessions, [job_id for job_id, _o, _e in figures["results"]])
             print("    mean step seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))
         ratio = many["wall"] / single["wall"]
-        print(f"ratio {args.targets} at once / 1 = {ratio:.2f}x (goal < 2x); appliance CPU per target: "
+        print(f"ratio {args.targets} at once / 1 = {ratio:.2f}x wall (goal < 2x); appliance CPU per target: "
               f"{single['appliance_cpu']:.2f} s alone, {many['appliance_cpu'] / args.targets:.2f} s in the batch")
+        if single["to_started"] and many["to_started"]:
+            print(f"ratio until every agent started: {many['to_started'] / single['to_started']:.2f}x")
     return 0
 
 

@@ -141,6 +141,7 @@ def cmd_credentials(args: argparse.Namespace) -> int:
         return 0
     if args.action == "remove":
         store.remove(args.name)
+        _audit(data_dir, "credential.removed", args.name)
         print(f"removed credential {args.name}")
         return 0
     if args.key_file:
@@ -157,14 +158,19 @@ def cmd_credentials(args: argparse.Namespace) -> int:
                                   "or give --key-file")
         kind, sudo = "password", None
     store.add(Credential(args.name, args.user, kind, secret, sudo), replace=args.replace)
+    _audit(data_dir, "credential.added", args.name)
+    print(f"stored credential {args.name} ({kind} for {args.user}), encrypted with the master key")
+    return 0
+
+
+def _audit(data_dir: DataDir, action: str, name: str) -> None:
+    """Who changed which credential, never what it holds."""
     engine, sessions = _sessions(data_dir)
     try:
         with sessions.begin() as session:
-            control_service.audit(session, "cli", "credential.added", "credential", args.name)
+            control_service.audit(session, "cli", action, "credential", name)
     finally:
         engine.dispose()
-    print(f"stored credential {args.name} ({kind} for {args.user}), encrypted with the master key")
-    return 0
 
 
 def cmd_agents(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ def push(appliance: Appliance, target: LinuxTarget, credential: str = "root-key"
         "push-install", "--data-dir", str(appliance.data_dir.root), "--host", target.ssh.host,
         "--port", str(target.ssh.port), "--os", "linux", "--credential", credential,
         "--install-root", str(target.root), "--disk", str(target.disk), "--hostname", "web01",
-        "--host-id", f"test-target-{target.ssh.port}", "--server", appliance.server, "--heartbeat-timeout", "60",
+        "--host-id", f"test-target-{target.ssh.port}", "--server", appliance.server, "--heartbeat-timeout", "30",
         *extra)
 
 
