@@ -59,3 +59,25 @@ def test_secrets_reach_init_through_the_variables_the_cli_reads() -> None:
     init_args = invoked("init")
     assert not {"--db-password-file", "--admin-password-file"} & set(init_args)
     assert not re.search(r"mysql\+pymysql://[^@'\"]*:[^@'\"]*@", SCRIPT), "no password inside a database URL"
+
+
+IDENTITY = (ROLES_DIR / "appliance_software" / "files" / "Initialize-ApplianceIdentity.ps1").read_text(encoding="utf-8")
+
+
+def test_first_boot_init_passes_options_the_cli_accepts() -> None:
+    call = re.search(r"Invoke-ApplianceInit \(\[string\]\$record\.appliance_exe\) @\('init'(.*?)\)\n", IDENTITY, flags=re.DOTALL)
+    assert call, "the first-boot script does not run appliance init"
+    options = re.findall(r"'(--[a-z-]+)'", call.group(1))
+    assert set(options) == set(invoked("init")), "first boot and first install must initialise alike"
+    help_text = cli_help("init")
+    for option in options:
+        assert re.search(rf"\s{re.escape(option)}\b", help_text)
+
+
+def test_first_boot_reads_only_what_the_install_record_holds() -> None:
+    record = re.search(r"\$record = \[ordered\]@\{(.*?)\} \| ConvertTo-Json", SCRIPT, flags=re.DOTALL)
+    assert record
+    written = set(re.findall(r"(\w+) = ", record.group(1)))
+    read = set(re.findall(r"\$record\.([a-z_]+)\b", IDENTITY))
+    assert read and read <= written, f"install.json lacks {sorted(read - written)}"
+    assert "initialise_at_first_boot" in written

@@ -25,6 +25,8 @@ SHARED_WITH_INSTALLER = {
 }
 APPROVED_VERBS = {"Get", "Set", "Install", "Initialize", "Test"}
 SECRET_PARAM = re.compile(r"password|passwd|secret$|productkey|token", re.IGNORECASE)
+# Run at boot by the first-boot scheduled task, not by a role.
+BOOT_SCRIPTS = {"Set-NetworkFromOvfEnv.ps1", "Initialize-ApplianceIdentity.ps1"}
 OVF_KEYS = {"ip", "prefix", "gateway", "dns", "hostname", "data_port"}
 
 
@@ -154,8 +156,9 @@ def test_secrets_named_in_the_help_are_read_from_the_environment(script: Path) -
     text = script.read_text(encoding="utf-8")
     names = re.findall(r"\b([A-Z][A-Z_]*(?:PASSWORD|KEY))\b", help_block(text))
     for name in names:
+        # Directly, or through a helper that takes the variable's name.
         read = f"GetEnvironmentVariable('{name}')" in text or (
-            f"Get-Secret '{name}'" in text and "GetEnvironmentVariable($EnvName)" in text)
+            re.search(rf"(Get|Read)-Secret '{name}'", text) and "GetEnvironmentVariable($EnvName)" in text)
         assert read, f"{script.name}: {name} is not read from the environment"
 
 
@@ -178,7 +181,7 @@ def test_brackets_balance_outside_strings_and_comments(script: Path) -> None:
 def test_roles_pass_only_declared_parameters_and_every_mandatory_one() -> None:
     by_name = {p.name: declared_parameters(p.read_text(encoding="utf-8")) for p in SCRIPTS}
     calls = role_script_calls()
-    assert {name for name, _ in calls} >= {p.name for p in SCRIPTS if p.name != "Set-NetworkFromOvfEnv.ps1"}
+    assert {name for name, _ in calls} >= {p.name for p in SCRIPTS} - BOOT_SCRIPTS
     for name, parameters in calls:
         declared = by_name[name]
         assert set(parameters) <= set(declared), f"{name}: unknown parameters {sorted(set(parameters) - set(declared))}"
@@ -202,3 +205,14 @@ def test_first_boot_script_reads_exactly_the_agreed_ovf_properties() -> None:
     documented = set(re.findall(r"appliance\.(\w+)\s{2,}", help_block(text)))
     assert documented == OVF_KEYS
     assert "guestinfo.ovfEnv" in text and "StartsWith('appliance.')" in text
+
+
+def test_first_boot_runs_the_identity_script_with_declared_parameters() -> None:
+    network = (ROLES_DIR / "windows_baseline" / "files" / "Set-NetworkFromOvfEnv.ps1").read_text(encoding="utf-8")
+    identity = (ROLES_DIR / "appliance_software" / "files" / "Initialize-ApplianceIdentity.ps1").read_text(encoding="utf-8")
+    call = re.search(r"& \$identityScript (.*)", network)
+    assert call and "'Initialize-ApplianceIdentity.ps1'" in network
+    passed = set(re.findall(r"-([A-Z][A-Za-z]+)\b", call.group(1)))
+    assert passed and passed <= set(declared_parameters(identity))
+    # Not while a rename restart is pending: the certificates must carry the final name.
+    assert "if (-not $RestartPending -and (Test-Path $identityScript))" in network

@@ -18,7 +18,13 @@
        `appliance serve --data-dir DataDir --bind Bind --control-port ControlPort --data-port DataPort`:
        the configuration server and the process server, automatic start at boot, restart on
        failure (10 s, 10 s, 60 s; counter reset after a day), after DependsOn (MySQL).
-    6. InstallDir\install.json records version, ports and paths.
+    6. InstallDir\install.json records version, ports, paths and the settings
+       Initialize-ApplianceIdentity.ps1 needs.
+
+    With -DeferInitialisation (an image build), step 4 is left to the deployed machine's first
+    boot: the service is registered with manual start and not started, and install.json says
+    initialise_at_first_boot, so every appliance made from the image gets its own CA,
+    certificates (with its deploy-time name and address), master key and passphrase.
 
     Secrets, from the environment only, passed on to `appliance init` the same way (never on
     a command line):
@@ -63,6 +69,8 @@
     Folder of the stored database password (default C:\ProgramData\ReplicationAppliance\secrets).
 .PARAMETER AllowDowngrade
     Install ApplianceVersion even when a newer version is installed.
+.PARAMETER DeferInitialisation
+    Leave `appliance init` to the first boot of the deployed machine (image builds).
 
 .OUTPUTS
     Sets $Ansible.Changed when run by ansible.windows.win_powershell; otherwise writes an
@@ -88,7 +96,8 @@ param(
     [string]$DependsOn = 'MySQL',
     [ValidateSet('public', 'government')][string]$Cloud = 'public',
     [string]$SecretsDir = 'C:\ProgramData\ReplicationAppliance\secrets',
-    [bool]$AllowDowngrade = $false
+    [bool]$AllowDowngrade = $false,
+    [bool]$DeferInitialisation = $false
 )
 Set-StrictMode -Version 2.0
 $ErrorActionPreference = 'Stop'
@@ -178,7 +187,10 @@ if ($previous -ne $ApplianceVersion) {
 }
 
 # 4. Initialise the data folder and database (first install) or migrate them (upgrade).
-if (-not (Test-Path (Join-Path $DataDir 'config.json'))) {
+$deferred = $DeferInitialisation -and -not (Test-Path (Join-Path $DataDir 'config.json'))
+if ($deferred) {
+    New-Item -ItemType Directory -Force -Path $DataDir | Out-Null
+} elseif (-not (Test-Path (Join-Path $DataDir 'config.json'))) {
     $password = [Environment]::GetEnvironmentVariable('APPLIANCE_DB_PASSWORD')
     $passwordFile = Join-Path $SecretsDir 'appliance-db-password'
     if (-not $password -and (Test-Path $passwordFile)) { $password = (Get-Content -Raw -Path $passwordFile).Trim() }
@@ -203,6 +215,7 @@ if (-not (Test-Path (Join-Path $DataDir 'config.json'))) {
 # 5. The Windows service.
 $escape = { param([string]$Text) [Security.SecurityElement]::Escape($Text) }
 $arguments = "serve --data-dir `"$DataDir`" --bind $Bind --control-port $ControlPort --data-port $DataPort"
+$startMode = if ($deferred) { 'Manual' } else { 'Automatic' }
 $depend = if ($DependsOn -ne '') { "  <depend>$(& $escape $DependsOn)</depend>`r`n" } else { '' }
 $xml = @"
 <service>
@@ -212,7 +225,7 @@ $xml = @"
   <executable>$(& $escape $applianceExe)</executable>
   <arguments>$(& $escape $arguments)</arguments>
   <workingdirectory>$(& $escape $DataDir)</workingdirectory>
-  <startmode>Automatic</startmode>
+  <startmode>$startMode</startmode>
 $depend  <onfailure action="restart" delay="10 sec"/>
   <onfailure action="restart" delay="10 sec"/>
   <onfailure action="restart" delay="60 sec"/>
@@ -240,8 +253,10 @@ if ($xmlChanged -or -not $service) {
     # Restart on failure also when the wrapper itself dies: 10 s, 10 s, 60 s, reset after a day.
     Invoke-Checked 'sc.exe' @('failure', $ServiceName, 'reset=', '86400', 'actions=', 'restart/10000/restart/10000/restart/60000') "setting restart-on-failure for $ServiceName"
     Invoke-Checked 'sc.exe' @('failureflag', $ServiceName, '1') "setting restart-on-failure for $ServiceName"
+    # WinSW applies <startmode> when it registers the service only.
+    Set-Service -Name $ServiceName -StartupType $startMode
 }
-if ((Get-Service -Name $ServiceName).Status -ne 'Running') {
+if (-not $deferred -and (Get-Service -Name $ServiceName).Status -ne 'Running') {
     Start-Service -Name $ServiceName
     if ($changes.Count -eq 0) { $changes += 'service started' }
 }
@@ -249,7 +264,8 @@ if ((Get-Service -Name $ServiceName).Status -ne 'Running') {
 # 6. What is installed, for upgrades and the first-boot data port change.
 $record = [ordered]@{
     version = $ApplianceVersion; python = $PythonVersion; data_dir = $DataDir; service = $ServiceName
-    service_config = $serviceXml; control_port = $ControlPort; data_port = $DataPort
+    service_config = $serviceXml; control_port = $ControlPort; data_port = $DataPort; appliance_exe = $applianceExe
+    db_url = $DatabaseUrl; cloud = $Cloud; initialise_at_first_boot = $deferred
 } | ConvertTo-Json
 $recordFile = Join-Path $InstallDir 'install.json'
 if (-not (Test-Path $recordFile) -or (Get-Content -Raw -Path $recordFile) -ne $record) {

@@ -14,7 +14,9 @@
         appliance.data_port  process server data port, 1-65535 (optional)
 
     Every value is validated before anything changes; an invalid value changes nothing and is
-    logged. The properties applied last are kept in StateDir, so later boots with the same
+    logged. When no restart is pending it then runs ScriptsDir\Initialize-ApplianceIdentity.ps1
+    (when present), which initialises an appliance made from the image with its own identity,
+    now that its name and address are final. The properties applied last are kept in StateDir, so later boots with the same
     properties change nothing. Without an OVF environment (a physical server, a KVM build) it
     does nothing.
 
@@ -23,7 +25,8 @@
 .PARAMETER StateDir
     Folder for the state file (ovfenv-applied.json) and the log (firstboot.log).
 .PARAMETER ScriptsDir
-    Folder holding Set-ApplianceFirewall.ps1, run when the data port changes.
+    Folder holding Set-ApplianceFirewall.ps1 (run when the data port changes) and
+    Initialize-ApplianceIdentity.ps1 (run at the end of every boot without a pending restart).
 .PARAMETER ServiceName
     Windows service of the appliance, restarted when the data port changes.
 .PARAMETER ServiceConfig
@@ -60,7 +63,21 @@ function Write-Log([string]$Message) {
     Add-Content -Path $logFile -Value ('{0:u} {1}' -f (Get-Date), $Message)
 }
 
-function Complete-Run([hashtable]$Applied) {
+function Complete-Run([hashtable]$Applied, [bool]$RestartPending = $false) {
+    $identityScript = Join-Path $ScriptsDir 'Initialize-ApplianceIdentity.ps1'
+    if (-not $RestartPending -and (Test-Path $identityScript)) {
+        $recordFile = Join-Path (Split-Path (Split-Path $ServiceConfig)) 'install.json'
+        try {
+            $identity = & $identityScript -InstallRecord $recordFile
+        } catch {
+            Write-Log "initialising the appliance failed (retried at the next boot): $($_.Exception.Message)"
+            throw
+        }
+        if ($identity -and $identity.changed) {
+            $script:changed = $true
+            Write-Log "appliance initialised in $($identity.initialised)"
+        }
+    }
     $ansibleVar = Get-Variable -Name Ansible -Scope Global -ErrorAction SilentlyContinue
     if ($ansibleVar) {
         $ansibleVar.Value.Changed = $script:changed
@@ -205,5 +222,5 @@ if ($rename) {
     Write-Log "computer renamed to $($props.hostname); restarting"
 }
 @{ fingerprint = $fingerprint; applied = (Get-Date).ToString('o') } | ConvertTo-Json | Set-Content -Path $stateFile
-Complete-Run $props
+Complete-Run $props $rename
 if ($rename) { Restart-Computer -Force }
