@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zstd-level", type=int, default=1, choices=(1, 2, 3))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("azure").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     spec = os.environ["APPLIANCE_STORAGE_CONNECTION_STRING"] if args.storage == "env" else args.storage
     config = ProcessServerConfig(args.cache_dir, args.host, args.port, args.segment_bytes, args.segment_age,
                                  cache_capacity_bytes=args.cache_capacity, upload_concurrency=args.upload_concurrency,

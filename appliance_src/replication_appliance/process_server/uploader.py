@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class Uploader:
     def __init__(self, store: BlobStore, keyring: DataKeyring, machine: Callable[[uuid.UUID], MachineRecord],
                  stats: Stats, concurrency: int = 4, zstd_level: int = 1,
-                 backoff_initial: float = 0.5, backoff_max: float = 30.0) -> None:
+                 backoff_initial: float = 0.5, backoff_max: float = 15.0) -> None:
         self._store = store
         self._keyring = keyring
         self._machine = machine
