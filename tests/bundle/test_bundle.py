@@ -4,7 +4,6 @@ scripts, the pinned Python runtime."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 import zipfile

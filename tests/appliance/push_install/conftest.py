@@ -147,7 +147,7 @@ def make_target(ssh: SshServer, root: Path) -> LinuxTarget:
 
 
 @pytest.fixture
-def linux_target(sshd, tmp_path) -> Iterator[LinuxTarget]:
+def linux_target(sshd, tmp_path) -> Iterator[LinuxTarget]:  # noqa: F811 - the fixture, not a redefinition
     target = make_target(sshd, tmp_path / "target-root")
     try:
         yield target

@@ -9,13 +9,10 @@ import tarfile
 from pathlib import Path
 
 import httpx
-import pytest
 
 from appliance_build.packaging.agent_packages import build_agent_packages, package_paths
 from replication_appliance.common.tls import client_ssl_context
 from replication_appliance.db.models import Job, Machine
-from replication_appliance.push_install import service
-from replication_appliance.push_install.plan import AgentPackage, Target
 
 from .conftest import Appliance, LinuxTarget
 
