@@ -34,6 +34,17 @@ def push(appliance: Appliance, target: LinuxTarget, credential: str = "root-key"
         *extra)
 
 
+def api_job(appliance: Appliance, job_id: str) -> httpx.Response:
+    """GET /api/v1/jobs/{id} as an operator."""
+    with httpx.Client(base_url=f"https://{appliance.server}", timeout=30,
+                      verify=client_ssl_context(appliance.data_dir.ca_cert)) as client:
+        token = client.post("/api/v1/auth/login", json={"username": "admin", "password": "operator-password-for-tests"})
+        client.headers["Authorization"] = f"Bearer {token.json()['token']}"
+        shown = client.get(f"/api/v1/jobs/{job_id}")
+    assert shown.status_code == 200, shown.text
+    return shown
+
+
 def jobs(appliance: Appliance) -> list[Job]:
     with appliance.sessions()() as session:
         rows = session.query(Job).order_by(Job.created_at).all()
@@ -70,12 +81,7 @@ def test_push_install_registers_heartbeats_and_second_run_is_a_no_op(appliance: 
     assert steps(job) == {name: "succeeded" for name in ("copy", "check", "install", "register", "start", "heartbeat")}
 
     # The job's steps through the API, as an operator sees them; no secret in it.
-    with httpx.Client(base_url=f"https://{appliance.server}", timeout=30,
-                      verify=client_ssl_context(appliance.data_dir.ca_cert)) as client:
-        token = client.post("/api/v1/auth/login", json={"username": "admin", "password": "operator-password-for-tests"})
-        client.headers["Authorization"] = f"Bearer {token.json()['token']}"
-        shown = client.get(f"/api/v1/jobs/{job.id}")
-    assert shown.status_code == 200
+    shown = api_job(appliance, job.id)
     assert [s["name"] for s in shown.json()["steps"]] == ["copy", "check", "install", "register", "start", "heartbeat"]
     assert appliance.data_dir.passphrase() not in shown.text
 
@@ -108,6 +114,10 @@ def test_wrong_credentials_give_a_clear_error_and_leave_the_target_untouched(app
     (job,) = jobs(appliance)
     assert job.status == "failed" and "refused the login" in (job.error or "")
     assert SECRET not in job.params + (job.error or "")
+    shown = api_job(appliance, job.id).json()
+    assert shown["status"] == "failed" and "refused the login of 'root'" in shown["error"]
+    assert [st["status"] for st in shown["steps"]] == ["pending"] * 6  # nothing ran on the target
+    assert SECRET not in json.dumps(shown)
 
 
 def test_credentials_are_sealed_and_never_shown(appliance: Appliance):
