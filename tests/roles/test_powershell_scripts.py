@@ -27,7 +27,7 @@ APPROVED_VERBS = {"Get", "Set", "Install", "Initialize", "Test"}
 SECRET_PARAM = re.compile(r"password|passwd|secret$|productkey|token", re.IGNORECASE)
 # Run at boot by the first-boot scheduled task, not by a role.
 BOOT_SCRIPTS = {"Set-NetworkFromOvfEnv.ps1", "Initialize-ApplianceIdentity.ps1"}
-OVF_KEYS = {"ip", "prefix", "gateway", "dns", "hostname", "data_port"}
+OVF_KEYS = {"ip", "prefix", "gateway", "dns", "hostname", "data_port", "admin_password"}
 
 
 def param_block(text: str) -> str:
@@ -155,7 +155,9 @@ def test_no_secret_is_a_parameter(script: Path) -> None:
 def test_secrets_named_in_the_help_are_read_from_the_environment(script: Path) -> None:
     text = script.read_text(encoding="utf-8")
     names = re.findall(r"\b([A-Z][A-Z_]*(?:PASSWORD|KEY))\b", help_block(text))
-    for name in names:
+    # A variable the script only sets is one it hands to a child script, not one it reads.
+    handed_on = {name for name in names if f"$env:{name} = " in text}
+    for name in set(names) - handed_on:
         # Directly, or through a helper that takes the variable's name.
         read = f"GetEnvironmentVariable('{name}')" in text or (
             re.search(rf"(Get|Read)-Secret '{name}'", text) and "GetEnvironmentVariable($EnvName)" in text)
@@ -216,3 +218,45 @@ def test_first_boot_runs_the_identity_script_with_declared_parameters() -> None:
     assert passed and passed <= set(declared_parameters(identity))
     # Not while a rename restart is pending: the certificates must carry the final name.
     assert "if (-not $RestartPending -and (Test-Path $identityScript))" in network
+
+
+def test_the_admin_password_from_the_ovf_environment_is_never_kept_or_shown() -> None:
+    text = (ROLES_DIR / "windows_baseline" / "files" / "Set-NetworkFromOvfEnv.ps1").read_text(encoding="utf-8")
+    # The state file keeps a SHA-256 of the properties, not the properties.
+    assert re.search(r"@\{ fingerprint = \$fingerprint; applied = ", text)
+    assert "SHA256" in text
+    # The result leaves it out, and no log line carries it.
+    assert "if ($key -ne 'admin_password')" in text
+    for line in re.findall(r"Write-Log (.*)", text):
+        assert "admin_password" not in line.replace("appliance.admin_password must", "") or "$(" not in line
+        assert "$props.admin_password" not in line and "$password" not in line
+    assert "Remove-Item Env:\\APPLIANCE_ADMIN_PASSWORD" in text
+
+
+def test_the_ovf_environment_the_deployer_writes_is_the_one_the_script_reads() -> None:
+    """The deployer's own OVF environment document (appliance_build.deploy.ovfenv) read with the
+    namespace, element path and attribute names the first-boot script uses."""
+    import xml.etree.ElementTree as ET
+
+    from appliance_build.deploy.ovfenv import ovf_environment
+    from appliance_build.ova.descriptor import ParsedDescriptor, ParsedProperty
+
+    text = (ROLES_DIR / "windows_baseline" / "files" / "Set-NetworkFromOvfEnv.ps1").read_text(encoding="utf-8")
+    namespace = re.search(r"AddNamespace\('oe', '([^']+)'\)", text).group(1)
+    path = re.search(r"SelectNodes\('//(oe:PropertySection/oe:Property)'", text).group(1)
+    attributes = re.findall(r"GetAttribute\('(\w+)', '([^']+)'\)", text)
+    assert {name for name, _ in attributes} == {"key", "value"} and {ns for _, ns in attributes} == {namespace}
+    wanted = {"ip": "10.20.0.7", "prefix": "22", "gateway": "10.20.0.1", "dns": "10.20.0.2,10.20.0.3",
+              "hostname": "asr-east", "data_port": "9444", "admin_password": "Secret-Pass-123"}
+    properties = tuple(ParsedProperty(f"appliance.{key}", "string", "", True, key == "admin_password") for key in wanted)
+    descriptor = ParsedDescriptor(name="replication-appliance", files=(), disks=(), networks=("VM Network",), items=(),
+                                  guest_type=None, transport="com.vmware.guestInfo", properties=properties)
+    document = ovf_environment(descriptor, {f"appliance.{k}": v for k, v in wanted.items()}, "VMware vCenter Server 8.0")
+    root = ET.fromstring(document)
+    found = {}
+    for node in root.iterfind(".//" + path, {"oe": namespace}):
+        key, value = node.get(f"{{{namespace}}}key"), node.get(f"{{{namespace}}}value")
+        if key.startswith("appliance.") and value:
+            found[key[len("appliance."):]] = value
+    assert found == wanted
+    assert set(found) == OVF_KEYS

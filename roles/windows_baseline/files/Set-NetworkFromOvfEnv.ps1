@@ -12,6 +12,10 @@
         appliance.dns        DNS servers, comma-separated (optional)
         appliance.hostname   computer name (optional; the machine restarts once to apply it)
         appliance.data_port  process server data port, 1-65535 (optional)
+        appliance.admin_password  new password of the local administrator AdminUser
+                             (optional; a secret: never logged, kept only as a SHA-256
+                             fingerprint; it is also the operator password handed to
+                             Initialize-ApplianceIdentity.ps1 in APPLIANCE_ADMIN_PASSWORD)
 
     Every value is validated before anything changes; an invalid value changes nothing and is
     logged. When no restart is pending it then runs ScriptsDir\Initialize-ApplianceIdentity.ps1
@@ -33,6 +37,8 @@
     The service wrapper's XML file whose `--data-port` argument is rewritten.
 .PARAMETER ControlPort
     Control port passed on to Set-ApplianceFirewall.ps1 (default 443).
+.PARAMETER AdminUser
+    Local administrator whose password appliance.admin_password sets (default Administrator).
 .PARAMETER OvfEnvXml
     The OVF environment document itself; when given, rpctool is not called (for tests and
     for physical servers that receive the same document another way).
@@ -49,6 +55,7 @@ param(
     [string]$ServiceName = 'ReplicationAppliance',
     [string]$ServiceConfig = 'C:\Program Files\ReplicationAppliance\service\ReplicationAppliance.xml',
     [ValidateRange(1, 65535)][int]$ControlPort = 443,
+    [string]$AdminUser = 'Administrator',
     [string]$OvfEnvXml = ''
 )
 Set-StrictMode -Version 2.0
@@ -67,11 +74,14 @@ function Complete-Run([hashtable]$Applied, [bool]$RestartPending = $false) {
     $identityScript = Join-Path $ScriptsDir 'Initialize-ApplianceIdentity.ps1'
     if (-not $RestartPending -and (Test-Path $identityScript)) {
         $recordFile = Join-Path (Split-Path (Split-Path $ServiceConfig)) 'install.json'
+        if ($Applied.ContainsKey('admin_password')) { $env:APPLIANCE_ADMIN_PASSWORD = $Applied.admin_password }
         try {
             $identity = & $identityScript -InstallRecord $recordFile
         } catch {
             Write-Log "initialising the appliance failed (retried at the next boot): $($_.Exception.Message)"
             throw
+        } finally {
+            Remove-Item Env:\APPLIANCE_ADMIN_PASSWORD -ErrorAction SilentlyContinue
         }
         if ($identity -and $identity.changed) {
             $script:changed = $true
@@ -79,11 +89,13 @@ function Complete-Run([hashtable]$Applied, [bool]$RestartPending = $false) {
         }
     }
     $ansibleVar = Get-Variable -Name Ansible -Scope Global -ErrorAction SilentlyContinue
+    $shown = @{}
+    foreach ($key in $Applied.Keys) { if ($key -ne 'admin_password') { $shown[$key] = $Applied[$key] } }
     if ($ansibleVar) {
         $ansibleVar.Value.Changed = $script:changed
-        $ansibleVar.Value.Result = @{ applied = $Applied }
+        $ansibleVar.Value.Result = @{ applied = $shown }
     } else {
-        [pscustomobject]@{ changed = $script:changed; applied = $Applied }
+        [pscustomobject]@{ changed = $script:changed; applied = $shown }
     }
 }
 
@@ -123,6 +135,14 @@ function Get-ValidationErrors([hashtable]$Props) {
     }
     if ($Props.ContainsKey('data_port') -and -not ($Props.data_port -match '^\d+$' -and [int]$Props.data_port -ge 1 -and [int]$Props.data_port -le 65535 -and [int]$Props.data_port -ne $ControlPort)) {
         $errors += "appliance.data_port '$($Props.data_port)' must be a port from 1 to 65535 other than the control port $ControlPort"
+    }
+    if ($Props.ContainsKey('admin_password')) {
+        # Windows' complexity rule (3 of 4 kinds) and the appliance's 12-character minimum; the value is never shown.
+        $password = $Props.admin_password
+        $kinds = @('[A-Z]', '[a-z]', '[0-9]', '[^A-Za-z0-9]' | Where-Object { $password -cmatch $_ }).Count
+        if ($password.Length -lt 12 -or $kinds -lt 3) {
+            $errors += 'appliance.admin_password must have at least 12 characters of 3 kinds (upper case, lower case, digits, symbols)'
+        }
     }
     return $errors
 }
@@ -207,7 +227,10 @@ if ($problems.Count -gt 0) {
     throw ('invalid OVF properties: ' + ($problems -join '; '))
 }
 
-$fingerprint = ($props.GetEnumerator() | Sort-Object Name | ForEach-Object { "$($_.Name)=$($_.Value)" }) -join ';'
+# A digest, not the values: the state file must not keep the administrator password.
+$canonical = ($props.GetEnumerator() | Sort-Object Name | ForEach-Object { "$($_.Name)=$($_.Value)" }) -join "`n"
+$sha256 = [Security.Cryptography.SHA256]::Create()
+$fingerprint = [BitConverter]::ToString($sha256.ComputeHash([Text.Encoding]::UTF8.GetBytes($canonical))).Replace('-', '')
 if ((Test-Path $stateFile) -and ((Get-Content -Raw $stateFile | ConvertFrom-Json).fingerprint -eq $fingerprint)) {
     Complete-Run $props
     return
@@ -215,6 +238,12 @@ if ((Test-Path $stateFile) -and ((Get-Content -Raw $stateFile | ConvertFrom-Json
 
 if ($props.ContainsKey('ip')) { Set-StaticAddress $props }
 if ($props.ContainsKey('data_port')) { Set-DataPort ([int]$props.data_port) }
+if ($props.ContainsKey('admin_password')) {
+    $secure = ConvertTo-SecureString -String $props.admin_password -AsPlainText -Force
+    Set-LocalUser -Name $AdminUser -Password $secure
+    $changed = $true
+    Write-Log "password of $AdminUser set from the OVF environment"
+}
 $rename = $props.ContainsKey('hostname') -and ($props.hostname -ne $env:COMPUTERNAME)
 if ($rename) {
     Rename-Computer -NewName $props.hostname -Force
