@@ -107,7 +107,10 @@ function Get-OvfProperties([string]$Xml) {
     foreach ($node in $doc.SelectNodes('//oe:PropertySection/oe:Property', $ns)) {
         $key = $node.GetAttribute('key', 'http://schemas.dmtf.org/ovf/environment/1')
         $value = $node.GetAttribute('value', 'http://schemas.dmtf.org/ovf/environment/1')
-        if ($key.StartsWith('appliance.') -and $value -ne '') { $props[$key.Substring(10)] = $value.Trim() }
+        # A password is taken as typed; the other values without surrounding blanks.
+        if ($key.StartsWith('appliance.') -and $value -ne '') {
+            $props[$key.Substring(10)] = if ($key -eq 'appliance.admin_password') { $value } else { $value.Trim() }
+        }
     }
     return $props
 }
