@@ -101,8 +101,12 @@ def build_appliance_wheel(out_dir: Path, epoch: int, version: str | None = None,
             _set_version(copy / "pyproject.toml", version)
         env = {**os.environ, "SOURCE_DATE_EPOCH": str(epoch), "PYTHONHASHSEED": "0"}
         wheel_dir = Path(tmp) / "wheel"
+        # The build tools of this environment when they can make wheels (the same tools every
+        # time: reproducible); otherwise pip fetches the backend pyproject.toml asks for.
+        isolation = [] if _can_build_wheels() else ["--use-pep517"]
+        no_isolation = ["--no-build-isolation"] if not isolation else []
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir",
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", *no_isolation, *isolation, "--no-cache-dir",
              "--quiet", "--wheel-dir", str(wheel_dir), str(copy)],
             capture_output=True, text=True, env=env, check=False)
         built = sorted(wheel_dir.glob("*.whl"))
@@ -125,6 +129,18 @@ def dependency_wheels(set_name: str, requirements: list[str], platform: Platform
         print(f"resolved {len(locked)} wheels for {platform.name} and wrote {lock_path.relative_to(REPO_ROOT)} "
               "(commit it)", file=sys.stderr)
     return _fetch(locked, platform, cache_dir)
+
+
+def _can_build_wheels() -> bool:
+    """setuptools builds wheels itself from 70.1 on; before that it needs the `wheel` package."""
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        version = tuple(int(p) for p in importlib.metadata.version("setuptools").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return version >= (70, 1) or importlib.util.find_spec("wheel") is not None
 
 
 def _copy_source(source: Path, dest: Path) -> None:
