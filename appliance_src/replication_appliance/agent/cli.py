@@ -15,7 +15,7 @@ from . import control_client
 from .link import Link, RateLimit
 from .replicator import Replicator
 from .source import disk_size
-from .state import PHASE_INITIAL, DiskConfig, StateDir
+from .state import PHASE_INITIAL, AgentStateError, DiskConfig, StateDir
 
 log = logging.getLogger("mobility-agent")
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)([KMG]?)$", re.I)
@@ -39,26 +39,67 @@ def cmd_register(args) -> int:
     passphrase = args.passphrase_file.read_text().strip()
     config = control_client.register(args.server, passphrase, args.ca_file, StateDir(args.state_dir), disks,
                                      args.hostname or socket.gethostname(), args.host_id or control_client.host_id())
-    print(f"registered {config.hostname} as machine {config.machine_id}; process server {config.process_server}; "
-          f"{len(disks)} disk(s)")
+    ps = config.process_server or "not assigned yet (the appliance assigns one on a later heartbeat)"
+    print(f"registered {config.hostname} as machine {config.machine_id}; process server {ps}; {len(disks)} disk(s)")
     return 0
 
 
-def _heartbeat(config, state: StateDir, phase: str, resyncing: bool):
-    disks = []
-    for i, d in enumerate(config.disks):
-        st = state.load_disk(i)
-        done = d.size if st.phase != PHASE_INITIAL else st.initial_offset
-        disks.append({"name": d.path, "total_bytes": d.size, "replicated_bytes": done, "backlog_bytes": d.size - done})
-    total = sum(d["total_bytes"] for d in disks)
-    body = {"state": "resync" if resyncing else phase, "disks": disks}
-    if phase == "initial_sync":
-        body["initial_sync_percent"] = round(100 * sum(d["replicated_bytes"] for d in disks) / total, 1)
-    try:
-        return control_client.heartbeat(config, state, body)
-    except ApplianceError as e:
-        log.warning("heartbeat failed: %s", e)
-        return None
+# The states to report first when the appliance refuses a jump (409), e.g. after it saw the
+# machine as not_enabled: the state machine only moves one allowed step at a time.
+_WALK = {
+    "initial_sync": [("initiating", None)],
+    "continuous": [("initiating", None), ("initial_sync", 100.0)],
+    "resync": [("initiating", None), ("initial_sync", 100.0), ("continuous", None)],
+}
+
+
+class Reporter:
+    """Heartbeats carrying the replication state and per-disk counters."""
+
+    def __init__(self, config, state: StateDir, enabled: bool) -> None:
+        self.config, self.state, self.enabled = config, state, enabled
+
+    def _disks(self) -> list[dict]:
+        out = []
+        for i, d in enumerate(self.config.disks):
+            st = self.state.load_disk(i)
+            done = d.size if st.phase != PHASE_INITIAL else st.initial_offset
+            out.append({"name": d.path, "total_bytes": d.size, "replicated_bytes": done, "backlog_bytes": d.size - done})
+        return out
+
+    def _send(self, state_name: str, percent: float | None):
+        body: dict = {"state": state_name, "disks": self._disks()}
+        if state_name == "initial_sync":
+            total = sum(d["total_bytes"] for d in body["disks"])
+            body["initial_sync_percent"] = percent if percent is not None else round(
+                100 * sum(d["replicated_bytes"] for d in body["disks"]) / total, 1)
+        return control_client.heartbeat(self.config, self.state, body)
+
+    def send(self, state_name: str, percent: float | None = None):
+        if not self.enabled:
+            return None
+        try:
+            try:
+                return self._send(state_name, percent)
+            except control_client.ControlError as e:
+                if e.status != 409 or state_name not in _WALK:
+                    raise
+                for step, pct in _WALK[state_name]:
+                    try:
+                        self._send(step, pct)
+                    except control_client.ControlError as step_error:
+                        if step_error.status != 409:
+                            raise
+                return self._send(state_name, percent)
+        except ApplianceError as e:
+            log.warning("heartbeat failed: %s", e)
+            return None
+
+    def current(self, resync: bool = False):
+        if resync:
+            return self.send("resync")
+        initial = any(self.state.load_disk(i).phase == PHASE_INITIAL for i in range(len(self.config.disks)))
+        return self.send("initial_sync" if initial else "continuous")
 
 
 def cmd_run(args) -> int:
@@ -66,31 +107,39 @@ def cmd_run(args) -> int:
     config = state.load_config()
     ctx = client_ssl_context(state.ca, state.cert, state.key)
     rate = RateLimit(args.max_rate)
+    reporter = Reporter(config, state, args.heartbeat)
 
     def connect(outbox):
         return Link(_address(config.process_server), ctx, config.machine, outbox, rate)
 
+    desired = reporter.current()
     while True:
-        phase = "initial_sync" if any(state.load_disk(i).phase == PHASE_INITIAL for i in range(len(config.disks))) else "continuous"
-        desired = _heartbeat(config, state, phase, False) if args.heartbeat else None
         interval = args.interval or (desired.interval_s if desired else config.interval_s)
         if desired and desired.process_server and desired.process_server != config.process_server:
-            log.info("appliance moved this machine to process server %s", desired.process_server)
+            log.info("the appliance assigned process server %s", desired.process_server)
             config.process_server = desired.process_server
             state.save_config(config)
-        if desired and desired.state in ("pause", "stop") and not args.once:
+        if not config.process_server:
+            raise AgentStateError("no process server is assigned to this machine yet: check `appliance status` "
+                                  "on the appliance (process server health and headroom)")
+        wanted = desired.state if desired else "replicate"
+        if wanted in ("pause", "stop"):
+            if args.once:
+                raise AgentStateError(f"the appliance's desired state for this machine is {wanted!r}: enable or resume "
+                                      "replication on the appliance first")
+            desired = (reporter.send("paused") if wanted == "pause" else reporter.current()) or desired
             time.sleep(interval)
             continue
-        if desired and desired.state == "resync":
+        resync = wanted == "resync"
+        if resync:
             for i in range(len(config.disks)):
                 state.digests(i).unlink(missing_ok=True)
+        desired = reporter.current(resync) or desired
         report = Replicator(config, state, connect).run_cycle()
-        line = (f"cycle done: marker {report.marker_id} (seq {report.marker_seq}); read {report.bytes_read} bytes, "
-                f"sent {report.bytes_sent} bytes in {report.frames} frames, {report.seconds:.1f}s, "
-                f"{report.reconnects} reconnects, {report.throttle_events} throttle events")
-        print(line, flush=True)
-        if args.heartbeat:
-            _heartbeat(config, state, "continuous", False)
+        print(f"cycle done: marker {report.marker_id} (seq {report.marker_seq}); read {report.bytes_read} bytes, "
+              f"sent {report.bytes_sent} bytes in {report.frames} frames, {report.seconds:.1f}s, "
+              f"{report.reconnects} reconnects, {report.throttle_events} throttle events", flush=True)
+        desired = reporter.current() or desired
         if args.once:
             return 0
         time.sleep(interval)

@@ -19,6 +19,10 @@ API = "/api/v1"
 class ControlError(ApplianceError):
     """The configuration server refused a call or cannot be reached."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 def _detail(resp: httpx.Response) -> str:
     try:
@@ -49,14 +53,12 @@ def register(server: str, passphrase: str, ca_file: Path, state: StateDir, disks
     if resp.status_code != 200:
         raise ControlError(f"registration refused by {server} (HTTP {resp.status_code}): {_detail(resp)}")
     out = resp.json()
-    if not out.get("process_server"):
-        raise ControlError("registered, but the appliance has no process server to assign: "
-                           "start `appliance serve` (it runs one) or register a scale-out process server")
     state.root.mkdir(parents=True, exist_ok=True)
     write_private_file(state.key, key_to_pem(key))
     state.cert.write_text(out["certificate"])
     state.ca.write_bytes(ca_file.read_bytes())
-    config = AgentConfig(out["machine_id"], hostname, server, out["process_server"]["address"], disks)
+    # No process server yet (none has headroom): heartbeats hand one out later.
+    config = AgentConfig(out["machine_id"], hostname, server, (out.get("process_server") or {}).get("address", ""), disks)
     state.save_config(config)
     return config
 
@@ -77,7 +79,7 @@ def heartbeat(config: AgentConfig, state: StateDir, body: dict) -> Desired:
     except httpx.HTTPError as e:
         raise ControlError(f"configuration server {config.control_server} unreachable: {e}") from None
     if resp.status_code != 200:
-        raise ControlError(f"heartbeat refused (HTTP {resp.status_code}): {_detail(resp)}")
+        raise ControlError(f"heartbeat refused (HTTP {resp.status_code}): {_detail(resp)}", resp.status_code)
     out = resp.json()
     ps = out.get("process_server") or {}
     return Desired(out["desired_state"], ps.get("address"), bool(out.get("throttled")),

@@ -14,6 +14,7 @@ class MachineRecord:
     machine_id: uuid.UUID
     hostname: str
     disk_sizes: tuple[int, ...]  # bytes, in registration order (disk index 0 first)
+    cert_fingerprint: str | None = None  # SHA-256 of the machine's current certificate, when pinned
 
 
 class MachineDirectory(Protocol):

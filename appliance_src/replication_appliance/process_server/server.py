@@ -227,6 +227,9 @@ class ProcessServer:
             except ValueError:
                 machine_id = None
         record = self._directory.machine(machine_id) if machine_id else None
+        if record is not None and record.cert_fingerprint and ident is not None and ident.fingerprint != record.cert_fingerprint:
+            return self._refuse(sock, NIL, FrameError(ErrorCode.NOT_AUTHORIZED,
+                                "this certificate was replaced by a newer registration of the machine: use the current one"))
         if record is None:
             return self._refuse(sock, NIL, FrameError(ErrorCode.NOT_AUTHORIZED,
                                 "the client certificate does not belong to a registered machine: register the agent first"))

@@ -1,0 +1,85 @@
+"""The built-in process server inside `appliance serve` (a `serve.BACKGROUND_TASKS` entry):
+machines come from the configuration database, and the server's health figures (cache,
+upload backlog and rate) are recorded as the built-in process server's heartbeat."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from ..common.tls import server_ssl_context
+from ..dataplane.session import MachineRecord
+from ..db.models import Machine, ProcessServer as ProcessServerRow, utcnow
+from ..storage import store_for_data_dir
+from .server import ProcessServer, ProcessServerConfig
+
+log = logging.getLogger(__name__)
+REPORT_INTERVAL_S = 30.0
+
+
+def _record(m: Machine) -> MachineRecord:
+    disks = sorted(m.disks, key=lambda d: d.id)  # registration order
+    return MachineRecord(uuid.UUID(m.id), m.hostname, tuple(d.size_bytes for d in disks), m.cert_fingerprint)
+
+
+class DatabaseDirectory:
+    """Machines registered with this appliance and assigned to its built-in process server."""
+
+    def __init__(self, sessions) -> None:
+        self._sessions = sessions
+
+    def _query(self, where):
+        with self._sessions() as session:
+            builtin = select(ProcessServerRow.id).where(ProcessServerRow.builtin.is_(True)).scalar_subquery()
+            rows = session.scalars(select(Machine).options(selectinload(Machine.disks))
+                                   .where(where, Machine.process_server_id == builtin,
+                                          Machine.cert_fingerprint.is_not(None))).all()
+            return [_record(m) for m in rows]
+
+    def machine(self, machine_id: uuid.UUID) -> MachineRecord | None:
+        found = self._query(Machine.id == str(machine_id))
+        return found[0] if found else None
+
+    def resolve(self, id_or_hostname: str) -> MachineRecord | None:
+        found = self._query((Machine.id == id_or_hostname) | (Machine.hostname == id_or_hostname))
+        return found[0] if len(found) == 1 else None
+
+
+def run_builtin_process_server(ctx):
+    """Binds the data port now (so a port conflict fails `serve` at once), then returns the
+    coroutine that reports health until shutdown and stops the server."""
+    d = ctx.data_dir
+    tls = server_ssl_context(d.server_cert("data"), d.server_key("data"), d.ca_cert, require_client_cert=True)
+    config = ProcessServerConfig(d.cache_dir, host=ctx.bind, port=ctx.data_port,
+                                 cache_capacity_bytes=ctx.config.cache_quota_bytes)
+    server = ProcessServer(config, tls, DatabaseDirectory(ctx.sessions), store_for_data_dir(d.root), d.master_key())
+    server.start()
+    return _report_until_cancelled(ctx, server)
+
+
+def _report(ctx, server: ProcessServer) -> None:
+    from ..control import builtin_load, service
+
+    h = server.health()
+    load = builtin_load.sample(ctx.data_dir.cache_dir, ctx.config.cache_quota_bytes).model_copy(update={
+        "cache_free_percent": round(100 * h.cache_free_fraction, 2),
+        "upload_backlog_bytes": h.backlog_bytes, "upload_rate_bytes_per_s": h.upload_bytes_per_s})
+    with ctx.sessions.begin() as session:
+        ps = session.scalars(select(ProcessServerRow).where(ProcessServerRow.builtin.is_(True))).first()
+        if ps is not None:
+            service.record_process_server_load(session, ps.id, load, utcnow())
+
+
+async def _report_until_cancelled(ctx, server: ProcessServer) -> None:
+    try:
+        while True:
+            try:
+                await asyncio.to_thread(_report, ctx, server)
+            except Exception as e:  # health reporting must never take the data port down
+                log.warning("could not record the process server's health: %s", e)
+            await asyncio.sleep(REPORT_INTERVAL_S)
+    finally:
+        await asyncio.to_thread(server.stop)
