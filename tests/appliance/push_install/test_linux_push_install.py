@@ -208,12 +208,14 @@ def test_upgrade_from_n_to_n_plus_1_keeps_configuration_and_registration(applian
 
 
 def test_an_agent_newer_than_the_appliance_is_refused(appliance: Appliance, linux_target: LinuxTarget,
-                                                      agent_packages: Path, wheel_cache: Path, tmp_path: Path):
-    newer_dist = tmp_path / "dist-1.0.1"
-    build_agent_packages(newer_dist, cache_dir=wheel_cache, version="1.0.1")
+                                                      agent_packages: Path, tmp_path: Path):
+    # The version is read from the package's name, before anything is copied.
+    newer = tmp_path / "mobility-agent-1.0.1-linux.tar.gz"
+    newer.write_bytes(package_paths(agent_packages)[0].read_bytes())
     add_key_credential(appliance, linux_target)
-    refused = push(appliance, linux_target, "root-key", "--package", str(package_paths(newer_dist, "1.0.1")[0]))
+    refused = push(appliance, linux_target, "root-key", "--package", str(newer))
     assert refused.returncode == 1 and "newer than the appliance (1.0.0): upgrade the appliance first" in refused.stderr
+    assert sorted(p.name for p in linux_target.root.iterdir()) == ["disk0.img"]
 
     # A target that already runs a newer agent: refused before anything is copied.
     marker = linux_target.root / "opt" / "mobility-agent" / "current"
