@@ -5,6 +5,7 @@ import argparse
 import logging
 import re
 import socket
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,11 @@ class Reporter:
 def cmd_run(args) -> int:
     state = StateDir(args.state_dir)
     config = state.load_config()
-    ctx = client_ssl_context(state.ca, state.cert, state.key)
+    try:
+        ctx = client_ssl_context(state.ca, state.cert, state.key)
+    except (ssl.SSLError, OSError) as e:
+        raise AgentStateError(f"the agent's certificate, key or CA in {state.root} cannot be used ({e}): "
+                              "run `mobility-agent register` again") from None
     rate = RateLimit(args.max_rate)
     reporter = Reporter(config, state, args.heartbeat)
 

@@ -1,0 +1,104 @@
+"""The data path wired to the real configuration server: `appliance init`, `appliance serve`
+(control port and the built-in process server), `mobility-agent register` with the
+passphrase, operator enables replication, `mobility-agent run`, `appliance apply`, export."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from replication_appliance.common.tls import client_ssl_context
+from tests.fixtures.ports import free_port, wait_for_port
+
+from .conftest import make_image, random_writes, sha256
+
+MiB = 1 << 20
+ADMIN_PASSWORD = "correct-horse-battery-staple"
+
+
+def cli(*args: str, env: dict, ok: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=180)
+    if ok:
+        assert p.returncode == 0, f"{args[:3]} failed:\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+@pytest.fixture()
+def appliance(tmp_path, azurite):
+    d = tmp_path / "D"
+    control, data = free_port(), free_port()
+    env = dict(os.environ, APPLIANCE_STORAGE_CONNECTION_STRING=azurite.connection_string)
+    (tmp_path / "admin").write_text(ADMIN_PASSWORD)
+    cli("replication_appliance.cli", "init", "--data-dir", str(d), "--hostname", "127.0.0.1", "--address", "127.0.0.1",
+        "--admin-password-file", str(tmp_path / "admin"), "--control-port", str(control), "--data-port", str(data),
+        "--cache-quota-gb", "4", env=env)
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "replication_appliance.cli", "serve", "--data-dir", str(d),
+                             "--bind", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for_port(control, timeout=60)
+        wait_for_port(data, timeout=60)
+        yield d, control, data, env
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def operator(d: Path, control: int, machine_id: str, action: str) -> None:
+    with httpx.Client(base_url=f"https://127.0.0.1:{control}", verify=client_ssl_context(d / "ca.pem")) as c:
+        token = c.post("/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}).json()["token"]
+        r = c.post(f"/api/v1/machines/{machine_id}/actions", json={"action": action},
+                   headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text
+
+
+def test_register_enable_replicate_apply_through_the_appliance(tmp_path, appliance):
+    d, control, data, env = appliance
+    image = tmp_path / "disk0.img"
+    make_image(image, 48 * MiB, seed=21)
+    passphrase = cli("replication_appliance.cli", "passphrase", "show", "--data-dir", str(d), env=env).stdout.strip()
+    (tmp_path / "pass").write_text(passphrase)
+    state = tmp_path / "agent"
+    register = ["replication_appliance.agent.cli", "register", "--server", f"127.0.0.1:{control}", "--passphrase-file",
+                str(tmp_path / "pass"), "--ca-file", str(d / "ca.pem"), "--state-dir", str(state), "--disk", str(image),
+                "--hostname", "srv-e2e", "--host-id", "host-e2e"]
+    out = cli(*register, env=env).stdout
+    assert f"process server 127.0.0.1:{data}" in out
+    agent = json.loads((state / "agent.json").read_text())
+    assert (state / "agent-key.pem").stat().st_mode & 0o077 == 0
+
+    run = ["replication_appliance.agent.cli", "run", "--state-dir", str(state), "--once"]
+    refused = cli(*run, env=env, ok=False)
+    assert refused.returncode == 1 and "desired state for this machine is 'stop'" in refused.stderr
+    operator(d, control, agent["machine_id"], "enable")
+    cli(*run, env=env)
+    random_writes(image, 200, seed=3)
+    cli(*run, env=env)
+    expected = sha256(image)
+
+    status = json.loads(cli("replication_appliance.cli", "status", "--data-dir", str(d), "--json", env=env).stdout)
+    [machine] = [m for m in status["machines"] if m["hostname"] == "srv-e2e"]
+    assert machine["replication_state"] == "continuous"
+
+    cli("replication_appliance.cli", "apply", "--data-dir", str(d), "--machine", "srv-e2e", "--once", env=env)
+    points = cli("replication_appliance.cli", "recovery-points", "--data-dir", str(d), "--machine", "srv-e2e",
+                 env=env).stdout.splitlines()
+    assert len(points) == 2
+    cli("replication_appliance.cli", "replica", "export", "--data-dir", str(d), "--machine", "srv-e2e", "--disk", "0",
+        "--out", str(tmp_path / "replica.img"), env=env)
+    assert sha256(tmp_path / "replica.img") == expected
+
+    # re-registration issues a new certificate: the data port refuses the old one from then on
+    old = {name: (state / name).read_bytes() for name in ("agent.pem", "agent-key.pem")}
+    cli(*register, env=env)
+    assert (state / "agent.pem").read_bytes() != old["agent.pem"]
+    for name, content in old.items():
+        (state / name).write_bytes(content)
+    stale = cli(*run, "--no-heartbeat", env=env, ok=False)
+    assert stale.returncode == 1 and "replaced by a newer registration" in stale.stderr
