@@ -31,7 +31,9 @@ class Uploader:
         self._machine = machine
         self._described: set[uuid.UUID] = set()
         self._stats = stats
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="upload")
+        # concurrency 0 keeps segments in the cache (benchmarks of ingest alone, maintenance)
+        self._pool = ThreadPoolExecutor(max_workers=max(concurrency, 1), thread_name_prefix="upload")
+        self._enabled = concurrency > 0
         self._level = zstd_level
         self._backoff = (backoff_initial, backoff_max)
         self._queued: set[tuple[uuid.UUID, int]] = set()
@@ -41,7 +43,7 @@ class Uploader:
     def submit(self, seg: SealedSegment) -> None:
         key = (seg.machine, seg.segno)
         with self._lock:
-            if key in self._queued or self._stopping.is_set():
+            if key in self._queued or self._stopping.is_set() or not self._enabled:
                 return
             self._queued.add(key)
         self._pool.submit(self._run, seg)
