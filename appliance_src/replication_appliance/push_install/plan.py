@@ -142,6 +142,11 @@ class LinuxLayout:
     def installer_command(self, action: str) -> str:
         return f"sh {shlex.quote(self.installer)} {action}{self.prefix_args()}"
 
+    def control_command(self, action: str) -> str:
+        """start/stop/status through the installed version's own copy of install.sh."""
+        script = f"{self.target.prefix}/opt/mobility-agent/current/install.sh"
+        return f"sh {shlex.quote(script)} {action}{self.prefix_args()}"
+
     @property
     def ca_file(self) -> str:
         return f"{self.staging}/ca.pem"
@@ -227,6 +232,11 @@ class WindowsLayout:
     def installer_command(self, action: str) -> str:
         """`action` as install.sh names it (check, install, start...); the script's -Action is capitalised."""
         return f"& {ps_quote(self.installer)} -Action {action.capitalize()}; exit $LASTEXITCODE"
+
+    def control_command(self, action: str) -> str:
+        """Start/Stop/Status through the installed version's own copy of the script."""
+        script = r"C:\Program Files\MobilityAgent\current\Install-MobilityAgent.ps1"
+        return f"& {ps_quote(script)} -Action {action.capitalize()}; exit $LASTEXITCODE"
 
     @property
     def ca_file(self) -> str:

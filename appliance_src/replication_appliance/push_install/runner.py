@@ -104,7 +104,7 @@ def run_push_install(request: PushRequest, transport: Transport, sink: ProgressS
                     step.message = f"registered as machine {identity['machine_id']}"
         assert identity is not None
         with step("start"):
-            result = _run(transport, "start", layout.installer_command("start"))
+            result = _run(transport, "start", layout.control_command("start"))
             step.message = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "running"
         with step("heartbeat"):
             version = _wait_for_heartbeat(heartbeat, identity["machine_id"], heartbeat_since, heartbeat_timeout)

@@ -5,6 +5,7 @@
 #   install.sh install   [--prefix DIR] [--force]  install or upgrade in place (exit 0 = done or
 #                                                  already installed; 4 = newer installed, refused)
 #   install.sh start|stop|status|uninstall [--prefix DIR]
+#                  (also as PREFIX/opt/mobility-agent/current/install.sh, kept with each version)
 #
 # Everything goes under PREFIX (default /): opt/mobility-agent/<version> (a venv),
 # opt/mobility-agent/current (symlink to the running version), var/lib/mobility-agent (the agent's
@@ -157,6 +158,8 @@ install() {
     "$target/bin/python" "$pip_wheel/pip" install --quiet --no-index --no-compile --disable-pip-version-check \
         --find-links "$PACKAGE_DIR/wheels" --no-deps "$PACKAGE_DIR"/wheels/*.whl
     "$target/bin/mobility-agent" --help >/dev/null || fail "the installed agent does not start (see above)"
+    # The control script stays with the version (start/stop/status/uninstall after the package is gone).
+    cp "$PACKAGE_DIR/install.sh" "$PACKAGE_DIR/manifest.json" "$PACKAGE_DIR/mobility-agent.service" "$target/"
     echo "$VERSION" >"$target/INSTALLED"
     trap - EXIT
     if [ "$was_running" = 1 ]; then stop; fi

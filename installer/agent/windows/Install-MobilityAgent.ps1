@@ -70,7 +70,10 @@ function Install-Agent {
         & (Join-Path $target 'Scripts\python.exe') (Join-Path $pipWheel.FullName 'pip') install --quiet --no-index --no-deps `
             --disable-pip-version-check --find-links (Join-Path $PackageDir 'wheels') @wheels
         if ($LASTEXITCODE -ne 0) { throw 'installing the agent wheels failed' }
-        Copy-Item -LiteralPath (Join-Path $PackageDir 'mobility_agent_service.py') -Destination $target
+        # The service host, and this script for Start/Stop/Status/Uninstall once the package is gone.
+        foreach ($file in @('mobility_agent_service.py', 'Install-MobilityAgent.ps1', 'manifest.json')) {
+            Copy-Item -LiteralPath (Join-Path $PackageDir $file) -Destination $target
+        }
     } catch {
         Remove-Item -LiteralPath $target -Recurse -Force -ErrorAction SilentlyContinue
         Write-Error "mobility-agent: $($_.Exception.Message); the installed version (if any) is untouched"

@@ -130,7 +130,7 @@ def test_the_whole_windows_push_through_winrm_transport(package: AgentPackage, t
     assert fake.files[layout.ca_file] == ca.read_bytes()
     scripts = [s for s, _ in fake.scripts]
     order = [next(i for i, s in enumerate(scripts) if marker in s) for marker in
-             ("Get-FileHash", "-Action Check", "-Action Install", "register", "-Action Start", "Remove-Item -LiteralPath 'C:\\Windows\\Temp\\MobilityAgentPush' -Recurse")]
+             ("Get-FileHash", "-Action Check", "-Action Install", "register", "current\\Install-MobilityAgent.ps1' -Action Start", "Remove-Item -LiteralPath 'C:\\Windows\\Temp\\MobilityAgentPush' -Recurse")]
     assert order == sorted(order)
     # Secrets: the passphrase only ever on stdin, the password never sent as script text.
     assert all(PASSPHRASE not in s and "Adm1n-secret" not in s for s in scripts)
