@@ -20,7 +20,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
@@ -40,6 +40,7 @@ SERVER_FACTORIES: list[str] = [
 ]
 BACKGROUND_TASKS: list[str] = [
     "replication_appliance.control.builtin_load:sample_builtin_process_server",
+    "replication_appliance.process_server.appliance_hook:run_builtin_process_server",
 ]
 
 MAX_HEADER_BYTES = 16 * 1024
@@ -79,6 +80,7 @@ class ServerSpec:
     app: Callable[..., Awaitable[None]]
     port: int
     ssl_context: ssl.SSLContext
+    tasks: list[Awaitable[None]] = field(default_factory=list)  # run beside the server, cancelled at shutdown
 
 
 def _tls_extension(transport: asyncio.Transport) -> dict[str, Any]:
@@ -143,7 +145,7 @@ async def run_servers(specs: list[ServerSpec], tasks: list[Awaitable[None]], bin
     sockets = [listen(bind, spec) for spec in specs]
     serving = [asyncio.create_task(s.serve(sockets=[sock]), name=f"serve-{spec.name}")
                for s, spec, sock in zip(servers, specs, sockets)]
-    background = [asyncio.ensure_future(t) for t in tasks]
+    background = [asyncio.ensure_future(t) for t in [*tasks, *(t for spec in specs for t in spec.tasks)]]
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*serving, stopper], return_when=asyncio.FIRST_COMPLETED)
     for server in servers:

@@ -101,6 +101,7 @@ class RunningAppliance:
         with self.serve_ctx.sessions.begin() as session:
             ps = session.scalars(select(ProcessServer).where(ProcessServer.name == name)).one()
             service.record_process_server_load(session, ps.id, load, utcnow())
+        self.ctx.heartbeats.refresh_process_servers()
 
     def audit_actions(self) -> list[str]:
         with self.operator() as op:
@@ -114,7 +115,7 @@ def running_appliance(data_dir: DataDir, **limiter) -> Iterator[RunningAppliance
     ctx = ControlContext.open(data_dir, serve_ctx.sessions,
                               passphrase_limiter=FailureLimiter(**{"max_failures": 3, "base_lockout_s": 30.0, **limiter}))
     tls = server_ssl_context(data_dir.server_cert("control"), data_dir.server_key("control"), data_dir.ca_cert, False)
-    spec = ServerSpec("control", asgi_app(ctx), serve_ctx.control_port, tls)
+    spec = ServerSpec("control", asgi_app(ctx), serve_ctx.control_port, tls, tasks=[ctx.heartbeats.run_flusher()])
     ready: dict = {}
 
     async def main() -> None:

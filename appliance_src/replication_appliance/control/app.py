@@ -31,8 +31,9 @@ from ..common.tls import ROLE_PROCESS_SERVER, CertificateAuthority, ClientIdenti
 from ..db.models import Operator, Policy, utcnow
 from . import schemas as s
 from . import service
-from .auth import FailureLimiter, dummy_hash, TokenSigner, verify_password
-from .service import ControlError, ForbiddenError
+from .auth import FailureLimiter, TokenSigner, dummy_hash, verify_password
+from .heartbeats import HeartbeatStore
+from .service import ConflictError, ControlError, ForbiddenError
 
 log = logging.getLogger("replication_appliance.control")
 MAX_BODY_BYTES = 64 * 1024
@@ -48,12 +49,24 @@ class ControlContext:
     passphrase_limiter: FailureLimiter = field(default_factory=FailureLimiter)
     login_limiter: FailureLimiter = field(default_factory=FailureLimiter)
     max_body_bytes: int = MAX_BODY_BYTES
+    heartbeats: HeartbeatStore = None  # type: ignore[assignment] - set in __post_init__
     _passphrase: tuple[int, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.heartbeats is None:
+            self.heartbeats = HeartbeatStore(self.sessions)
 
     @classmethod
     def open(cls, data_dir: DataDir, sessions: sessionmaker[Session], **kwargs) -> "ControlContext":
         ca = CertificateAuthority.load(data_dir.ca_cert, data_dir.ca_key)
         return cls(data_dir, sessions, ca, TokenSigner(data_dir.master_key().derive("operator-tokens")), **kwargs)
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A transaction for operator reads, after the pending heartbeats are written."""
+        self.heartbeats.flush()
+        with self.sessions.begin() as session:
+            yield session
 
     def passphrase(self) -> str:
         """The current passphrase; re-read when `appliance passphrase rotate` replaced the file."""
@@ -207,15 +220,23 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
 
         def work():
             with ctx.transaction() as session:
-                return service.register_agent(session, ctx.ca, req, address, utcnow())
+                out = service.register_agent(session, ctx.ca, req, address, utcnow())
+            ctx.heartbeats.invalidate(out.machine_id)
+            ctx.heartbeats.load(out.machine_id, utcnow())  # ready for its first heartbeat
+            return out
         return await run_in_threadpool(work)
 
     @app.post(f"{API}/agents/{{machine_id}}/heartbeat", response_model=s.DesiredStateOut, tags=["agents"])
-    def agent_heartbeat(machine_id: MachineId, hb: s.Heartbeat, who: Peer, request: Request):
-        """State and per-disk counters in, desired state out."""
-        with ctx.transaction() as session:
-            machine = service.authorised_machine(session, machine_id, who.role, who.subject_id, who.fingerprint)
-            return service.heartbeat(session, machine, hb, remote(request), utcnow())
+    async def agent_heartbeat(machine_id: MachineId, hb: s.Heartbeat, who: Peer, request: Request):
+        """State and per-disk counters in, desired state out (answered from memory, see control.heartbeats)."""
+        service.check_agent_identity(machine_id, who.role, who.subject_id)
+        for _ in range(3):
+            if ctx.heartbeats.needs_load(machine_id):
+                await run_in_threadpool(ctx.heartbeats.load, machine_id, utcnow())
+            answer = ctx.heartbeats.apply(machine_id, who.fingerprint, hb, remote(request), utcnow())
+            if answer is not None:
+                return answer
+        raise ConflictError("the machine is being changed by an operator right now: retry the heartbeat")
 
     # --- process servers ----------------------------------------------------------------
     @app.post(f"{API}/process-servers/register", response_model=s.ProcessServerRegistered, tags=["process servers"])
@@ -241,7 +262,9 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
             own_process_server(session, ps_id, who)
             now = utcnow()
             ps = service.record_process_server_load(session, ps_id, load, now)
-            return service.ps_health_out(ps, service.machine_counts(session).get(ps.id, 0), now)
+            out = service.ps_health_out(ps, service.machine_counts(session).get(ps.id, 0), now)
+        ctx.heartbeats.refresh_process_servers()
+        return out
 
     @app.get(f"{API}/process-servers/{{ps_id}}/machines", response_model=list[s.AssignedMachine], tags=["process servers"])
     def process_server_machines(ps_id: ServerId, who: Peer):
@@ -275,7 +298,7 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
 
     @app.get(f"{API}/status", response_model=s.StatusOut, tags=["operators"])
     def get_status(_actor: Actor):
-        with ctx.transaction() as session:
+        with ctx.reading() as session:
             summary = service.status(session, utcnow())
         config = ctx.data_dir.load_config()
         return s.StatusOut(appliance={"hostname": config.hostname, "version": _version(), "cloud": config.cloud},
@@ -284,12 +307,12 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
 
     @app.get(f"{API}/machines", response_model=list[s.MachineOut], tags=["operators"])
     def list_machines(_actor: Actor):
-        with ctx.transaction() as session:
+        with ctx.reading() as session:
             return service.list_machines(session, utcnow())
 
     @app.get(f"{API}/machines/{{machine_id}}", response_model=s.MachineOut, tags=["operators"])
     def get_machine(machine_id: MachineId, _actor: Actor):
-        with ctx.transaction() as session:
+        with ctx.reading() as session:
             return service.machine_out(service.load_machine(session, machine_id), utcnow())
 
     @app.post(f"{API}/machines/{{machine_id}}/actions", response_model=s.MachineOut, tags=["operators"])
@@ -297,24 +320,26 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
         """enable, disable, pause, resume or resync replication of a machine."""
         with ctx.transaction() as session:
             machine = service.machine_action(session, machine_id, req.action, actor, remote(request))
-            return service.machine_out(machine, utcnow())
+        ctx.heartbeats.invalidate(machine_id)
+        return get_machine(machine_id, actor)
 
     @app.put(f"{API}/machines/{{machine_id}}/process-server", response_model=s.MachineOut, tags=["operators"])
     def switch_process_server(machine_id: MachineId, req: s.SwitchProcessServer, actor: Actor, request: Request):
         with ctx.transaction() as session:
-            now = utcnow()
-            return service.machine_out(service.switch_process_server(session, machine_id, req.process_server_id, actor,
-                                                                     remote(request), now), now)
+            service.switch_process_server(session, machine_id, req.process_server_id, actor, remote(request), utcnow())
+        ctx.heartbeats.invalidate(machine_id)
+        return get_machine(machine_id, actor)
 
     @app.put(f"{API}/machines/{{machine_id}}/policy", response_model=s.MachineOut, tags=["operators"])
     def assign_policy(machine_id: MachineId, req: s.AssignPolicy, actor: Actor, request: Request):
         with ctx.transaction() as session:
-            machine = service.assign_policy(session, machine_id, req.policy_id, actor, remote(request))
-            return service.machine_out(machine, utcnow())
+            service.assign_policy(session, machine_id, req.policy_id, actor, remote(request))
+        ctx.heartbeats.invalidate(machine_id)
+        return get_machine(machine_id, actor)
 
     @app.get(f"{API}/process-servers", response_model=list[s.ProcessServerHealthOut], tags=["operators"])
     def list_process_servers(_actor: Actor):
-        with ctx.transaction() as session:
+        with ctx.reading() as session:
             return service.list_process_servers(session, utcnow())
 
     @app.get(f"{API}/policies", response_model=list[s.PolicyOut], tags=["operators"])
@@ -335,7 +360,9 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
     @app.patch(f"{API}/policies/{{policy_id}}", response_model=s.PolicyOut, tags=["operators"])
     def update_policy(policy_id: PolicyId, req: s.PolicyPatch, actor: Actor, request: Request):
         with ctx.transaction() as session:
-            return service.policy_out(service.update_policy(session, policy_id, req, actor, remote(request)))
+            out = service.policy_out(service.update_policy(session, policy_id, req, actor, remote(request)))
+        ctx.heartbeats.invalidate()  # every machine on this policy answers with the new values
+        return out
 
     @app.delete(f"{API}/policies/{{policy_id}}", status_code=204, tags=["operators"])
     def delete_policy(policy_id: PolicyId, actor: Actor, request: Request):
@@ -345,7 +372,7 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
     @app.get(f"{API}/audit", response_model=list[s.AuditOut], tags=["operators"])
     def audit_log(_actor: Actor, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                   before_id: Annotated[int | None, Query(ge=1, le=2**62)] = None):
-        with ctx.transaction() as session:
+        with ctx.reading() as session:
             return service.audit_entries(session, limit, before_id)
 
     @app.get(f"{API}/jobs", response_model=list[s.JobOut], tags=["operators"])
@@ -385,5 +412,6 @@ def control_servers(serve_ctx) -> list:
 
     d = serve_ctx.data_dir
     ctx = ControlContext.open(d, serve_ctx.sessions)
+    ctx.heartbeats.load_all()
     tls = server_ssl_context(d.server_cert("control"), d.server_key("control"), d.ca_cert, require_client_cert=False)
-    return [ServerSpec("control", asgi_app(ctx), serve_ctx.control_port, tls)]
+    return [ServerSpec("control", asgi_app(ctx), serve_ctx.control_port, tls, tasks=[ctx.heartbeats.run_flusher()])]

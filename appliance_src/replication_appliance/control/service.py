@@ -16,8 +16,7 @@ from ..common.errors import ApplianceError
 from ..common.tls import ROLE_AGENT, ROLE_PROCESS_SERVER, CertificateAuthority, cert_fingerprint, cert_to_pem
 from ..db.models import AuditEntry, Disk, Job, Machine, Operator, Policy, ProcessServer, Registration, utcnow
 from ..health import rules
-from ..health.state_machine import (Action, Desired, Report, State, TransitionError, accept_report, apply_action,
-                                    effective_state, settle_desired)
+from ..health.state_machine import Action, Desired, State, TransitionError, apply_action, effective_state
 from . import schemas as s
 
 HEARTBEAT_INTERVAL_S = 30
@@ -201,52 +200,17 @@ def load_machine(session: Session, machine_id: str) -> Machine:
     return machine
 
 
-def authorised_machine(session: Session, machine_id: str, role: str, subject_id: str, fingerprint: str) -> Machine:
-    """The machine a client certificate may act for: only its own, and only its newest certificate."""
+def check_agent_identity(machine_id: str, role: str, subject_id: str) -> None:
+    """A client certificate acts only for its own machine (its newest one: see heartbeats)."""
     if role != ROLE_AGENT:
         raise ForbiddenError(f"a {role} certificate cannot act for a machine")
     if subject_id != machine_id:
         raise ForbiddenError(f"this certificate belongs to machine {subject_id}, not {machine_id}")
-    machine = load_machine(session, machine_id)
-    if machine.cert_fingerprint != fingerprint:
-        raise ForbiddenError("this certificate was replaced by a newer registration of the machine: use the new one")
-    return machine
 
 
 def policy_out(p: Policy) -> s.PolicyOut:
     return s.PolicyOut(id=p.id, name=p.name, rpo_threshold_minutes=p.rpo_threshold_minutes, retention_hours=p.retention_hours,
                        crash_consistent_minutes=p.crash_consistent_minutes, app_consistent_minutes=p.app_consistent_minutes)
-
-
-def heartbeat(session: Session, machine: Machine, hb: s.Heartbeat, remote: str, now: dt.datetime) -> s.DesiredStateOut:
-    current = State(machine.replication_state)
-    try:
-        stored = accept_report(current, machine.initial_sync_percent, Report(State(hb.state), hb.initial_sync_percent))
-    except TransitionError as exc:
-        raise ConflictError(str(exc)) from None
-    disks = {d.name: d for d in machine.disks}
-    for c in hb.disks:
-        disk = disks.get(c.name)
-        if disk is None:
-            raise InvalidError(f"disk {c.name!r} is not registered for this machine: registered are {', '.join(sorted(disks))}")
-        if c.replicated_bytes > c.total_bytes:
-            raise InvalidError(f"disk {c.name!r}: replicated_bytes {c.replicated_bytes} exceeds total_bytes {c.total_bytes}")
-        disk.total_bytes, disk.replicated_bytes, disk.backlog_bytes = c.total_bytes, c.replicated_bytes, c.backlog_bytes
-    if stored.state != current:
-        machine.state_changed_at = now
-        audit(session, f"{ROLE_AGENT}:{machine.id}", "machine.state_changed", "machine", machine.id,
-              {"from": current.value, "to": stored.state.value}, remote)
-    machine.replication_state = stored.state.value
-    machine.initial_sync_percent = stored.initial_sync_percent
-    machine.desired_state = settle_desired(Desired(machine.desired_state), stored.state).value
-    machine.last_heartbeat_at = now
-    if machine.process_server is None and machine.desired_state != Desired.STOP.value:
-        machine.process_server = choose_process_server(session, now)
-    throttled = False
-    if machine.process_server is not None:
-        throttled = machine.process_server.cache_free_percent < rules.CACHE_FREE_THROTTLE_PERCENT
-    return s.DesiredStateOut(desired_state=Desired(machine.desired_state), process_server=ps_out(machine.process_server),
-                             throttled=throttled, policy=policy_out(machine.policy), heartbeat_interval_s=HEARTBEAT_INTERVAL_S)
 
 
 # --- operators ------------------------------------------------------------------------------
