@@ -10,11 +10,11 @@
 #>
 [CmdletBinding()]
 param(
-    [Parameter(Mandatory)][string]$TargetDir,
-    [Parameter(Mandatory)][string]$Version,
-    [Parameter(Mandatory)][string]$FileName,
-    [Parameter(Mandatory)][string]$Url,
-    [Parameter(Mandatory)][ValidatePattern('^[0-9a-f]{64}$')][string]$Sha256,
+    [Parameter(Mandatory = $true)][string]$TargetDir,
+    [Parameter(Mandatory = $true)][string]$Version,
+    [Parameter(Mandatory = $true)][string]$FileName,
+    [Parameter(Mandatory = $true)][string]$Url,
+    [Parameter(Mandatory = $true)][ValidatePattern('^[0-9a-f]{64}$')][string]$ExpectedHash,
     [string[]]$SearchDirs = @('C:\Temp\ASRSetup')
 )
 
@@ -33,7 +33,7 @@ if (-not $installer) {
     Invoke-WebRequest -Uri $Url -OutFile $installer -UseBasicParsing
 }
 $hash = (Get-FileHash -LiteralPath $installer -Algorithm SHA256).Hash.ToLowerInvariant()
-if ($hash -ne $Sha256) { throw "$installer has SHA-256 $hash, expected $Sha256`: it is not the pinned Python $Version" }
+if ($hash -ne $ExpectedHash) { throw "$installer has SHA-256 $hash, expected $ExpectedHash`: it is not the pinned Python $Version" }
 $proc = Start-Process -FilePath $installer -Wait -PassThru -ArgumentList @(
     '/quiet', 'InstallAllUsers=1', "TargetDir=`"$TargetDir`"", 'PrependPath=0', 'Include_launcher=0', 'Include_test=0', 'Shortcuts=0')
 if ($proc.ExitCode -ne 0) { throw "the Python installer $installer exited with $($proc.ExitCode)" }

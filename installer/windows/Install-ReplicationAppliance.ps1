@@ -92,7 +92,7 @@ function Resolve-PythonRuntime {
     param([Parameter(Mandatory)]$Pinned)
     try {
         return & (Join-Path $BundleDir 'Install-PythonRuntime.ps1') -TargetDir $PythonDir `
-            -Version $Pinned.version -FileName $Pinned.file -Url $Pinned.url -Sha256 $Pinned.sha256 `
+            -Version $Pinned.version -FileName $Pinned.file -Url $Pinned.url -ExpectedHash $Pinned.sha256 `
             -SearchDirs @((Join-Path $BundleDir 'runtime'), $OfflineDir)
     } catch {
         Stop-Install "Python runtime: $($_.Exception.Message)"
@@ -115,7 +115,7 @@ Test-BundleIntegrity -Manifest $manifest
 $prerequisites = Join-Path $BundleDir 'prerequisites.json'
 $ports = (Get-Content -LiteralPath $prerequisites -Raw | ConvertFrom-Json).ports
 $report = & (Join-Path $BundleDir 'Test-AppliancePrerequisites.ps1') -PrerequisitesPath $prerequisites -DataDir $DataDir
-$report | Format-Table -AutoSize Id, Status, Expected, Found | Out-String | ForEach-Object { Write-Log $_.TrimEnd() }
+$report | Format-Table -AutoSize -Property @('Id', 'Status', 'Expected', 'Found') | Out-String | ForEach-Object { Write-Log $_.TrimEnd() }
 $failed = @($report | Where-Object { $_.Status -eq 'FAIL' })
 if ($failed.Count -gt 0) { Stop-Install ("prerequisites not met: " + (($failed | ForEach-Object { $_.Id }) -join ', ')) }
 if ($CheckOnly) { Write-Log 'prerequisites met (-CheckOnly: nothing installed)'; exit 0 }

@@ -50,7 +50,7 @@ $memoryMb = [math]::Floor($os.TotalVisibleMemorySize / 1024)
 New-Check -Id 'hw.ram' -Ok ($memoryMb -ge [int]$limits.min_memory_mb * 0.97) -Found "$memoryMb MB"
 
 $volumes = @(Get-Volume | Where-Object { $_.DriveType -eq 'Fixed' -and $_.DriveLetter })
-$freeGb = @($volumes | ForEach-Object { [math]::Floor($_.SizeRemaining / 1GB) } | Sort-Object -Descending)
+$freeGb = @($volumes | ForEach-Object { [math]::Floor($_.SizeRemaining / (1GB)) } | Sort-Object -Descending)
 New-Check -Id 'hw.disks' -Ok ($volumes.Count -ge 3) -Found "$($volumes.Count) fixed volumes"
 New-Check -Id 'hw.cache_free' -Ok (($freeGb.Count -ge 1) -and ($freeGb[0] -ge [int]$limits.min_cache_gb)) -Found "largest free: $(if ($freeGb.Count) { $freeGb[0] } else { 0 }) GB"
 New-Check -Id 'hw.retention_free' -Ok (($freeGb.Count -ge 2) -and ($freeGb[1] -ge [int]$limits.min_retention_gb)) -Found "second largest free: $(if ($freeGb.Count -ge 2) { $freeGb[1] } else { 0 }) GB"

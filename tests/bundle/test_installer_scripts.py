@@ -13,7 +13,10 @@ import pytest
 
 from appliance_build.version import REPO_ROOT
 from replication_appliance.requirements import requirement_rows
-from tests.roles.test_powershell_scripts import declared_parameters, param_block, strip_strings_and_comments
+import tree_sitter_powershell
+from tree_sitter import Language, Parser
+
+from tests.roles.test_powershell_scripts import declared_parameters, param_block, strip_strings_and_comments, syntax_errors
 
 INSTALLER = REPO_ROOT / "installer"
 POWERSHELL = sorted(INSTALLER.rglob("*.ps1"))
@@ -32,6 +35,17 @@ def role_script(name: str) -> str:
 def test_the_installer_scripts_exist():
     assert {p.name for p in POWERSHELL} == {"Install-ReplicationAppliance.ps1", "Test-AppliancePrerequisites.ps1",
                                             "Install-PythonRuntime.ps1", "Install-MobilityAgent.ps1"}
+
+
+def powershell_syntax_errors(source: bytes) -> list[str]:
+    """Errors of the tree-sitter PowerShell grammar: a parse, not an execution."""
+    tree = Parser(Language(tree_sitter_powershell.language())).parse(source)
+    return syntax_errors(tree.root_node) if tree.root_node.has_error else []
+
+
+@pytest.mark.parametrize("path", POWERSHELL, ids=lambda p: p.name)
+def test_powershell_parses_with_the_grammar(path: Path):
+    assert powershell_syntax_errors(path.read_bytes()) == []
 
 
 @pytest.mark.parametrize("path", POWERSHELL, ids=lambda p: p.name)
@@ -60,7 +74,7 @@ def test_powershell_has_help_a_param_block_and_strict_errors(path: Path):
 def test_no_secret_is_a_parameter_or_on_a_command_line(path: Path):
     text = path.read_text(encoding="utf-8")
     params = [name for name in declared_parameters(text) if name != "env"]
-    assert not [p for p in params if SECRET_PARAM.search(p) and p != "Sha256"], params
+    assert not [p for p in params if SECRET_PARAM.search(p)], params
     code = strip_strings_and_comments(text)
     assert "ConvertTo-SecureString" not in code and "-AsPlainText" not in code
     assert "Start-Transcript" not in code  # a transcript would record whatever the steps print
@@ -148,3 +162,17 @@ def test_windows_service_host_is_valid_python():
     tree = ast.parse(source)
     classes = [n for n in tree.body if isinstance(n, ast.ClassDef)]
     assert classes and {"SvcDoRun", "SvcStop"} <= {f.name for f in classes[0].body if isinstance(f, ast.FunctionDef)}
+
+
+@pytest.mark.parametrize("caller", ["Install-ReplicationAppliance.ps1", "Install-MobilityAgent.ps1"])
+def test_callers_of_the_python_runtime_step_pass_its_declared_parameters(caller: str):
+    text = script(caller)
+    start = text.index("'Install-PythonRuntime.ps1')")
+    statement = re.split(r"(?<!`)\n", text[start:], maxsplit=1)[0]
+    while statement.rstrip().endswith("`"):  # continued lines
+        start += len(statement) + 1
+        statement += "\n" + re.split(r"(?<!`)\n", text[start:], maxsplit=1)[0]
+    passed = set(re.findall(r"\s-([A-Z][A-Za-z]+)\b", statement))
+    declared = declared_parameters(script("Install-PythonRuntime.ps1"))
+    assert passed <= set(declared), sorted(passed - set(declared))
+    assert {p for p, mandatory in declared.items() if mandatory} <= passed

@@ -43,7 +43,7 @@ function Test-Prerequisites {
     $results += [pscustomobject]@{ Check = 'administrator'; Ok = $admin; Found = [Security.Principal.WindowsIdentity]::GetCurrent().Name }
     $results += [pscustomobject]@{ Check = '64-bit Windows'; Ok = [Environment]::Is64BitOperatingSystem; Found = $env:PROCESSOR_ARCHITECTURE }
     $drive = Get-PSDrive -Name ($env:SystemDrive.TrimEnd(':'))
-    $results += [pscustomobject]@{ Check = 'disk space'; Ok = ($drive.Free -ge 500MB); Found = "$([math]::Floor($drive.Free / 1MB)) MB free (500 MB needed)" }
+    $results += [pscustomobject]@{ Check = 'disk space'; Ok = ($drive.Free -ge (500MB)); Found = "$([math]::Floor($drive.Free / (1MB))) MB free (500 MB needed)" }
     $results | ForEach-Object { Write-Output ('{0} {1}: {2}' -f $(if ($_.Ok) { 'PASS' } else { 'FAIL' }), $_.Check, $_.Found) }
     return -not ($results | Where-Object { -not $_.Ok })
 }
@@ -59,7 +59,7 @@ function Install-Agent {
     if (-not (Test-Prerequisites)) { Write-Error 'mobility-agent: prerequisites not met (see FAIL lines above)'; exit 3 }
     $pinned = $Manifest.python_runtime
     $python = & (Join-Path $PackageDir 'Install-PythonRuntime.ps1') -TargetDir (Join-Path $InstallDir 'python') `
-        -Version $pinned.version -FileName $pinned.file -Url $pinned.url -Sha256 $pinned.sha256 -SearchDirs @($OfflineDir)
+        -Version $pinned.version -FileName $pinned.file -Url $pinned.url -ExpectedHash $pinned.sha256 -SearchDirs @($OfflineDir)
     $target = Join-Path $InstallDir "$version"
     if (Test-Path -LiteralPath $target) { Remove-Item -LiteralPath $target -Recurse -Force }
     try {

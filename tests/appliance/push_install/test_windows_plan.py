@@ -17,6 +17,7 @@ from replication_appliance.push_install.plan import (AgentPackage, Registration,
                                                      encode_powershell, winrm_transfer_plan)
 from replication_appliance.push_install.runner import PushRequest, run_push_install
 from replication_appliance.push_install.transport import WinRmTransport
+from tests.bundle.test_installer_scripts import powershell_syntax_errors
 from tests.roles.test_powershell_scripts import strip_strings_and_comments
 
 PASSPHRASE = "Passphrase-For-Tests-123456"
@@ -96,7 +97,11 @@ def test_windows_commands_quote_paths_and_keep_the_passphrase_off_the_command_li
     assert package.sha256 in layout.verify_and_unpack()
     assert layout.installer_command("install").startswith(
         "& 'C:\\Windows\\Temp\\MobilityAgentPush\\mobility-agent-1.2.3-windows\\Install-MobilityAgent.ps1' -Action Install")
-    for command in (register, layout.verify_and_unpack(), layout.prepare_staging(), layout.cleanup()):
+    commands = (register, layout.verify_and_unpack(), layout.prepare_staging(), layout.cleanup(),
+                layout.installer_command("check"), layout.control_command("start"),
+                winrm_transfer_plan(layout.part).receiver)
+    for command in commands:
+        assert powershell_syntax_errors(command.encode()) == [], command
         code = strip_strings_and_comments(command)
         assert code.count("{") == code.count("}") and code.count("(") == code.count(")"), command
         assert len(encode_powershell(command)) < CMD_LINE_LIMIT
