@@ -2,6 +2,7 @@
 carries the migrations."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -94,8 +95,10 @@ def test_bad_database_urls(backend, url, message):
 
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_wheel_carries_the_migrations(backend, tmp_path, repo_root):
+    source = tmp_path / "src"  # a copy: building in place would leave build/ in the checkout
+    shutil.copytree(repo_root / "appliance_src", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-                    str(repo_root / "appliance_src")], check=True, capture_output=True, timeout=300)
+                    str(source)], check=True, capture_output=True, timeout=300)
     wheel = next(tmp_path.glob("replication_appliance-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for member in ("replication_appliance/db/migrations/env.py", "replication_appliance/db/migrations/script.py.mako",
