@@ -37,7 +37,7 @@ os.environ["PATH"] = os.pathsep.join([str(REPO / ".venv" / "bin"), str(REPO / ".
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 import zstandard  # noqa: E402
 
-from replication_appliance.agent.digests import BLOCK, ZERO_BLOCK  # noqa: E402
+from replication_appliance.dataplane.digests import BLOCK, ZERO_BLOCK  # noqa: E402
 from replication_appliance.storage import open_store  # noqa: E402
 from tests.appliance.dataplane.conftest import Pki, ServerProcess, make_image, make_machine, replicator  # noqa: E402
 from tests.fixtures.azurite import running_azurite  # noqa: E402

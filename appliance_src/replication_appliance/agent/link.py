@@ -6,6 +6,7 @@ unacknowledged is lost."""
 from __future__ import annotations
 
 import collections
+import queue
 import socket
 import ssl
 import threading
@@ -92,6 +93,7 @@ class Link:
         self.throttle_events = 0
         self.error: ApplianceError | None = None
         self._closed = threading.Event()
+        self._digests: "queue.Queue[Frame]" = queue.Queue()
         raw = socket.create_connection(address, timeout=connect_timeout)
         try:
             self.sock = ctx.wrap_socket(raw, server_hostname=address[0])
@@ -135,6 +137,8 @@ class Link:
                         self.throttle_events += 1
                     self.throttled = bool(f.flags & Flag.THROTTLED)
                     self.outbox.ack(f.seq)
+                elif f.kind is Kind.DIGESTS:
+                    self._digests.put(f)
                 elif f.kind is Kind.ERROR:
                     self.error = ServerRefused(f"process server refused a frame: {error_text(f)}")
                     break
@@ -182,6 +186,21 @@ class Link:
                 if deadline is not None and time.monotonic() > deadline:
                     raise LinkLost(f"no acknowledgement of sequence {seq} within {timeout:.0f}s")
                 self.outbox.cond.wait(0.5)
+
+    def request_digests(self, disk: int, offset: int, blocks: int, timeout: float = 600.0) -> bytes | None:
+        """The replica's block digests from `offset`, or None while it is still catching up."""
+        self._write(encode(Frame(Kind.DIGEST_REQUEST, self.machine, disk=disk, offset=offset,
+                                 payload=blocks.to_bytes(4, "big"))))
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check()
+            try:
+                reply = self._digests.get(timeout=0.5)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise LinkLost(f"no digests from the process server within {timeout:.0f}s") from None
+                continue
+            return None if reply.flags & Flag.NOT_READY else reply.payload
 
     def close(self) -> None:
         try:

@@ -7,14 +7,16 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ..dataplane.frames import MAX_DATA, Frame, Kind
-from .digests import BLOCK, DigestMap, changed_runs, digest_blocks
+from ..dataplane.digests import BLOCK, DIGEST, DigestMap, changed_runs, digest_blocks
+from ..dataplane.session import MAX_DIGEST_BLOCKS
 from .link import Link, LinkLost, Outbox
-from .source import DiskReader
-from .state import PHASE_DELTA, PHASE_INITIAL, AgentConfig, DiskState, StateDir
+from .source import DiskReader, SourceError, disk_size
+from .state import PHASE_DELTA, PHASE_INITIAL, AgentConfig, StateDir
 
 log = logging.getLogger(__name__)
 CHUNK = 4 * 1024 * 1024
@@ -37,7 +39,7 @@ class CycleReport:
 class Replicator:
     def __init__(self, config: AgentConfig, state: StateDir, connect: Callable[[Outbox], Link],
                  window_bytes: int = 64 * 1024 * 1024, checkpoint_every: float = 2.0,
-                 reconnect_for: float = 300.0, frame_bytes: int = FRAME_BYTES) -> None:
+                 reconnect_for: float = 300.0, frame_bytes: int = FRAME_BYTES, resync_wait: float = 600.0) -> None:
         if frame_bytes % BLOCK or not 0 < frame_bytes <= MAX_DATA:
             raise ValueError(f"frame size {frame_bytes} must be a multiple of {BLOCK} up to {MAX_DATA}")
         self.config = config
@@ -47,6 +49,7 @@ class Replicator:
         self._checkpoint_every = checkpoint_every
         self._reconnect_for = reconnect_for
         self._frame_blocks = frame_bytes // BLOCK
+        self._resync_wait = resync_wait
         self.link: Link | None = None
         self.outbox = Outbox(window_bytes)
         self.next_seq = 1
@@ -139,23 +142,62 @@ class Replicator:
                 checkpoint(acked_to[0])
                 last_save = time.monotonic()
 
+    def _remote_digests(self, disk: int, offset: int, blocks: int) -> bytes:
+        """The replica's digests; waits while the appliance is still applying what it received."""
+        deadline = time.monotonic() + self._resync_wait
+        while True:
+            try:
+                assert self.link is not None
+                digests = self.link.request_digests(disk, offset, blocks)
+            except LinkLost as e:
+                self._reconnect(e)
+                continue
+            if digests is not None:
+                return digests
+            if time.monotonic() > deadline:
+                raise LinkLost(f"the replica of disk {disk} did not catch up within {self._resync_wait:.0f}s: "
+                               "is `appliance apply` running?")
+            time.sleep(1.0)
+
+    def _resync_pass(self, disk: int, reader: DiskReader, dmap: DigestMap) -> None:
+        """Compare the source with the replica's digests and send only the blocks that differ."""
+        span = MAX_DIGEST_BLOCKS * BLOCK
+        for start in range(0, reader.size, span):
+            end = min(start + span, reader.size)
+            remote = self._remote_digests(disk, start, -(-(end - start) // BLOCK))
+            pos = start
+            while pos < end:
+                chunk = reader.read(pos)[:end - pos]
+                self.report.bytes_read += len(chunk)
+                digests = digest_blocks(chunk)
+                first = (pos - start) // BLOCK * DIGEST
+                runs = changed_runs(remote[first:first + len(digests)], digests, self._frame_blocks, skip_zero=False)
+                for run in runs:
+                    lo, hi = run.first * BLOCK, min((run.first + run.count) * BLOCK, len(chunk))
+                    self._send(Kind.DATA, disk, pos + lo, bytes(chunk[lo:hi]))
+                dmap.update(pos // BLOCK, digests)
+                pos += len(chunk)
+
     def run_cycle(self) -> CycleReport:
         started = time.monotonic()
         self.report = CycleReport()
         self.outbox = Outbox(self._window)
         self._open()
         try:
-            maps: list[DigestMap] = []
-            states: list[DiskState] = []
+            states = [self.state.load_disk(d) for d in range(len(self.config.disks))]
+            maps: list[DigestMap | None] = []
             for disk, dcfg in enumerate(self.config.disks):
-                st = self.state.load_disk(disk)
-                with DiskReader(dcfg.path, CHUNK) as reader:
-                    if reader.size != dcfg.size:
-                        from .source import SourceError
-
-                        raise SourceError(f"disk {disk} ({dcfg.path}) is now {reader.size} bytes but was registered "
-                                          f"with {dcfg.size}: re-register the agent after resizing a disk")
-                    dmap = DigestMap.load(self.state.digests(disk), reader.size)
+                size = disk_size(Path(dcfg.path))
+                if size != dcfg.size:
+                    raise SourceError(f"disk {disk} ({dcfg.path}) is now {size} bytes but was registered "
+                                      f"with {dcfg.size}: re-register the agent after resizing a disk")
+                maps.append(DigestMap.load(self.state.digests(disk), size))
+            # Resyncs first: the replica's digests are only served once everything received
+            # is applied, so nothing of this cycle may be in flight yet.
+            order = sorted(range(len(states)), key=lambda d: not (states[d].phase == PHASE_DELTA and maps[d] is None))
+            for disk in order:
+                st, dmap = states[disk], maps[disk]
+                with DiskReader(Path(self.config.disks[disk].path), CHUNK) as reader:
                     if st.phase == PHASE_INITIAL:
                         self.report.phases.append(f"disk {disk}: initial from {st.initial_offset}")
                         dmap = dmap if (dmap and st.initial_offset) else DigestMap(reader.size)
@@ -167,16 +209,19 @@ class Replicator:
 
                         self._pass(disk, reader, dmap, st.initial_offset - st.initial_offset % BLOCK, True, checkpoint)
                     elif dmap is None:
-                        raise NotImplementedError("resync")
+                        self.report.phases.append(f"disk {disk}: resync")
+                        dmap = DigestMap(reader.size)
+                        self._resync_pass(disk, reader, dmap)
+                        st.resyncs += 1
                     else:
                         self.report.phases.append(f"disk {disk}: delta")
                         self._pass(disk, reader, dmap, 0, False, None)
-                maps.append(dmap)
-                states.append(st)
+                maps[disk] = dmap
             marker_id = uuid.uuid4().hex
             seq = self._send(Kind.MARKER, 0, time.time_ns(), marker_id.encode())
             self._wait(seq)
             for disk, (st, dmap) in enumerate(zip(states, maps)):
+                assert dmap is not None
                 dmap.save(self.state.digests(disk))
                 st.phase, st.initial_offset = PHASE_DELTA, self.config.disks[disk].size
                 st.cycles += 1

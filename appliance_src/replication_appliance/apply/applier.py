@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 
 from ..common.errors import ApplianceError
 from ..dataplane.frames import Kind
-from ..dataplane.segment import blob_name, iter_records, manifest_name, parse_manifest, unseal
+from ..dataplane.segment import blob_name, iter_records, parse_manifest, replica_name, unseal
 from ..dataplane.session import MachineRecord, resolve_in
 from ..storage.base import MAX_PAGE_WRITE, BlobNotFound, BlobStore
 from ..storage.keyring import DataKeyring
@@ -25,10 +25,6 @@ log = logging.getLogger(__name__)
 
 class ApplyError(ApplianceError):
     """Apply cannot proceed (unknown machine, logs missing or not arriving)."""
-
-
-def replica_name(machine: uuid.UUID, disk: int) -> str:
-    return f"replicas/{machine}/disk{disk}"
 
 
 @dataclass(frozen=True)
@@ -128,7 +124,9 @@ class DiskApplier:
                 self._save(AppliedPosition(self.position.segno, h.seq))
             last = h.seq
         out.flush()
-        self._save(AppliedPosition(segno, max(last, self.position.seq)))
+        # The segment's last sequence (it may end with another disk's data): applied means
+        # "everything the process server received up to there is in this replica".
+        self._save(AppliedPosition(segno, max(last, self.position.seq, int(meta.get("last_seq", 0)))))
         return True
 
     def _recovery_point(self, seq: int, marker_id: str, time_ns: int) -> None:

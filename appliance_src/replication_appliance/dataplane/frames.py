@@ -40,11 +40,14 @@ class Kind(enum.IntEnum):
     MARKER = 4  # agent -> server: consistency marker; offset = marker time (ns since epoch)
     ACK = 5  # server -> agent: everything up to seq is durable
     ERROR = 6  # server -> agent: payload is a UTF-8 message; offset = ErrorCode
+    DIGEST_REQUEST = 7  # agent -> server (resync): digests of `disk` from `offset`; payload = block count (u32)
+    DIGESTS = 8  # server -> agent: XXH3-128 of each 4 KiB block of the replica, or NOT_READY
 
 
 class Flag(enum.IntFlag):
     THROTTLED = 0x1  # ACK: cache free space is under the throttle threshold, slow down
     RESYNC = 0x2  # WELCOME: the appliance asks for a resync
+    NOT_READY = 0x4  # DIGESTS: the replica has not yet applied everything received; ask again later
 
 
 ALLOWED_FLAGS = {
@@ -54,6 +57,8 @@ ALLOWED_FLAGS = {
     Kind.MARKER: Flag(0),
     Kind.ACK: Flag.THROTTLED,
     Kind.ERROR: Flag(0),
+    Kind.DIGEST_REQUEST: Flag(0),
+    Kind.DIGESTS: Flag.NOT_READY,
 }
 
 
@@ -103,7 +108,7 @@ class Header:
 
 
 def _limit(kind: Kind) -> int:
-    return MAX_DATA if kind is Kind.DATA else MAX_CONTROL
+    return MAX_DATA if kind in (Kind.DATA, Kind.DIGESTS) else MAX_CONTROL
 
 
 def encode(frame: Frame) -> bytes:

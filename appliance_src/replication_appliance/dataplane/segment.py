@@ -86,6 +86,10 @@ def blob_name(machine: uuid.UUID, disk: int, segno: int) -> str:
     return f"logs/{machine}/{disk}/{segno:012d}.log"
 
 
+def replica_name(machine: uuid.UUID, disk: int) -> str:
+    return f"replicas/{machine}/disk{disk}"
+
+
 def manifest_name(machine: uuid.UUID) -> str:
     return f"machines/{machine}.json"
 

@@ -55,7 +55,7 @@ class Session:
         self.greeted = False
 
     def check(self, h: Header) -> None:
-        if h.kind in (Kind.WELCOME, Kind.ACK, Kind.ERROR):
+        if h.kind in (Kind.WELCOME, Kind.ACK, Kind.ERROR, Kind.DIGESTS):
             raise FrameError(ErrorCode.PROTOCOL, f"{h.kind.name} frames are sent by the server, not by agents")
         if h.machine != self.machine.machine_id:
             raise FrameError(ErrorCode.NOT_AUTHORIZED,
@@ -67,6 +67,9 @@ class Session:
             return
         if not self.greeted:
             raise FrameError(ErrorCode.PROTOCOL, f"{h.kind.name} before HELLO: open the session with HELLO first")
+        if h.kind is Kind.DIGEST_REQUEST:
+            self._check_digest_request(h)
+            return
         if h.seq != self.expected_seq:
             raise FrameError(ErrorCode.SEQUENCE,
                              f"sequence {h.seq} out of order: expected {self.expected_seq} (resend from the last acknowledged sequence + 1)")
@@ -81,3 +84,27 @@ class Session:
         elif h.disk:
             raise FrameError(ErrorCode.MALFORMED, f"{h.kind.name} frames apply to the whole machine: disk must be 0")
         self.expected_seq += 1
+
+    def _check_digest_request(self, h: Header) -> None:
+        """Digest requests are not part of the stream: seq 0, and the payload is a block count."""
+        sizes = self.machine.disk_sizes
+        if h.seq != 0 or h.length != 4:
+            raise FrameError(ErrorCode.MALFORMED, "DIGEST_REQUEST needs seq 0 and a 4-byte block count as payload")
+        if h.disk >= len(sizes):
+            raise FrameError(ErrorCode.OUT_OF_RANGE,
+                             f"disk {h.disk} is not registered for machine {self.machine.machine_id}: disks 0..{len(sizes) - 1}")
+        if h.offset % DIGEST_BLOCK or h.offset >= sizes[h.disk]:
+            raise FrameError(ErrorCode.OUT_OF_RANGE, f"digest offset {h.offset} must be a multiple of {DIGEST_BLOCK} "
+                             f"inside disk {h.disk} ({sizes[h.disk]} bytes)")
+
+
+DIGEST_BLOCK = 4096
+MAX_DIGEST_BLOCKS = 65536  # 256 MiB of disk per reply (1 MiB of digests)
+
+
+def digest_block_count(payload: bytes | bytearray, offset: int, disk_size: int) -> int:
+    """Blocks asked for, checked, and cut at the end of the disk."""
+    count = int.from_bytes(payload, "big")
+    if not 0 < count <= MAX_DIGEST_BLOCKS:
+        raise FrameError(ErrorCode.OUT_OF_RANGE, f"digest request for {count} blocks: ask for 1..{MAX_DIGEST_BLOCKS}")
+    return min(count, -(-(disk_size - offset) // DIGEST_BLOCK))

@@ -18,10 +18,11 @@ from ..common.secrets import MasterKey
 from ..common.tls import ROLE_AGENT, identity_from_der
 from ..dataplane.frames import (HEADER_SIZE, ErrorCode, Flag, Frame, FrameError, Kind, check_payload,
                                 decode_header, encode, error_frame)
-from ..dataplane.session import MachineDirectory, MachineRecord, Session
+from ..dataplane.session import MachineDirectory, MachineRecord, Session, digest_block_count
 from ..storage.base import BlobStore, StorageError
 from ..storage.keyring import DataKeyring
 from .journal import Journals, MachineJournal
+from .resync import applied_seq, replica_digests
 from .stats import HealthReport, Stats, write_report
 from .uploader import Uploader
 
@@ -80,6 +81,7 @@ class ProcessServer:
         self.config = config
         self._ctx = ssl_context
         self._directory = directory
+        self._store = store
         self.stats = Stats()
         self.journals = Journals(config.cache_dir, config.segment_max_bytes, config.segment_max_age)
         self.stats.recovered_torn_bytes = sum(j.recovered_torn_bytes for j in self.journals.all())
@@ -286,6 +288,11 @@ class ProcessServer:
                 if h.kind is Kind.HELLO:
                     self._send(sock, Frame(Kind.WELCOME, record.machine_id, seq=journal.last_seq))
                     continue
+                if h.kind is Kind.DIGEST_REQUEST:
+                    if pending:
+                        flush()
+                    self._send(sock, self._digests(record, journal, h, payload))
+                    continue
                 with journal.lock:
                     journal.append(h, bytes(hb), payload)
                 self.stats.ingest(h.length)
@@ -301,6 +308,20 @@ class ProcessServer:
             if pending:
                 with journal.lock:
                     journal.sync()
+
+
+    def _digests(self, record: MachineRecord, journal: MachineJournal, h, payload) -> Frame:
+        size = record.disk_sizes[h.disk]
+        blocks = digest_block_count(payload, h.offset, size)
+        try:
+            ready = applied_seq(self._store, record.machine_id, len(record.disk_sizes)) >= journal.last_seq
+            if not ready:
+                return Frame(Kind.DIGESTS, record.machine_id, disk=h.disk, offset=h.offset, flags=Flag.NOT_READY)
+            data = replica_digests(self._store, record.machine_id, h.disk, h.offset, blocks, size)
+        except StorageError as e:
+            log.warning("resync digests of %s disk %d unavailable: %s", record.machine_id, h.disk, e)
+            return Frame(Kind.DIGESTS, record.machine_id, disk=h.disk, offset=h.offset, flags=Flag.NOT_READY)
+        return Frame(Kind.DIGESTS, record.machine_id, disk=h.disk, offset=h.offset, payload=data)
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -1,0 +1,36 @@
+"""Answers an agent's resync: digests of the replica's 4 KiB blocks, computed from the
+replica page blob once it holds everything this process server has received."""
+from __future__ import annotations
+
+import uuid
+
+from ..dataplane.digests import BLOCK, digest_blocks
+from ..dataplane.segment import replica_name
+from ..storage.base import BlobNotFound, BlobStore
+
+READ = 4 * 1024 * 1024
+
+
+def applied_seq(store: BlobStore, machine: uuid.UUID, disk_count: int) -> int:
+    """How far every replica disk of the machine has been applied (0: nothing yet)."""
+    seqs = []
+    for disk in range(disk_count):
+        try:
+            seqs.append(int(store.get_metadata(replica_name(machine, disk)).get("applied_seq", 0)))
+        except BlobNotFound:
+            seqs.append(0)
+    return min(seqs) if seqs else 0
+
+
+def replica_digests(store: BlobStore, machine: uuid.UUID, disk: int, offset: int, blocks: int, disk_size: int) -> bytes:
+    name = replica_name(machine, disk)
+    end = min(offset + blocks * BLOCK, disk_size)
+    out = []
+    for pos in range(offset, end, READ):
+        n = min(READ, end - pos)
+        try:
+            data = store.read_pages(name, pos, n)
+        except BlobNotFound:
+            data = bytes(n)  # never applied: the replica is all zeros
+        out.append(digest_blocks(data))
+    return b"".join(out)
