@@ -75,7 +75,7 @@ class Connection:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, port: int, ctx) -> "Connection":
+    async def open(cls, port: int, ctx) -> Connection:
         return cls(*await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="appliance.test"))
 
     async def request(self, method: str, path: str, body: bytes | None) -> int:

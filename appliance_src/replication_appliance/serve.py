@@ -62,7 +62,7 @@ class ServeContext:
 
     @classmethod
     def open(cls, data_dir: DataDir, bind: str, control_port: int | None = None,
-             data_port: int | None = None) -> "ServeContext":
+             data_port: int | None = None) -> ServeContext:
         config = data_dir.load_config()
         engine = datadir_engine(data_dir)
         missing = pending_heads(engine)

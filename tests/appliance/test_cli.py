@@ -8,10 +8,8 @@ import socket
 import ssl
 import stat
 import subprocess
-import time
 from pathlib import Path
 
-import pytest
 
 from tests.fixtures.ports import free_port, wait_for_port
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import socket
 import ssl
 
-import httpx
 import pytest
 
 from replication_appliance.control.app import MAX_BODY_BYTES

@@ -53,7 +53,7 @@ class ApplianceConfig:
             raise DataDirError(f"cloud {self.cloud!r} is unknown: allowed are {', '.join(CLOUDS)}")
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: Path) -> "ApplianceConfig":
+    def from_json(cls, data: dict[str, Any], source: Path) -> ApplianceConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -55,7 +55,7 @@ class MasterKey:
         self._key = key
 
     @classmethod
-    def create(cls, path: Path) -> "MasterKey":
+    def create(cls, path: Path) -> MasterKey:
         if path.exists():
             raise SecretError(f"master key {path} already exists; refusing to overwrite it")
         key = AESGCM.generate_key(bit_length=256)
@@ -63,7 +63,7 @@ class MasterKey:
         return cls(key)
 
     @classmethod
-    def load(cls, path: Path) -> "MasterKey":
+    def load(cls, path: Path) -> MasterKey:
         try:
             key = path.read_bytes()
         except FileNotFoundError:

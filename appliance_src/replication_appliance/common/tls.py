@@ -61,7 +61,7 @@ class CertificateAuthority:
     key: ec.EllipticCurvePrivateKey
 
     @classmethod
-    def create(cls, common_name: str) -> "CertificateAuthority":
+    def create(cls, common_name: str) -> CertificateAuthority:
         key = new_private_key()
         name = x509.Name([
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANISATION),
@@ -84,7 +84,7 @@ class CertificateAuthority:
         return cls(cert, key)
 
     @classmethod
-    def load(cls, cert_path: Path, key_path: Path) -> "CertificateAuthority":
+    def load(cls, cert_path: Path, key_path: Path) -> CertificateAuthority:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):

@@ -319,7 +319,7 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
     def machine_action(machine_id: MachineId, req: s.MachineAction, actor: Actor, request: Request):
         """enable, disable, pause, resume or resync replication of a machine."""
         with ctx.transaction() as session:
-            machine = service.machine_action(session, machine_id, req.action, actor, remote(request))
+            service.machine_action(session, machine_id, req.action, actor, remote(request))
         ctx.heartbeats.invalidate(machine_id)
         return get_machine(machine_id, actor)
 

@@ -70,7 +70,7 @@ class ProcessServer(Base):
     cpu_critical_since: Mapped[dt.datetime | None] = mapped_column(DateTime)
     memory_warning_since: Mapped[dt.datetime | None] = mapped_column(DateTime)
     memory_critical_since: Mapped[dt.datetime | None] = mapped_column(DateTime)
-    machines: Mapped[list["Machine"]] = relationship(back_populates="process_server")
+    machines: Mapped[list[Machine]] = relationship(back_populates="process_server")
 
 
 class Machine(Base):
@@ -94,7 +94,7 @@ class Machine(Base):
     registered_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     process_server: Mapped[ProcessServer | None] = relationship(back_populates="machines")
     policy: Mapped[Policy] = relationship()
-    disks: Mapped[list["Disk"]] = relationship(back_populates="machine", cascade="all, delete-orphan",
+    disks: Mapped[list[Disk]] = relationship(back_populates="machine", cascade="all, delete-orphan",
                                                order_by="Disk.name")
 
 
@@ -137,7 +137,7 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
-    steps: Mapped[list["JobStep"]] = relationship(back_populates="job", cascade="all, delete-orphan",
+    steps: Mapped[list[JobStep]] = relationship(back_populates="job", cascade="all, delete-orphan",
                                                   order_by="JobStep.position")
 
 
