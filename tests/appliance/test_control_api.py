@@ -271,3 +271,35 @@ def test_openapi_document_is_served(appliance):
         doc = c.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.")
     assert "/api/v1/agents/register" in doc["paths"] and "/api/v1/policies/{policy_id}" in doc["paths"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_rpo_and_disconnection_alerts_per_machine(appliance, tmp_path):
+    import datetime as dt
+
+    from replication_appliance.db.models import Machine, utcnow
+
+    agent = appliance.register_agent(tmp_path)
+    url = HB.format(agent.machine_id)
+    with appliance.operator() as op, appliance.agent_client(agent) as c:
+        op.post(f"/api/v1/machines/{agent.machine_id}/actions", json={"action": "enable"})
+        for body in ({"state": "initiating"}, {"state": "initial_sync", "initial_sync_percent": 100}, {"state": "continuous"}):
+            assert c.post(url, json=body).status_code == 200
+        assert op.get(f"/api/v1/machines/{agent.machine_id}").json()["health"] == "healthy"
+
+        def set_times(recovery_minutes_ago: int, heartbeat_minutes_ago: int = 0) -> dict:
+            with appliance.serve_ctx.sessions.begin() as session:
+                m = session.get(Machine, agent.machine_id)
+                m.last_recovery_point_at = utcnow() - dt.timedelta(minutes=recovery_minutes_ago)
+                m.last_heartbeat_at = utcnow() - dt.timedelta(minutes=heartbeat_minutes_ago)
+            return op.get(f"/api/v1/machines/{agent.machine_id}").json()
+
+        late = set_times(90)
+        assert late["health"] == "warning" and [a["code"] for a in late["alerts"]] == ["rpo_exceeded"]
+        assert 89 <= late["rpo_minutes"] <= 91
+        assert op.get("/api/v1/status").json()["overall_health"] == "warning"
+        very_late = set_times(125)
+        assert very_late["health"] == "critical" and very_late["alerts"][0]["code"] == "rpo_critical"
+        silent = set_times(10, heartbeat_minutes_ago=6)
+        assert silent["replication_state"] == "disconnected"
+        assert "disconnected" in [a["code"] for a in silent["alerts"]] and silent["health"] == "critical"
