@@ -5,6 +5,7 @@ the target clean; upgrades keep the registration."""
 from __future__ import annotations
 
 import json
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -225,3 +226,17 @@ def test_an_agent_newer_than_the_appliance_is_refused(appliance: Appliance, linu
     assert result.returncode == 1
     assert "runs agent 1.0.1, newer than this appliance's 1.0.0" in result.stderr
     assert not (linux_target.root / "var").exists()
+
+
+def test_a_changed_host_key_is_refused(appliance: Appliance, linux_target: LinuxTarget, tmp_path: Path):
+    """The host key learnt on first contact is checked later: another key is a clear error."""
+    other = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kind, key = other.with_suffix(".pub").read_text().split()[:2]
+    known = appliance.data_dir.root / "push-known-hosts"
+    known.write_text(f"[{linux_target.ssh.host}]:{linux_target.ssh.port} {kind} {key}\n")
+    add_key_credential(appliance, linux_target)
+    result = push(appliance, linux_target)
+    assert result.returncode == 1
+    assert "presented a different host key than on first contact" in result.stderr
+    assert sorted(p.name for p in linux_target.root.iterdir()) == ["disk0.img"]
