@@ -90,3 +90,13 @@ def test_qemu_disks_are_converted_to_stream_optimized(tmp_path, local_settings):
         with disk.open("rb") as fh:
             info = read_vmdk_info(fh)
         assert info.stream_optimized and info.capacity_bytes == 64 * 2**20
+
+
+def test_vsphere_build_names_an_unreachable_vcenter():
+    from appliance_build.settings import settings_from_mapping
+
+    settings = load_settings("vsphere")
+    vsphere = dict(settings.raw["builder"]["vsphere"], vcenter="127.0.0.1")  # nothing listens on 443 here
+    raw = dict(settings.raw, builder=dict(settings.raw["builder"], vsphere=vsphere))
+    problems = preflight._vsphere_problems(settings_from_mapping(raw, inventory="vsphere"))
+    assert len(problems) == 1 and "vCenter 127.0.0.1:443 (builder.vsphere.vcenter) is unreachable" in problems[0]
