@@ -86,7 +86,8 @@ class DigestMap:
         except FileNotFoundError:
             return None
         head = len(_MAGIC) + 8
-        if not raw.startswith(_MAGIC) or int.from_bytes(raw[len(_MAGIC):head], "big") * DIGEST != len(raw) - head:
+        blocks = (disk_size + BLOCK - 1) // BLOCK
+        if (not raw.startswith(_MAGIC) or int.from_bytes(raw[len(_MAGIC):head], "big") != blocks
+                or len(raw) - head != blocks * DIGEST):
             return None
-        m = cls(disk_size, bytearray(raw[head:])) if (len(raw) - head) == ((disk_size + BLOCK - 1) // BLOCK) * DIGEST else None
-        return m
+        return cls(disk_size, bytearray(raw[head:]))

@@ -45,6 +45,7 @@ class ProcessServerConfig:
     # The cache disk's usable size; None = the whole file system holding cache_dir.
     cache_capacity_bytes: int | None = None
     upload_concurrency: int = 4
+    upload_backoff_max: float = 15.0
     zstd_level: int = 1
     flush_bytes: int = 8 * 1024 * 1024
     idle_timeout: float = 300.0
@@ -86,7 +87,7 @@ class ProcessServer:
         self.journals = Journals(config.cache_dir, config.segment_max_bytes, config.segment_max_age)
         self.stats.recovered_torn_bytes = sum(j.recovered_torn_bytes for j in self.journals.all())
         self.uploader = Uploader(store, DataKeyring(store, master_key), self._machine, self.stats,
-                                 config.upload_concurrency, config.zstd_level)
+                                 config.upload_concurrency, config.zstd_level, backoff_max=config.upload_backoff_max)
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -305,9 +306,11 @@ class ProcessServer:
                 flush()
             self._refuse(sock, record.machine_id, e)
         finally:
-            if pending:
+            if pending:  # the connection broke mid-batch: keep what arrived whole (the agent will learn it)
                 with journal.lock:
-                    journal.sync()
+                    sealed = journal.sync()
+                if sealed is not None:
+                    self.uploader.submit(sealed)
 
 
     def _digests(self, record: MachineRecord, journal: MachineJournal, h, payload) -> Frame:

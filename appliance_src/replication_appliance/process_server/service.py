@@ -56,13 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--segment-age", type=float, default=5.0)
     p.add_argument("--upload-concurrency", type=int, default=4)
     p.add_argument("--zstd-level", type=int, default=1, choices=(1, 2, 3))
+    p.add_argument("--upload-backoff-max", type=float, default=15.0, help="longest wait between upload retries (s)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("azure").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     spec = os.environ["APPLIANCE_STORAGE_CONNECTION_STRING"] if args.storage == "env" else args.storage
     config = ProcessServerConfig(args.cache_dir, args.host, args.port, args.segment_bytes, args.segment_age,
                                  cache_capacity_bytes=args.cache_capacity, upload_concurrency=args.upload_concurrency,
-                                 zstd_level=args.zstd_level)
+                                 upload_backoff_max=args.upload_backoff_max, zstd_level=args.zstd_level)
     ctx = server_ssl_context(args.cert, args.key, args.ca, require_client_cert=True)
     server = ProcessServer(config, ctx, load_machines(args.machines), open_store(spec), MasterKey.load(args.master_key))
     port = server.start()

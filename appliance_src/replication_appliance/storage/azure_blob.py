@@ -42,7 +42,8 @@ class AzureBlobStore:
             # Few SDK retries and short timeouts: our uploader retries with its own backoff, and
             # an outage must show up in health quickly rather than hang inside the SDK.
             self._service = BlobServiceClient.from_connection_string(
-                connection_string, retry_total=1, connection_timeout=10, read_timeout=60,
+                connection_string, retry_total=1, retry_connect=1, retry_read=1, retry_backoff_factor=0.2,
+                retry_backoff_max=2, connection_timeout=10, read_timeout=20,
                 max_single_put_size=256 * 1024 * 1024, max_block_size=8 * 1024 * 1024)
         except ValueError:
             raise StorageError("the storage connection string is malformed: expected "

@@ -150,7 +150,8 @@ def test_storage_outage_fills_the_cache_agent_is_throttled_nothing_is_lost(tmp_p
     m = make_machine(tmp_path, "db01", [96 * MiB], seed=13, ps_port=0)
     # A 32 MiB cache disk: throttling starts at 80 % use, well before the image is through.
     ps = ServerProcess(pki, tmp_path / "appliance", [m.record], own_azurite.connection_string,
-                       extra=["--cache-capacity", str(32 * MiB), "--segment-bytes", str(4 * MiB)])
+                       extra=["--cache-capacity", str(32 * MiB), "--segment-bytes", str(4 * MiB),
+                              "--upload-backoff-max", "2"])
     ps.start()
     try:
         rep = replicator(pki, m, ps.port, reconnect_for=60)
@@ -168,7 +169,7 @@ def test_storage_outage_fills_the_cache_agent_is_throttled_nothing_is_lost(tmp_p
         assert seen["throttled"] and seen["upload_failures"] > 0 and seen["last_upload_error"]
         assert seen["cache_used_bytes"] <= 32 * MiB
         assert report.throttle_events >= 1
-        wait_until(lambda: ps.health()["backlog_bytes"] == 0, 60, "the cache to drain after storage returned")
+        wait_until(lambda: ps.health()["backlog_bytes"] == 0, 90, "the cache to drain after storage returned")
         health = ps.health()
         assert not health["throttled"] and health["last_upload_error"] == ""
         store = open_store(own_azurite.connection_string)
