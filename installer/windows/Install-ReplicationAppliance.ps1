@@ -114,7 +114,7 @@ Test-BundleIntegrity -Manifest $manifest
 
 $prerequisites = Join-Path $BundleDir 'prerequisites.json'
 $ports = (Get-Content -LiteralPath $prerequisites -Raw | ConvertFrom-Json).ports
-$report = & (Join-Path $BundleDir 'Test-AppliancePrerequisites.ps1') -PrerequisitesPath $prerequisites -DataDir $DataDir
+$report = & (Join-Path $BundleDir 'Test-AppliancePrerequisites.ps1') -PrerequisitesPath $prerequisites
 $report | Format-Table -AutoSize -Property @('Id', 'Status', 'Expected', 'Found') | Out-String | ForEach-Object { Write-Log $_.TrimEnd() }
 $failed = @($report | Where-Object { $_.Status -eq 'FAIL' })
 if ($failed.Count -gt 0) { Stop-Install ("prerequisites not met: " + (($failed | ForEach-Object { $_.Id }) -join ', ')) }

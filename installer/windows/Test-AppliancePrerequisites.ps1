@@ -12,8 +12,7 @@
 #>
 [CmdletBinding()]
 param(
-    [string]$PrerequisitesPath = (Join-Path $PSScriptRoot 'prerequisites.json'),
-    [string]$DataDir = (Join-Path $env:ProgramData 'ReplicationAppliance')
+    [string]$PrerequisitesPath = (Join-Path $PSScriptRoot 'prerequisites.json')
 )
 
 Set-StrictMode -Version 3.0

@@ -176,3 +176,9 @@ def test_callers_of_the_python_runtime_step_pass_its_declared_parameters(caller:
     declared = declared_parameters(script("Install-PythonRuntime.ps1"))
     assert passed <= set(declared), sorted(passed - set(declared))
     assert {p for p, mandatory in declared.items() if mandatory} <= passed
+
+
+def test_the_installer_passes_only_declared_parameters_to_the_checker():
+    call = re.search(r"'Test-AppliancePrerequisites.ps1'\) (.*)$", script("Install-ReplicationAppliance.ps1"), re.MULTILINE)
+    passed = set(re.findall(r"-([A-Z][A-Za-z]+)\b", call.group(1)))
+    assert passed and passed <= set(declared_parameters(script("Test-AppliancePrerequisites.ps1")))
