@@ -177,3 +177,9 @@ def test_the_lock_pins_every_dependency_by_hash(wheel_cache: Path):
         assert again[0].read_bytes() == original  # the damaged cached wheel was fetched again
     finally:
         tampered.write_bytes(original)
+
+
+def test_the_bundle_carries_the_same_agent_packages_as_invoke_agent_packages(dist: Path):
+    files = zip_files(bundle_path(dist))
+    for package in package_paths(dist):
+        assert files[f"{TOP}/agent-packages/{package.name}"] == package.read_bytes()
