@@ -38,6 +38,9 @@ def test_install_is_idempotent_and_keeps_a_control_script(installed):
     assert again.returncode == 0 and "is already installed: nothing to do" in again.stdout
     control = prefix / "opt" / "mobility-agent" / "current" / "install.sh"
     assert control.is_file()
+    site = next((prefix / "opt" / "mobility-agent" / "current" / "lib").glob("python3*/site-packages"))
+    assert (site / "replication_appliance" / "agent" / "cli.py").is_file()
+    assert not (site / "pip").exists()  # pip ran from its wheel, the venv carries only the agent
     status = subprocess.run(["sh", str(control), "status", "--prefix", str(prefix)], capture_output=True, text=True)
     assert status.stdout.strip() == f"installed {APPLIANCE_VERSION} stopped"
     assert (prefix / "var" / "lib" / "mobility-agent").stat().st_mode & 0o077 == 0

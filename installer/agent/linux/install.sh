@@ -154,9 +154,14 @@ install() {
     trap 'rm -rf "$target"' EXIT
     "$PYTHON" -m venv --without-pip "$target"
     pip_wheel=$(ls "$PACKAGE_DIR"/wheels/pip-*.whl | head -n1)
-    # --no-compile: the agent compiles what it imports on first start; installing stays light.
+    # pip runs from its wheel and stays out of the venv (each version gets a new venv); with
+    # --no-compile the agent compiles what it imports on first start: installing stays light.
+    set --
+    for wheel in "$PACKAGE_DIR"/wheels/*.whl; do
+        case "$wheel" in "$pip_wheel") ;; *) set -- "$@" "$wheel" ;; esac
+    done
     "$target/bin/python" "$pip_wheel/pip" install --quiet --no-index --no-compile --disable-pip-version-check \
-        --find-links "$PACKAGE_DIR/wheels" --no-deps "$PACKAGE_DIR"/wheels/*.whl
+        --find-links "$PACKAGE_DIR/wheels" --no-deps "$@"
     "$target/bin/mobility-agent" --help >/dev/null || fail "the installed agent does not start (see above)"
     # The control script stays with the version (start/stop/status/uninstall after the package is gone).
     cp "$PACKAGE_DIR/install.sh" "$PACKAGE_DIR/manifest.json" "$PACKAGE_DIR/mobility-agent.service" "$target/"

@@ -66,7 +66,9 @@ function Install-Agent {
         & $python -m venv --without-pip $target
         if ($LASTEXITCODE -ne 0) { throw "creating the virtual environment $target failed" }
         $pipWheel = Get-ChildItem -LiteralPath (Join-Path $PackageDir 'wheels') -Filter 'pip-*.whl' | Select-Object -First 1
-        $wheels = Get-ChildItem -LiteralPath (Join-Path $PackageDir 'wheels') -Filter '*.whl' | ForEach-Object { $_.FullName }
+        # pip runs from its wheel and stays out of the venv (each version gets a new venv).
+        $wheels = Get-ChildItem -LiteralPath (Join-Path $PackageDir 'wheels') -Filter '*.whl' |
+            Where-Object { $_.Name -notlike 'pip-*' } | ForEach-Object { $_.FullName }
         & (Join-Path $target 'Scripts\python.exe') (Join-Path $pipWheel.FullName 'pip') install --quiet --no-index --no-deps `
             --disable-pip-version-check --find-links (Join-Path $PackageDir 'wheels') @wheels
         if ($LASTEXITCODE -ne 0) { throw 'installing the agent wheels failed' }
