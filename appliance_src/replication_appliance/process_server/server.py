@@ -29,6 +29,7 @@ from .uploader import Uploader
 log = logging.getLogger(__name__)
 NIL = uuid.UUID(int=0)
 HEALTH_FILE = "health.json"
+THROTTLE_CHECK_BYTES = 1024 * 1024
 TLS_HANDSHAKE = b"\x16"
 NOT_TLS_MESSAGE = (b"ERROR: this is the replication data port; it speaks TLS 1.2+ with an appliance-issued "
                    b"client certificate and the replication frame protocol\n")
@@ -256,7 +257,7 @@ class ProcessServer:
     def _run_session(self, sock: ssl.SSLSocket, record, journal: MachineJournal) -> None:
         reader = _Reader(sock)
         session = Session(record, journal.last_seq)
-        pending = 0
+        pending = unchecked = 0
         last = journal.last_seq
 
         def flush() -> None:
@@ -299,6 +300,10 @@ class ProcessServer:
                 self.stats.ingest(h.length)
                 last = h.seq
                 pending += HEADER_SIZE + h.length
+                unchecked += HEADER_SIZE + h.length
+                if unchecked >= THROTTLE_CHECK_BYTES:  # notice a filling cache within a batch, not after it
+                    self._refresh(publish=False)
+                    unchecked = 0
                 if h.kind is Kind.MARKER or pending >= self.config.flush_bytes or not reader.more_waiting():
                     flush()
         except FrameError as e:
