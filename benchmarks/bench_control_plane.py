@@ -78,8 +78,9 @@ class Connection:
     async def open(cls, port: int, ctx) -> Connection:
         return cls(*await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="appliance.test"))
 
-    async def request(self, method: str, path: str, body: bytes | None) -> int:
+    async def request(self, method: str, path: str, body: bytes | None, headers: dict | None = None) -> int:
         head = f"{method} {path} HTTP/1.1\r\nHost: appliance.test\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         self.writer.write(head.encode() + b"\r\n" + (body or b""))
@@ -94,11 +95,24 @@ class Connection:
             await self.writer.wait_closed()
 
 
-async def load(port: int, ca: Path, agents, seconds: float, path_for) -> tuple[list[float], int]:
+async def load(port: int, ca: Path, agents, seconds: float, path_for,
+               operator: tuple[str, float] | None = None) -> tuple[list[float], int, list[float]]:
     latencies: list[float] = []
+    status_latencies: list[float] = []
     errors = 0
     conns = [await Connection.open(port, client_ssl_context(ca, cert, key)) for _, cert, key in agents]
     start = time.perf_counter() + 1.0
+
+    async def poll_status(token: str, every_s: float) -> None:
+        conn = await Connection.open(port, client_ssl_context(ca))
+        tick = start
+        while tick < start + seconds:
+            await asyncio.sleep(max(0.0, tick - time.perf_counter()))
+            t0 = time.perf_counter()
+            await conn.request("GET", "/api/v1/status", None, {"Authorization": f"Bearer {token}"})
+            status_latencies.append(time.perf_counter() - t0)
+            tick += every_s
+        await conn.close()
 
     async def agent(i: int, machine_id: str, conn: Connection) -> None:
         nonlocal errors
@@ -113,16 +127,19 @@ async def load(port: int, ca: Path, agents, seconds: float, path_for) -> tuple[l
             errors += status != 200
             tick += 1.0
 
-    await asyncio.gather(*(agent(i, m, c) for i, ((m, _, _), c) in enumerate(zip(agents, conns))))
+    jobs = [agent(i, m, c) for i, ((m, _, _), c) in enumerate(zip(agents, conns, strict=True))]
+    if operator is not None:
+        jobs.append(poll_status(*operator))
+    await asyncio.gather(*jobs)
     await asyncio.gather(*(c.close() for c in conns))
-    return latencies, errors
+    return latencies, errors, status_latencies
 
 
 def measured(label: str, port: int, ca: Path, agents, seconds: float, path_for, server: psutil.Process,
-             db: psutil.Process) -> None:
+             db: psutil.Process, operator: tuple[str, float] | None = None) -> None:
     me = psutil.Process()
     s0, d0, c0, w0 = cpu_seconds(server), cpu_seconds(db), cpu_seconds(me), time.perf_counter()
-    latencies, errors = asyncio.run(load(port, ca, agents, seconds, path_for))
+    latencies, errors, status = asyncio.run(load(port, ca, agents, seconds, path_for, operator))
     wall = time.perf_counter() - w0
     s1, d1, c1 = cpu_seconds(server), cpu_seconds(db), cpu_seconds(me)
     ms = [x * 1000 for x in latencies]
@@ -130,6 +147,11 @@ def measured(label: str, port: int, ca: Path, agents, seconds: float, path_for, 
           f"p95 {percentile(ms, 95):6.1f} ms  p99 {percentile(ms, 99):6.1f} ms  max {max(ms):6.1f} ms  "
           f"errors {errors}  CPU: server {100 * (s1 - s0) / wall:5.1f} %  MariaDB {100 * (d1 - d0) / wall:5.1f} %  "
           f"client {100 * (c1 - c0) / wall:5.1f} %")
+    print(f"{'':<34} load average during the run: {os.getloadavg()[0]:.1f} (other work on the machine skews figures)")
+    if status:
+        st = [x * 1000 for x in status]
+        print(f"{'  operator GET /api/v1/status':<34} {len(st):>6} req  p50 {percentile(st, 50):6.1f} ms  "
+              f"max {max(st):6.1f} ms")
 
 
 def main() -> int:
@@ -171,6 +193,11 @@ def main() -> int:
         measured("heartbeat (MariaDB)", control, ca, agents, args.seconds,
                  lambda m: ("POST", f"/api/v1/agents/{m}/heartbeat", {"state": "not_enabled", "disks": counters}),
                  server, db)
+        with httpx.Client(base_url=base, verify=client_ssl_context(ca), timeout=30) as c:
+            token = c.post("/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}).json()["token"]
+        measured("heartbeat + operator status/5 s", control, ca, agents, args.seconds,
+                 lambda m: ("POST", f"/api/v1/agents/{m}/heartbeat", {"state": "not_enabled", "disks": counters}),
+                 server, db, operator=(token, 5.0))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

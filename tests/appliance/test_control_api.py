@@ -288,10 +288,12 @@ def test_rpo_and_disconnection_alerts_per_machine(appliance, tmp_path):
         assert op.get(f"/api/v1/machines/{agent.machine_id}").json()["health"] == "healthy"
 
         def set_times(recovery_minutes_ago: int, heartbeat_minutes_ago: int = 0) -> dict:
-            with appliance.serve_ctx.sessions.begin() as session:
+            with appliance.serve_ctx.sessions.begin() as session:  # recovery points are the data plane's
                 m = session.get(Machine, agent.machine_id)
                 m.last_recovery_point_at = utcnow() - dt.timedelta(minutes=recovery_minutes_ago)
-                m.last_heartbeat_at = utcnow() - dt.timedelta(minutes=heartbeat_minutes_ago)
+            # the agent's last heartbeat lives in the heartbeat store's memory: age it there
+            appliance.ctx.heartbeats._figures[agent.machine_id].last_heartbeat_at = \
+                utcnow() - dt.timedelta(minutes=heartbeat_minutes_ago)
             return op.get(f"/api/v1/machines/{agent.machine_id}").json()
 
         late = set_times(90)

@@ -63,10 +63,15 @@ class ControlContext:
 
     @contextmanager
     def reading(self) -> Iterator[Session]:
-        """A transaction for operator reads, after the pending heartbeats are written."""
-        self.heartbeats.flush()
+        """A transaction for operator reads; state changes (and their audit entries) written first.
+        Newer agent figures than the rows' come from `self.live`."""
+        self.heartbeats.flush(everything=False)
         with self.sessions.begin() as session:
             yield session
+
+    def live(self, machine_id: str) -> service.AgentView | None:
+        f = self.heartbeats.live(machine_id)
+        return None if f is None else service.AgentView(f.state, f.percent, f.state_changed_at, f.last_heartbeat_at, f.disks)
 
     def passphrase(self) -> str:
         """The current passphrase; re-read when `appliance passphrase rotate` replaced the file."""
@@ -299,7 +304,7 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
     @app.get(f"{API}/status", response_model=s.StatusOut, tags=["operators"])
     def get_status(_actor: Actor):
         with ctx.reading() as session:
-            summary = service.status(session, utcnow())
+            summary = service.status(session, utcnow(), ctx.live)
         config = ctx.data_dir.load_config()
         return s.StatusOut(appliance={"hostname": config.hostname, "version": _version(), "cloud": config.cloud},
                            process_servers=summary.process_servers, machines=summary.machines,
@@ -308,12 +313,12 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
     @app.get(f"{API}/machines", response_model=list[s.MachineOut], tags=["operators"])
     def list_machines(_actor: Actor):
         with ctx.reading() as session:
-            return service.list_machines(session, utcnow())
+            return service.list_machines(session, utcnow(), ctx.live)
 
     @app.get(f"{API}/machines/{{machine_id}}", response_model=s.MachineOut, tags=["operators"])
     def get_machine(machine_id: MachineId, _actor: Actor):
         with ctx.reading() as session:
-            return service.machine_out(service.load_machine(session, machine_id), utcnow())
+            return service.machine_out(service.load_machine(session, machine_id), utcnow(), ctx.live)
 
     @app.post(f"{API}/machines/{{machine_id}}/actions", response_model=s.MachineOut, tags=["operators"])
     def machine_action(machine_id: MachineId, req: s.MachineAction, actor: Actor, request: Request):

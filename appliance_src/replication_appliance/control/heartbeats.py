@@ -8,8 +8,8 @@ transaction, together with the audit entries of state changes: state changes at 
 flush (1 s), plain counters of a machine at most every 30 s.
 
 The view is reloaded from the database whenever an operator or a registration changes the
-machine (`invalidate`), and operator reads flush first, so they never see older data than
-the last answered heartbeat; other processes (`appliance status`) may see counters up to 30 s
+machine (`invalidate`), and operator reads never see older data than
+the last answered heartbeat (they overlay `live` figures on the rows); other processes (`appliance status`) may see counters up to 30 s
 old. A crash loses at most that much telemetry, never a state change older than 1 s."""
 from __future__ import annotations
 
@@ -174,6 +174,13 @@ class HeartbeatStore:
             throttled = view.process_server is not None and self._throttled.get(view.process_server.id, False)
             return s.DesiredStateOut(desired_state=view.desired, process_server=view.process_server, throttled=throttled,
                                      policy=view.policy, heartbeat_interval_s=HEARTBEAT_INTERVAL_S)
+
+    def live(self, machine_id: str) -> AgentFigures | None:
+        """A copy of the newest agent figures of a machine, for operator reads (None: not in memory)."""
+        with self._lock:
+            f = self._figures.get(machine_id)
+            return None if f is None else AgentFigures(f.state, f.percent, f.state_changed_at, f.last_heartbeat_at,
+                                                       dict(f.disks))
 
     # --- writing -----------------------------------------------------------------------------
     def flush(self, everything: bool = True) -> int:

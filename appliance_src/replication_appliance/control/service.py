@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..health.state_machine import Action, Desired, State, TransitionError, appl
 from . import schemas as s
 
 HEARTBEAT_INTERVAL_S = 30
+Live = Callable[[str], "AgentView | None"] | None
 MACHINE_HEARTBEAT_TIMEOUT = dt.timedelta(minutes=5)
 RPO_STATES = {State.CONTINUOUS, State.RESYNC, State.PAUSED, State.STALLED, State.DISCONNECTED}
 
@@ -219,8 +221,23 @@ def create_operator(session: Session, username: str, password_hash: str) -> None
     audit(session, "cli", "operator.created", "operator", username)
 
 
-def machine_alerts(m: Machine, now: dt.datetime) -> tuple[State, float | None, list[rules.Alert]]:
-    state = effective_state(State(m.replication_state), m.last_heartbeat_at, now, MACHINE_HEARTBEAT_TIMEOUT)
+@dataclass(frozen=True)
+class AgentView:
+    """The agent-owned figures of a machine, from its row or from the heartbeat store's memory."""
+    state: State
+    percent: float | None
+    state_changed_at: dt.datetime
+    last_heartbeat_at: dt.datetime | None
+    disks: dict[str, tuple[int, int, int]]  # name -> total, replicated, backlog
+
+    @classmethod
+    def of(cls, m: Machine) -> "AgentView":
+        return cls(State(m.replication_state), m.initial_sync_percent, m.state_changed_at, m.last_heartbeat_at,
+                   {d.name: (d.total_bytes, d.replicated_bytes, d.backlog_bytes) for d in m.disks})
+
+
+def machine_alerts(m: Machine, agent: AgentView, now: dt.datetime) -> tuple[State, float | None, list[rules.Alert]]:
+    state = effective_state(agent.state, agent.last_heartbeat_at, now, MACHINE_HEARTBEAT_TIMEOUT)
     alerts: list[rules.Alert] = []
     if state == State.DISCONNECTED:
         alerts.append(rules.Alert("disconnected", rules.Health.CRITICAL, "no heartbeat from the agent for over 5 min"))
@@ -228,30 +245,32 @@ def machine_alerts(m: Machine, now: dt.datetime) -> tuple[State, float | None, l
         alerts.append(rules.Alert("stalled", rules.Health.CRITICAL, "replication is stalled"))
     rpo_minutes = None
     if state in RPO_STATES and m.desired_state != Desired.STOP.value:
-        current = rules.rpo(m.last_recovery_point_at, m.state_changed_at, now)
+        current = rules.rpo(m.last_recovery_point_at, agent.state_changed_at, now)
         rpo_minutes = round(current.total_seconds() / 60, 1)
         alerts += rules.rpo_alerts(current, m.policy.rpo_threshold_minutes)
     return state, rpo_minutes, alerts
 
 
-def machine_out(m: Machine, now: dt.datetime) -> s.MachineOut:
-    state, rpo_minutes, alerts = machine_alerts(m, now)
+def machine_out(m: Machine, now: dt.datetime, live: Live = None) -> s.MachineOut:
+    """`live(machine_id)`: newer agent figures than the row's (the heartbeat store), if any."""
+    agent = (live(m.id) if live else None) or AgentView.of(m)
+    state, rpo_minutes, alerts = machine_alerts(m, agent, now)
     return s.MachineOut(
         id=m.id, host_id=m.host_id, hostname=m.hostname, os_family=m.os_family, os_name=m.os_name,
         agent_version=m.agent_version, addresses=json.loads(m.addresses), process_server_id=m.process_server_id,
         policy_id=m.policy_id, desired_state=Desired(m.desired_state), replication_state=state,
-        initial_sync_percent=m.initial_sync_percent, last_heartbeat_at=m.last_heartbeat_at,
+        initial_sync_percent=agent.percent, last_heartbeat_at=agent.last_heartbeat_at,
         last_recovery_point_at=m.last_recovery_point_at, rpo_minutes=rpo_minutes,
         health=max((a.severity for a in alerts), default=rules.Health.HEALTHY).label,
         alerts=[alert_out(a) for a in alerts],
-        disks=[s.DiskOut(name=d.name, size_bytes=d.size_bytes, total_bytes=d.total_bytes,
-                         replicated_bytes=d.replicated_bytes, backlog_bytes=d.backlog_bytes) for d in m.disks])
+        disks=[s.DiskOut(name=d.name, size_bytes=d.size_bytes, total_bytes=t, replicated_bytes=r, backlog_bytes=b)
+               for d in m.disks for t, r, b in [agent.disks.get(d.name, (d.total_bytes, d.replicated_bytes, d.backlog_bytes))]])
 
 
-def list_machines(session: Session, now: dt.datetime) -> list[s.MachineOut]:
+def list_machines(session: Session, now: dt.datetime, live: Live = None) -> list[s.MachineOut]:
     machines = session.scalars(select(Machine).options(selectinload(Machine.disks), joinedload(Machine.policy))
                                .order_by(Machine.hostname, Machine.id)).all()
-    return [machine_out(m, now) for m in machines]
+    return [machine_out(m, now, live) for m in machines]
 
 
 def machine_action(session: Session, machine_id: str, action: Action, actor: str, remote: str) -> Machine:
@@ -387,7 +406,7 @@ class StatusSummary:
         return rules.worst(*levels).label
 
 
-def status(session: Session, now: dt.datetime) -> StatusSummary:
-    return StatusSummary(list_process_servers(session, now), list_machines(session, now))
+def status(session: Session, now: dt.datetime, live: Live = None) -> StatusSummary:
+    return StatusSummary(list_process_servers(session, now), list_machines(session, now, live))
 
 
