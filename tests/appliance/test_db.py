@@ -105,3 +105,40 @@ def test_wheel_carries_the_migrations(backend, tmp_path, repo_root):
                    "replication_appliance/db/migrations/versions/0001_control_plane.py",
                    "replication_appliance/requirements/seed.yml"):
         assert member in names
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_serve_refuses_a_database_behind_the_code_until_upgraded(backend, tmp_path, monkeypatch):
+    from replication_appliance.serve import ServeContext
+
+    from .appliance_harness import init_appliance
+
+    data_dir = init_appliance(tmp_path / "data")
+    versions = tmp_path / "newer"
+    versions.mkdir()
+    (versions / "0002_newer.py").write_text(f'''
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002_newer"
+down_revision = "{migrate.CONTROL_PLANE_HEAD}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    op.add_column("machines", sa.Column("note", sa.String(64)))
+
+
+def downgrade():
+    op.drop_column("machines", "note")
+''')
+    monkeypatch.setattr(migrate, "VERSION_LOCATIONS", [*migrate.VERSION_LOCATIONS, str(versions)])
+    with pytest.raises(DatabaseError, match="appliance db upgrade"):
+        ServeContext.open(data_dir, "127.0.0.1")
+    from replication_appliance.db.engine import datadir_engine
+
+    engine = datadir_engine(data_dir)
+    migrate.upgrade(engine)
+    engine.dispose()
+    ServeContext.open(data_dir, "127.0.0.1").engine.dispose()
