@@ -136,7 +136,8 @@ class Replicator:
                 self._send(Kind.DATA, disk, pos + lo, bytes(chunk[lo:hi]), done)
             if not runs:
                 acked_to[0] = max(acked_to[0], end) if self.outbox.bytes == 0 else acked_to[0]
-            dmap.update(first_block, digests)
+            if runs or initial:
+                dmap.update(first_block, digests)
             pos = end
             if checkpoint and time.monotonic() - last_save > self._checkpoint_every:
                 checkpoint(acked_to[0])
@@ -222,7 +223,8 @@ class Replicator:
             self._wait(seq)
             for disk, (st, dmap) in enumerate(zip(states, maps)):
                 assert dmap is not None
-                dmap.save(self.state.digests(disk))
+                if dmap.dirty:
+                    dmap.save(self.state.digests(disk))
                 st.phase, st.initial_offset = PHASE_DELTA, self.config.disks[disk].size
                 st.cycles += 1
                 st.last_marker_id = marker_id

@@ -62,12 +62,14 @@ class DigestMap:
             raise ValueError(f"digest map has {len(data)} bytes, expected {self.blocks * DIGEST}")
         # A fresh map says "all zero": that is what a new replica page blob holds.
         self.data = data if data is not None else bytearray(ZERO_DIGEST * self.blocks)
+        self.dirty = data is None  # unsaved changes (a cycle without changes rewrites nothing)
 
     def slice(self, first_block: int, count: int) -> memoryview:
         return memoryview(self.data)[first_block * DIGEST:(first_block + count) * DIGEST]
 
     def update(self, first_block: int, digests: bytes) -> None:
         self.data[first_block * DIGEST:first_block * DIGEST + len(digests)] = digests
+        self.dirty = True
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -77,6 +79,7 @@ class DigestMap:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        self.dirty = False
 
     @classmethod
     def load(cls, path: Path, disk_size: int) -> "DigestMap | None":
