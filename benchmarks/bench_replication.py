@@ -251,19 +251,21 @@ def main() -> int:
                  ours / theirs, "< 0.5")
 
             # -- 4. scan rate ---------------------------------------------------------------------
-            subprocess.run(f"cat {m.images[0]} > /dev/null", shell=True, check=True)
-            t = time.perf_counter()
-            subprocess.run(f"cat {m.images[0]} > /dev/null", shell=True, check=True)
-            cat = time.perf_counter() - t
             ps4 = ServerProcess(pki, work / "ps-scan", [m.record], az.connection_string)
             ps4.start()
-            t = time.perf_counter()
-            report = replicator(pki, m, ps4.port).run_cycle()
-            scan = time.perf_counter() - t
+            cat = scan = float("inf")
+            for _ in range(3):  # alternate, best of three each: the machine is shared
+                t = time.perf_counter()
+                subprocess.run(f"cat {m.images[0]} > /dev/null", shell=True, check=True)
+                cat = min(cat, time.perf_counter() - t)
+                t = time.perf_counter()
+                report = replicator(pki, m, ps4.port).run_cycle()
+                scan = min(scan, time.perf_counter() - t)
+                assert report.bytes_sent == 0
             ps4.stop()
             print("\n4. change scan (cycle with nothing changed: read, XXH3-128 per 4 KiB, compare; page cache warm)")
-            line("agent scan", rate(size, scan), "cat image > /dev/null", rate(size, cat), cat / scan, ">= 0.8")
-            assert report.bytes_sent == 0
+            line("agent scan (whole cycle, best of 3)", rate(size, scan), "cat image > /dev/null (best of 3)",
+                 rate(size, cat), cat / scan, ">= 0.8")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
