@@ -14,12 +14,12 @@ from pathlib import Path
 
 from .errors import BuildError, OvaError
 from .ova.assemble import DIST, assemble_ova
+from .packaging import archive, wheels
 from .packer import PackerClient
 from .preflight import preflight
 from .render import BUILD_ROOT, private_answer_dir, write_rendered
 from .secrets import ADMIN_PASSWORD, VSPHERE_PASSWORD, read_secret
 from .settings import Settings, load_settings
-from .version import REPO_ROOT
 
 WHEEL_DIR = BUILD_ROOT / "wheels"
 
@@ -34,7 +34,7 @@ def build_ova(inventory: str, iso: str | None = None, force: bool = False) -> Pa
     secrets = {"admin_password": read_secret(ADMIN_PASSWORD)}
     if settings.builder.target == "vsphere":
         secrets["vsphere_password"] = read_secret(VSPHERE_PASSWORD)
-    build_appliance_wheel()
+    stage_wheels()
     folder = write_rendered(settings, inputs.packer_version)
     scratch = folder / "packer" / f"output-{os.getpid()}"
     try:
@@ -53,13 +53,13 @@ def build_ova(inventory: str, iso: str | None = None, force: bool = False) -> Pa
     return ova
 
 
-def build_appliance_wheel() -> Path:
-    """The appliance package as a wheel, for the appliance_software role to install."""
+def stage_wheels() -> Path:
+    """The appliance wheel and its Windows x64 dependency wheels (pinned by the bundle's lock),
+    where the appliance_software role installs them from."""
     WHEEL_DIR.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(WHEEL_DIR),
-                             str(REPO_ROOT / "appliance_src")], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise BuildError(f"building the appliance wheel failed:\n{result.stderr.strip()}")
+    wheels.build_appliance_wheel(WHEEL_DIR, archive.source_date_epoch())
+    for wheel in wheels.dependency_wheels("appliance", wheels.appliance_dependencies(), wheels.WINDOWS_X64):
+        shutil.copyfile(wheel, WHEEL_DIR / wheel.name)
     return WHEEL_DIR
 
 

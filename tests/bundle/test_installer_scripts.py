@@ -13,10 +13,8 @@ import pytest
 
 from appliance_build.version import REPO_ROOT
 from replication_appliance.requirements import requirement_rows
-import tree_sitter_powershell
-from tree_sitter import Language, Parser
 
-from tests.roles.test_powershell_scripts import declared_parameters, param_block, strip_strings_and_comments, syntax_errors
+from tests.fixtures.powershell import declared_parameters, parse, param_block, strip_strings_and_comments, syntax_errors
 
 INSTALLER = REPO_ROOT / "installer"
 POWERSHELL = sorted(INSTALLER.rglob("*.ps1"))
@@ -39,8 +37,8 @@ def test_the_installer_scripts_exist():
 
 def powershell_syntax_errors(source: bytes) -> list[str]:
     """Errors of the tree-sitter PowerShell grammar: a parse, not an execution."""
-    tree = Parser(Language(tree_sitter_powershell.language())).parse(source)
-    return syntax_errors(tree.root_node) if tree.root_node.has_error else []
+    root = parse(source)
+    return syntax_errors(root) if root.has_error else []
 
 
 @pytest.mark.parametrize("path", POWERSHELL, ids=lambda p: p.name)

@@ -11,9 +11,8 @@ import re
 from pathlib import Path
 
 import pytest
-import tree_sitter_powershell
-from tree_sitter import Language, Node, Parser
 
+from tests.fixtures.powershell import declared_parameters, parse, strip_strings_and_comments, syntax_errors
 from tests.roles.conftest import PLAYBOOK_DIR, ROLES, ROLES_DIR, role_tasks, playbook_tasks
 
 SCRIPTS = sorted([*ROLES_DIR.glob("*/files/*.ps1"), *(PLAYBOOK_DIR / "files").glob("*.ps1")])
@@ -30,59 +29,9 @@ BOOT_SCRIPTS = {"Set-NetworkFromOvfEnv.ps1", "Initialize-ApplianceIdentity.ps1"}
 OVF_KEYS = {"ip", "prefix", "gateway", "dns", "hostname", "data_port", "admin_password"}
 
 
-def param_block(text: str) -> str:
-    start = text.index("param(")
-    depth = 0
-    for index in range(start + len("param"), len(text)):
-        depth += {"(": 1, ")": -1}.get(text[index], 0)
-        if depth == 0:
-            return text[start:index + 1]
-    raise AssertionError("unterminated param() block")
-
-
-def declared_parameters(text: str) -> dict[str, bool]:
-    """Parameter name -> mandatory."""
-    found: dict[str, bool] = {}
-    for match in re.finditer(r"((?:\[[^\]]*(?:\([^)]*\))?[^\]]*\]\s*)*)\$([A-Za-z][A-Za-z0-9]*)", param_block(text)):
-        attributes, name = match.group(1), match.group(2)
-        if name not in ("true", "false") and not re.search(r"=\s*$", text[:0]):
-            found[name] = "Mandatory = $true" in attributes
-    return found
-
-
 def help_block(text: str) -> str:
     assert text.startswith("<#"), "the help block must open the file"
     return text[:text.index("#>")]
-
-
-def strip_strings_and_comments(text: str) -> str:
-    """Code with string contents and comments removed, enough to count brackets.
-
-    Scans left to right so that whichever of ' " # comes first wins, as PowerShell reads it."""
-    text = re.sub(r"<#.*?#>", "", text, flags=re.DOTALL)
-    text = re.sub(r'@"\r?\n.*?\r?\n"@', '""', text, flags=re.DOTALL)
-    text = re.sub(r"@'\r?\n.*?\r?\n'@", "''", text, flags=re.DOTALL)
-    out: list[str] = []
-    index = 0
-    while index < len(text):
-        char = text[index]
-        if char == "#":
-            index = text.find("\n", index)
-            index = len(text) if index < 0 else index
-        elif char == "'":
-            index += 1
-            while index < len(text) and not (text[index] == "'" and text[index + 1:index + 2] != "'"):
-                index += 2 if text[index] == "'" else 1
-            index += 1
-        elif char == '"':
-            index += 1
-            while index < len(text) and text[index] != '"':
-                index += 2 if text[index] == "`" else 1
-            index += 1
-        else:
-            out.append(char)
-            index += 1
-    return "".join(out)
 
 
 def role_script_calls() -> list[tuple[str, dict[str, object]]]:
@@ -99,28 +48,17 @@ def role_script_calls() -> list[tuple[str, dict[str, object]]]:
     return calls
 
 
-def syntax_errors(node: Node) -> list[str]:
-    found = []
-    if node.type == "ERROR" or node.is_missing:
-        found.append(f"line {node.start_point[0] + 1}: {node.text.decode(errors='replace')[:80]!r}")
-    for child in node.children:
-        found.extend(syntax_errors(child))
-    return found
-
-
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_parses_with_the_powershell_grammar(script: Path) -> None:
-    parser = Parser(Language(tree_sitter_powershell.language()))
-    tree = parser.parse(script.read_bytes())
-    assert tree.root_node.type == "program"
-    assert not tree.root_node.has_error, f"{script.name}: {syntax_errors(tree.root_node)[:5]}"
+    root = parse(script.read_bytes())
+    assert root.type == "program"
+    assert not root.has_error, f"{script.name}: {syntax_errors(root)[:5]}"
 
 
 def test_the_grammar_rejects_a_broken_script() -> None:
     """The parse check above can fail: an unclosed block and a dangling pipe are errors."""
-    parser = Parser(Language(tree_sitter_powershell.language()))
     broken = b"param([int]$Port = 443)\nif ($Port -gt 0) {\n    Get-Item C:\\ |\n"
-    assert parser.parse(broken).root_node.has_error
+    assert parse(broken).has_error
 
 
 def test_the_shared_scripts_exist() -> None:

@@ -18,7 +18,7 @@ from replication_appliance.push_install.plan import (AgentPackage, Registration,
 from replication_appliance.push_install.runner import PushRequest, run_push_install
 from replication_appliance.push_install.transport import WinRmTransport
 from tests.bundle.test_installer_scripts import powershell_syntax_errors
-from tests.roles.test_powershell_scripts import strip_strings_and_comments
+from tests.fixtures.powershell import strip_strings_and_comments
 
 PASSPHRASE = "Passphrase-For-Tests-123456"
 CMD_LINE_LIMIT = 8191  # cmd.exe / CreateProcess via WinRM's shell
