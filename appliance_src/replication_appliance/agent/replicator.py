@@ -36,6 +36,16 @@ class CycleReport:
     seconds: float = 0.0
 
 
+class _Acked:
+    """How far a pass is acknowledged (advanced from the link's reader thread)."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def advance(self, offset: int) -> None:
+        self.offset = max(self.offset, offset)
+
+
 class Replicator:
     def __init__(self, config: AgentConfig, state: StateDir, connect: Callable[[Outbox], Link],
                  window_bytes: int = 64 * 1024 * 1024, checkpoint_every: float = 2.0,
@@ -56,7 +66,9 @@ class Replicator:
         self.report = CycleReport()
 
     # -- connection -----------------------------------------------------------------------
-    def _open(self) -> None:
+    def _open(self, fresh: bool = False) -> None:
+        """Connect; a fresh cycle continues the machine's sequence from the server's, a
+        reconnect replays the outbox (frames not yet queued keep the numbers they were given)."""
         self.link = self._connect(self.outbox)
         server_seq = self.link.server_seq
         with self.outbox.cond:
@@ -64,7 +76,7 @@ class Replicator:
         if first is not None and server_seq < first - 1:
             raise LinkLost(f"process server reports sequence {server_seq} but acknowledged {first - 1}: "
                            "its cache lost acknowledged data; a resync is needed")
-        if first is None:
+        if fresh:
             self.next_seq = server_seq + 1
         self.link.replay()
 
@@ -120,7 +132,7 @@ class Replicator:
               checkpoint: Callable[[int], None] | None) -> None:
         pos = start
         last_save = time.monotonic()
-        acked_to = [start]
+        progress = _Acked(start)
 
         while pos < reader.size:
             chunk = reader.read(pos)
@@ -132,15 +144,16 @@ class Replicator:
             end = pos + len(chunk)
             for i, run in enumerate(runs):
                 lo, hi = run.first * BLOCK, min((run.first + run.count) * BLOCK, len(chunk))
-                done = (lambda e=end: acked_to.__setitem__(0, max(acked_to[0], e))) if i == len(runs) - 1 else None
+                # the chunk's last frame, once acknowledged, covers the whole chunk
+                done = (lambda e=end: progress.advance(e)) if i == len(runs) - 1 else None
                 self._send(Kind.DATA, disk, pos + lo, bytes(chunk[lo:hi]), done)
-            if not runs:
-                acked_to[0] = max(acked_to[0], end) if self.outbox.bytes == 0 else acked_to[0]
+            if not runs and self.outbox.bytes == 0:
+                progress.advance(end)  # nothing to send and nothing outstanding
             if runs or initial:
                 dmap.update(first_block, digests)
             pos = end
             if checkpoint and time.monotonic() - last_save > self._checkpoint_every:
-                checkpoint(acked_to[0])
+                checkpoint(progress.offset)
                 last_save = time.monotonic()
 
     def _remote_digests(self, disk: int, offset: int, blocks: int) -> bytes:
@@ -183,7 +196,7 @@ class Replicator:
         started = time.monotonic()
         self.report = CycleReport()
         self.outbox = Outbox(self._window)
-        self._open()
+        self._open(fresh=True)
         try:
             states = [self.state.load_disk(d) for d in range(len(self.config.disks))]
             maps: list[DigestMap | None] = []
