@@ -20,7 +20,6 @@ import os
 import random
 import shutil
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -34,14 +33,19 @@ sys.path.insert(0, str(REPO))
 os.environ["PATH"] = os.pathsep.join([str(REPO / ".venv" / "bin"), str(REPO / ".tools" / "node_modules" / ".bin"),
                                       os.environ.get("PATH", "")])
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
-import zstandard  # noqa: E402
+import zstandard
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from replication_appliance.dataplane.digests import BLOCK, ZERO_BLOCK
+from replication_appliance.storage import open_store
 
-from replication_appliance.dataplane.digests import BLOCK, ZERO_BLOCK  # noqa: E402
-from replication_appliance.storage import open_store  # noqa: E402
-from tests.appliance.dataplane.conftest import Pki, ServerProcess, make_image, make_machine, replicator  # noqa: E402
-from tests.fixtures.azurite import running_azurite  # noqa: E402
-from tests.fixtures.sshd import running_sshd  # noqa: E402
+from tests.appliance.dataplane.conftest import (
+    Pki,
+    ServerProcess,
+    make_machine,
+    replicator,
+)
+from tests.fixtures.azurite import running_azurite
+from tests.fixtures.sshd import running_sshd
 
 MiB = 1 << 20
 SEGMENT = 32 * MiB
@@ -139,7 +143,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-repl-", dir=args.workdir))
     size = int(args.size_gib * 1024) * MiB
     try:
-        from replication_appliance.common.tls import CertificateAuthority, cert_to_pem, key_to_pem
+        from replication_appliance.common.tls import (
+            CertificateAuthority,
+            cert_to_pem,
+            key_to_pem,
+        )
 
         pdir = work / "pki"
         pdir.mkdir()

@@ -19,7 +19,7 @@ from .source import disk_size
 from .state import PHASE_INITIAL, AgentStateError, DiskConfig, StateDir
 
 log = logging.getLogger("mobility-agent")
-_RATE = re.compile(r"^(\d+(?:\.\d+)?)([KMG]?)$", re.I)
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)([KMG]?)$", re.IGNORECASE)
 
 
 def parse_rate(text: str) -> float:

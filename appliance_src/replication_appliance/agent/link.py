@@ -12,12 +12,22 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..common.errors import ApplianceError
-from ..dataplane.frames import (HEADER_SIZE, Flag, Frame, FrameError, IncompleteFrame, Kind, decode, decode_header,
-                                encode, error_text)
+from ..dataplane.frames import (
+    HEADER_SIZE,
+    Flag,
+    Frame,
+    FrameError,
+    IncompleteFrame,
+    Kind,
+    decode,
+    decode_header,
+    encode,
+    error_text,
+)
 
 
 class LinkLost(ApplianceError):
@@ -93,7 +103,7 @@ class Link:
         self.throttle_events = 0
         self.error: ApplianceError | None = None
         self._closed = threading.Event()
-        self._digests: "queue.Queue[Frame]" = queue.Queue()
+        self._digests: queue.Queue[Frame] = queue.Queue()
         raw = socket.create_connection(address, timeout=connect_timeout)
         try:
             self.sock = ctx.wrap_socket(raw, server_hostname=address[0])

@@ -7,12 +7,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from pathlib import Path
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
 
-from ..dataplane.frames import MAX_DATA, Frame, Kind
 from ..dataplane.digests import BLOCK, DIGEST, DigestMap, changed_runs, digest_blocks
+from ..dataplane.frames import MAX_DATA, Frame, Kind
 from ..dataplane.session import MAX_DIGEST_BLOCKS
 from .link import Link, LinkLost, Outbox
 from .source import DiskReader, SourceError, disk_size

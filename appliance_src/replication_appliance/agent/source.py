@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Self
 
 from ..common.errors import ApplianceError
 
@@ -60,7 +61,7 @@ class DiskReader:
     def close(self) -> None:
         os.close(self._fd)
 
-    def __enter__(self) -> "DiskReader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

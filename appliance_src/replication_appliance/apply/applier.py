@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from ..common.errors import ApplianceError
 from ..dataplane.frames import Kind
-from ..dataplane.segment import blob_name, iter_records, parse_manifest, replica_name, unseal
+from ..dataplane.segment import (
+    blob_name,
+    iter_records,
+    parse_manifest,
+    replica_name,
+    unseal,
+)
 from ..dataplane.session import MachineRecord, resolve_in
 from ..storage.base import MAX_PAGE_WRITE, BlobNotFound, BlobStore
 from ..storage.keyring import DataKeyring
@@ -33,7 +38,7 @@ class AppliedPosition:
     seq: int  # last record applied
 
     @classmethod
-    def of(cls, metadata: dict[str, str]) -> "AppliedPosition":
+    def of(cls, metadata: dict[str, str]) -> AppliedPosition:
         return cls(int(metadata.get("applied_segno", -1)), int(metadata.get("applied_seq", 0)))
 
     def as_metadata(self) -> dict[str, str]:
@@ -55,7 +60,7 @@ def find_machine(store: BlobStore, id_or_hostname: str) -> MachineRecord:
 
 
 def iso(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class _Coalescer:

@@ -82,7 +82,7 @@ class DigestMap:
         self.dirty = False
 
     @classmethod
-    def load(cls, path: Path, disk_size: int) -> "DigestMap | None":
+    def load(cls, path: Path, disk_size: int) -> DigestMap | None:
         """The saved map, or None if it is missing or does not fit the disk (then: resync)."""
         try:
             raw = path.read_bytes()

@@ -62,6 +62,9 @@ ALLOWED_FLAGS = {
 }
 
 
+NO_FLAGS = Flag(0)
+
+
 class ErrorCode(enum.IntEnum):
     MALFORMED = 1
     NOT_AUTHORIZED = 2
@@ -88,7 +91,7 @@ class Frame:
     seq: int = 0
     offset: int = 0
     payload: bytes = b""
-    flags: Flag = Flag(0)
+    flags: Flag = NO_FLAGS
 
     @property
     def length(self) -> int:
@@ -142,9 +145,8 @@ def decode_header(buf: bytes | memoryview) -> Header:
         raise FrameError(ErrorCode.MALFORMED, "reserved header field must be zero")
     if length > _limit(kind):
         raise FrameError(ErrorCode.MALFORMED, f"{kind.name} payload length {length} exceeds the limit of {_limit(kind)} bytes")
-    if kind is Kind.DATA:
-        if length == 0 or length % SECTOR or offset % SECTOR:
-            raise FrameError(ErrorCode.MALFORMED, f"DATA offset {offset} and length {length} must be positive multiples of {SECTOR} bytes")
+    if kind is Kind.DATA and (length == 0 or length % SECTOR or offset % SECTOR):
+        raise FrameError(ErrorCode.MALFORMED, f"DATA offset {offset} and length {length} must be positive multiples of {SECTOR} bytes")
     return Header(kind, Flag(flags_v), uuid.UUID(bytes=bytes(machine)), disk, seq, offset, length, checksum)
 
 

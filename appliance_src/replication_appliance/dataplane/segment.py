@@ -7,16 +7,24 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..common.errors import ApplianceError
+from .frames import (
+    HEADER_SIZE,
+    FrameError,
+    Header,
+    IncompleteFrame,
+    Kind,
+    check_payload,
+    decode_header,
+)
 from .session import MachineRecord
-from .frames import HEADER_SIZE, FrameError, Header, IncompleteFrame, Kind, check_payload, decode_header
 
 FORMAT = "zstd+aes256gcm/1"
 NONCE = 12

@@ -12,7 +12,8 @@ from sqlalchemy.orm import selectinload
 
 from ..common.tls import server_ssl_context
 from ..dataplane.session import MachineRecord
-from ..db.models import Machine, ProcessServer as ProcessServerRow, utcnow
+from ..db.models import Machine, utcnow
+from ..db.models import ProcessServer as ProcessServerRow
 from ..storage import store_for_data_dir
 from .server import ProcessServer, ProcessServerConfig
 
@@ -78,7 +79,7 @@ async def _report_until_cancelled(ctx, server: ProcessServer) -> None:
         while True:
             try:
                 await asyncio.to_thread(_report, ctx, server)
-            except Exception as e:  # health reporting must never take the data port down
+            except Exception as e:  # noqa: BLE001 - health reporting must never take the data port down
                 log.warning("could not record the process server's health: %s", e)
             await asyncio.sleep(REPORT_INTERVAL_S)
     finally:

@@ -16,9 +16,24 @@ from pathlib import Path
 
 from ..common.secrets import MasterKey
 from ..common.tls import ROLE_AGENT, identity_from_der
-from ..dataplane.frames import (HEADER_SIZE, ErrorCode, Flag, Frame, FrameError, Kind, check_payload,
-                                decode_header, encode, error_frame)
-from ..dataplane.session import MachineDirectory, MachineRecord, Session, digest_block_count
+from ..dataplane.frames import (
+    HEADER_SIZE,
+    ErrorCode,
+    Flag,
+    Frame,
+    FrameError,
+    Kind,
+    check_payload,
+    decode_header,
+    encode,
+    error_frame,
+)
+from ..dataplane.session import (
+    MachineDirectory,
+    MachineRecord,
+    Session,
+    digest_block_count,
+)
 from ..storage.base import BlobStore, StorageError
 from ..storage.keyring import DataKeyring
 from .journal import Journals, MachineJournal

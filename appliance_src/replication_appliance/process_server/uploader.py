@@ -7,12 +7,19 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
-from ..dataplane.segment import FORMAT, blob_name, manifest_bytes, manifest_name, seal, split_by_disk, valid_prefix
+from ..dataplane.segment import (
+    FORMAT,
+    blob_name,
+    manifest_bytes,
+    manifest_name,
+    seal,
+    split_by_disk,
+    valid_prefix,
+)
 from ..dataplane.session import MachineRecord
 from ..storage.base import BlobStore, StorageError
 from ..storage.keyring import DataKeyring

@@ -3,13 +3,28 @@ keys, and replica disks (page blobs) with their snapshots (recovery points)."""
 from __future__ import annotations
 
 import functools
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
-from azure.core.exceptions import (ClientAuthenticationError, HttpResponseError, ResourceExistsError,
-                                   ResourceNotFoundError, ServiceRequestError, ServiceResponseError)
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
 from azure.storage.blob import BlobServiceClient
 
-from .base import MAX_PAGE_WRITE, BlobInfo, BlobNotFound, SnapshotInfo, StorageError, StorageUnavailable, check_page_range
+from .base import (
+    MAX_PAGE_WRITE,
+    BlobInfo,
+    BlobNotFound,
+    SnapshotInfo,
+    StorageError,
+    StorageUnavailable,
+    check_page_range,
+)
 
 CONTAINER = "replication"
 T = TypeVar("T")

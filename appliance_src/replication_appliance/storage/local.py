@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .base import BlobInfo, BlobNotFound, SnapshotInfo, StorageError, check_page_range
@@ -160,7 +160,7 @@ class LocalStore:
     def snapshot(self, name: str, metadata: dict[str, str]) -> str:
         src = self._page(name)
         with self._lock:
-            snap_id = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            snap_id = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             dest_dir = self._path("snapshots", name)
             dest_dir.mkdir(parents=True, exist_ok=True)
             while (dest_dir / snap_id).exists():  # same microsecond: keep ids unique and ordered

@@ -15,15 +15,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from replication_appliance.agent.link import Link, RateLimit
 from replication_appliance.agent.replicator import Replicator
 from replication_appliance.agent.state import AgentConfig, DiskConfig, StateDir
 from replication_appliance.common.secrets import MasterKey
-from replication_appliance.common.tls import (CertificateAuthority, cert_to_pem, client_ssl_context, key_to_pem,
-                                              make_csr, new_private_key, server_ssl_context)
+from replication_appliance.common.tls import (
+    CertificateAuthority,
+    cert_to_pem,
+    client_ssl_context,
+    key_to_pem,
+    make_csr,
+    new_private_key,
+    server_ssl_context,
+)
 from replication_appliance.dataplane.session import MachineRecord, StaticDirectory
-from replication_appliance.process_server.server import ProcessServer, ProcessServerConfig
+from replication_appliance.process_server.server import (
+    ProcessServer,
+    ProcessServerConfig,
+)
+
 from tests.fixtures.azurite import Azurite, azurite  # noqa: F401  (fixture)
 from tests.fixtures.ports import free_port, wait_for_port
 
@@ -188,13 +198,13 @@ class ServerProcess:
         machines.write_text(json.dumps([{"machine_id": str(r.machine_id), "hostname": r.hostname,
                                          "disk_sizes": list(r.disk_sizes)} for r in self.records]))
         env = dict(os.environ, APPLIANCE_STORAGE_CONNECTION_STRING=self.storage)
-        log = open(self.workdir / "process-server.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "replication_appliance.process_server", "--cache-dir", str(self.cache),
-             "--cert", str(self.pki.server_cert), "--key", str(self.pki.server_key), "--ca", str(self.pki.ca_pem),
-             "--machines", str(machines), "--master-key", str(self.master_key_path), "--storage", "env",
-             "--port", str(self.port), "--segment-age", "1", *self.extra],
-            stdout=log, stderr=subprocess.STDOUT, env=env)
+        with open(self.workdir / "process-server.log", "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "replication_appliance.process_server", "--cache-dir", str(self.cache),
+                 "--cert", str(self.pki.server_cert), "--key", str(self.pki.server_key), "--ca", str(self.pki.ca_pem),
+                 "--machines", str(machines), "--master-key", str(self.master_key_path), "--storage", "env",
+                 "--port", str(self.port), "--segment-age", "1", *self.extra],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
         wait_for_port(self.port, timeout=30)
 
     def kill(self) -> None:

@@ -6,7 +6,6 @@ import uuid
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from replication_appliance.dataplane import frames as F
 from replication_appliance.dataplane.session import MachineRecord, Session
 
@@ -66,7 +65,7 @@ def test_incomplete_frame_asks_for_more():
 @given(st.binary(max_size=4096))
 def test_fuzz_garbage_gives_frame_error_or_frames(blob):
     try:
-        frames, used = F.decode_all(blob)
+        _frames, used = F.decode_all(blob)
     except F.FrameError as e:
         assert str(e) and isinstance(e.code, F.ErrorCode)
     else:

@@ -7,10 +7,20 @@ import time
 import uuid
 
 import pytest
-
 from replication_appliance.dataplane import frames as F
-from replication_appliance.dataplane.segment import SegmentError, iter_records, seal, split_by_disk, unseal, valid_prefix
-from replication_appliance.process_server.journal import Journals, MachineJournal, read_state
+from replication_appliance.dataplane.segment import (
+    SegmentError,
+    iter_records,
+    seal,
+    split_by_disk,
+    unseal,
+    valid_prefix,
+)
+from replication_appliance.process_server.journal import (
+    Journals,
+    MachineJournal,
+    read_state,
+)
 
 M = uuid.uuid4()
 

@@ -9,8 +9,7 @@ import time
 import uuid
 
 import pytest
-
-from replication_appliance.agent.link import Link, Outbox, RateLimit, ServerRefused
+from replication_appliance.agent.link import Link, Outbox, RateLimit
 from replication_appliance.common.secrets import MasterKey
 from replication_appliance.common.tls import CertificateAuthority, client_ssl_context
 from replication_appliance.dataplane import frames as F
@@ -89,7 +88,7 @@ def test_session_acks_only_durable_data(pki, server, machines):
 def test_garbage_gets_a_clear_error_and_the_server_stays_up(pki, server, machines, garbage, expected):
     m = machines[0].machine_id
     s = tls(pki, server.port, m)
-    frame = lambda **kw: F.encode(F.Frame(F.Kind.DATA, m, **kw))  # noqa: E731
+    frame = lambda **kw: F.encode(F.Frame(F.Kind.DATA, m, **kw))
     if garbage == "data-before-hello":
         s.sendall(frame(seq=1, payload=b"x" * 512))
     else:

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from replication_appliance.storage import open_store
 
 from .conftest import TEXT, ServerProcess, make_machine, random_writes, sha256
@@ -18,7 +17,7 @@ MiB = 1 << 20
 
 
 def run(args: list[str], env: dict | None = None) -> str:
-    p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, f"{args[:3]} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
     return p.stdout
 

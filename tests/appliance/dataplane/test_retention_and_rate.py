@@ -6,12 +6,19 @@ import time
 import uuid
 
 import pytest
-
 from replication_appliance.agent.cli import parse_rate
 from replication_appliance.agent.link import RateLimit
 from replication_appliance.apply.applier import ApplyError
 from replication_appliance.apply.recovery_points import prune, recovery_points
-from replication_appliance.dataplane.digests import BLOCK, DIGEST, ZERO_DIGEST, DigestMap, Run, changed_runs, digest_blocks
+from replication_appliance.dataplane.digests import (
+    BLOCK,
+    DIGEST,
+    ZERO_DIGEST,
+    DigestMap,
+    Run,
+    changed_runs,
+    digest_blocks,
+)
 from replication_appliance.dataplane.segment import replica_name
 from replication_appliance.dataplane.session import MachineRecord
 from replication_appliance.storage import open_store

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from replication_appliance.common.tls import client_ssl_context
+
 from tests.fixtures.ports import free_port, wait_for_port
 
 from .conftest import make_image, random_writes, sha256
@@ -23,7 +23,7 @@ ADMIN_PASSWORD = "correct-horse-battery-staple"
 
 
 def cli(*args: str, env: dict, ok: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=180)
+    p = subprocess.run([sys.executable, "-m", *args], check=False, capture_output=True, text=True, env=env, timeout=180)
     if ok:
         assert p.returncode == 0, f"{args[:3]} failed:\n{p.stdout}\n{p.stderr}"
     return p
@@ -38,9 +38,9 @@ def appliance(tmp_path, azurite):
     cli("replication_appliance.cli", "init", "--data-dir", str(d), "--hostname", "127.0.0.1", "--address", "127.0.0.1",
         "--admin-password-file", str(tmp_path / "admin"), "--control-port", str(control), "--data-port", str(data),
         "--cache-quota-gb", "4", env=env)
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "replication_appliance.cli", "serve", "--data-dir", str(d),
-                             "--bind", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "replication_appliance.cli", "serve", "--data-dir", str(d),
+                                 "--bind", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for_port(control, timeout=60)
         wait_for_port(data, timeout=60)
