@@ -33,9 +33,13 @@ def test_periodic_flush_writes_state_changes_now_and_counters_later(appliance, t
     fingerprint = store._views[agent.machine_id].fingerprint
     store._figures[agent.machine_id].written_at = hb_module.time.monotonic()  # just written
 
+    # An agent heard for the first time (push install waits for this) is written at once.
+    assert store.apply(agent.machine_id, fingerprint, heartbeat(replicated=3), "127.0.0.1", utcnow()) is not None
+    assert store.flush(everything=False) == 1
+    assert row(appliance, agent.machine_id)[1] is not None
     assert store.apply(agent.machine_id, fingerprint, heartbeat(replicated=7), "127.0.0.1", utcnow()) is not None
     assert store.flush(everything=False) == 0  # plain counters wait for their interval
-    assert row(appliance, agent.machine_id)[2]["/dev/sda"] == 0
+    assert row(appliance, agent.machine_id)[2]["/dev/sda"] == 3
 
     with appliance.operator() as op:
         op.post(f"/api/v1/machines/{agent.machine_id}/actions", json={"action": "enable"})
@@ -51,6 +55,25 @@ def test_periodic_flush_writes_state_changes_now_and_counters_later(appliance, t
     monkeypatch.setattr(hb_module, "TELEMETRY_WRITE_S", 0.0)
     assert store.flush(everything=False) == 1
     assert row(appliance, agent.machine_id)[2]["/dev/sda"] == 11
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_an_agent_heard_again_after_a_silence_is_written_at_once(appliance, tmp_path):
+    import datetime as dt
+
+    agent = appliance.register_agent(tmp_path)
+    store = HeartbeatStore(appliance.serve_ctx.sessions)
+    store.load_all()
+    fingerprint = store._views[agent.machine_id].fingerprint
+    start = utcnow()
+    store.apply(agent.machine_id, fingerprint, heartbeat(), "127.0.0.1", start)
+    assert store.flush(everything=False) == 1
+    store.apply(agent.machine_id, fingerprint, heartbeat(), "127.0.0.1", start + dt.timedelta(seconds=5))
+    assert store.flush(everything=False) == 0  # a regular heartbeat: nothing urgent
+    back = start + dt.timedelta(seconds=5 + 3 * hb_module.HEARTBEAT_INTERVAL_S)
+    store.apply(agent.machine_id, fingerprint, heartbeat(), "127.0.0.1", back)
+    assert store.flush(everything=False) == 1
+    assert row(appliance, agent.machine_id)[1] == back
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])

@@ -66,11 +66,13 @@ class AgentFigures:
     disk_ids: dict[str, int] = field(default_factory=dict)
     audits: list[tuple[State, State, str, dt.datetime]] = field(default_factory=list)
     resync_settled: bool = False
+    returned: bool = False  # first heartbeat after a silence (a new or restarted agent)
     written_at: float = 0.0  # monotonic time of the last write to the database
 
     def urgent(self) -> bool:
-        """A state change (and its audit entry) is written at the next flush, not later."""
-        return bool(self.audits) or self.resync_settled
+        """A state change (and its audit entry), or an agent heard again after a silence (push
+        install waits for that), is written at the next flush, not later."""
+        return bool(self.audits) or self.resync_settled or self.returned
 
 
 class HeartbeatStore:
@@ -165,6 +167,9 @@ class HeartbeatStore:
             if stored.state != figures.state:
                 figures.audits.append((figures.state, stored.state, remote, now))
                 figures.state_changed_at = now
+            silence = dt.timedelta(seconds=2 * HEARTBEAT_INTERVAL_S)
+            if figures.last_heartbeat_at is None or now - figures.last_heartbeat_at > silence:
+                figures.returned = True
             figures.state, figures.percent, figures.last_heartbeat_at = stored.state, stored.initial_sync_percent, now
             figures.disks.update(counters)
             settled = settle_desired(view.desired, stored.state)
@@ -204,6 +209,7 @@ class HeartbeatStore:
                     for m, snap in batch.items():
                         self._figures[m].audits[:0] = snap["audits"]
                         self._figures[m].resync_settled |= snap["resync_settled"]
+                        self._figures[m].returned |= snap["returned"]
                         self._dirty.add(m)
                 raise
             return len(batch)
@@ -212,8 +218,9 @@ class HeartbeatStore:
         f = self._figures[machine_id]
         f.written_at = now
         snap = {"state": f.state.value, "percent": f.percent, "changed": f.state_changed_at, "seen": f.last_heartbeat_at,
-                "disks": {f.disk_ids[n]: c for n, c in f.disks.items() if n in f.disk_ids}, "audits": f.audits, "resync_settled": f.resync_settled}
-        f.audits, f.resync_settled = [], False
+                "disks": {f.disk_ids[n]: c for n, c in f.disks.items() if n in f.disk_ids}, "audits": f.audits, "resync_settled": f.resync_settled,
+                "returned": f.returned}
+        f.audits, f.resync_settled, f.returned = [], False, False
         return snap
 
     def _write(self, batch: dict[str, dict]) -> None:
