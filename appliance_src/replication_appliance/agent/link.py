@@ -105,6 +105,7 @@ class Link:
         self._closed = threading.Event()
         self._digests: queue.Queue[Frame] = queue.Queue()
         raw = socket.create_connection(address, timeout=connect_timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are written whole anyway
         try:
             self.sock = ctx.wrap_socket(raw, server_hostname=address[0])
         except (ssl.SSLError, OSError):

@@ -204,6 +204,8 @@ class ProcessServer:
 
     def _serve(self, raw: socket.socket, addr) -> None:
         raw.settimeout(30)
+        # ACKs are small and answer small frames: without this, Nagle + delayed ACK add 40 ms.
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             first = raw.recv(1, socket.MSG_PEEK)
             if first and first != TLS_HANDSHAKE:
