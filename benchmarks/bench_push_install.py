@@ -5,10 +5,12 @@ under its own temporary prefix; the appliance is `appliance serve` on free loopb
 a SQLite database; the push installs run as `appliance agents upgrade` would run them (one
 thread per target, jobs recorded in the database).
 
-Prints wall time, appliance CPU (the orchestrating process plus `appliance serve`) and the
-whole machine's CPU, for 1 target and for N at once, and the time per step. Goal: N at once
-in less than twice the time of one. Note that here the targets' own work (unpacking, venv,
-pip install, agent start) runs on the same 2 cores as the appliance.
+Prints wall time, appliance CPU (the orchestrating process plus `appliance serve`), the targets'
+CPU (each sshd with the sessions it ran, and the agents left running) and the whole machine's
+CPU (other work on the machine included), for 1 target and for N at once, and the time per step.
+Goal: N at once in less than twice the time of one. Note that here the targets' own work
+(remote shells, unpacking, the venv and its wheels, registration, agent start) runs on the same
+2 cores as the appliance.
 
     .venv/bin/python benchmarks/bench_push_install.py [--targets 20] [--heartbeat-timeout 120]
 """
@@ -55,6 +57,22 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
+def target_cpu_seconds(sshds: list[psutil.Process], prefixes: list[Path]) -> float:
+    """CPU of the targets' side: each sshd with every session it ran (reaped children count, so
+    bash, install.sh, Python...) and the agents those sessions left running (pid files)."""
+    total = 0.0
+    for proc in sshds:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    for prefix in prefixes:
+        pidfile = prefix / "var" / "lib" / "mobility-agent" / "agent.pid"
+        with contextlib.suppress(OSError, ValueError, psutil.NoSuchProcess):
+            t = psutil.Process(int(pidfile.read_text())).cpu_times()
+            total += t.user + t.system
+    return total
+
+
 def machine_cpu_seconds() -> float:
     t = psutil.cpu_times()
     return t.user + t.system + getattr(t, "nice", 0.0)
@@ -67,14 +85,17 @@ def keep_process_server_calm(data_dir: DataDir, stop: threading.Event) -> None:
 
 
 def run_round(data_dir: DataDir, sessions, jobs: list[service.PushJob], server: str, timeout: float,
-              serve: psutil.Process) -> dict:
+              serve: psutil.Process, sshds: list[psutil.Process]) -> dict:
     me = psutil.Process()
+    prefixes = [Path(job.target.install_root) for job in jobs]
+    targets0 = target_cpu_seconds(sshds, prefixes)
     cpu0, machine0, t0 = cpu_seconds([me, serve]), machine_cpu_seconds(), time.perf_counter()
     started = utcnow()
     results = service.run_jobs(data_dir, sessions, jobs, parallel=len(jobs), server=server, heartbeat_timeout=timeout)
     wall = time.perf_counter() - t0
     return {"wall": wall, "appliance_cpu": cpu_seconds([me, serve]) - cpu0,
             "machine_cpu": machine_cpu_seconds() - machine0, "results": results,
+            "target_cpu": target_cpu_seconds(sshds, prefixes) - targets0,
             "to_started": last_step_end(sessions, [job_id for job_id, _o, _e in results], "start", started)}
 
 
@@ -155,12 +176,13 @@ def main() -> int:
         server = f"127.0.0.1:{config.control_port}"
         serve_proc = psutil.Process(serve.pid)
         first, batch = [job(0)], [job(i) for i in range(1, args.targets + 1)]
-        single = run_round(data_dir, sessions, first, server, args.heartbeat_timeout, serve_proc)
-        many = run_round(data_dir, sessions, batch, server, args.heartbeat_timeout, serve_proc)
+        sshd_procs = [psutil.Process(s.pid) for s in servers]
+        single = run_round(data_dir, sessions, first, server, args.heartbeat_timeout, serve_proc, sshd_procs[:1])
+        many = run_round(data_dir, sessions, batch, server, args.heartbeat_timeout, serve_proc, sshd_procs[1:])
         # Second runs change nothing on the targets: what is left is the appliance's own work
         # (SSH, reading the installed version and identity, start check, heartbeat lookup).
-        single_again = run_round(data_dir, sessions, first, server, args.heartbeat_timeout, serve_proc)
-        many_again = run_round(data_dir, sessions, batch, server, args.heartbeat_timeout, serve_proc)
+        single_again = run_round(data_dir, sessions, first, server, args.heartbeat_timeout, serve_proc, sshd_procs[:1])
+        many_again = run_round(data_dir, sessions, batch, server, args.heartbeat_timeout, serve_proc, sshd_procs[1:])
 
         for label, figures in (("1 target", single), (f"{args.targets} targets at once", many),
                                ("1 target, second run", single_again),
@@ -168,12 +190,15 @@ def main() -> int:
             failed = [error for _job, _outcome, error in figures["results"] if error]
             to_started = "n/a" if figures["to_started"] is None else f"{figures['to_started']:.1f} s"
             print(f"{label:<22} wall {figures['wall']:7.1f} s   all agents started after {to_started}   "
-                  f"appliance CPU {figures['appliance_cpu']:6.1f} s   machine CPU {figures['machine_cpu']:7.1f} s   "
+                  f"appliance CPU {figures['appliance_cpu']:6.1f} s   targets CPU {figures['target_cpu']:6.1f} s   "
+                  f"machine CPU {figures['machine_cpu']:7.1f} s   "
                   f"failed {len(failed)}")
             for error in sorted(set(failed))[:3]:
                 print(f"    error: {error[:200]}")
             steps = step_times(sessions, [job_id for job_id, _o, _e in figures["results"]])
             print("    mean step seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))
+        print(f"targets' own CPU per target: {single['target_cpu']:.2f} s alone, "
+              f"{many['target_cpu'] / args.targets:.2f} s in the batch (sshd sessions, install, agent)")
         ratio = many["wall"] / single["wall"]
         print(f"ratio {args.targets} at once / 1 = {ratio:.2f}x wall (goal < 2x); appliance CPU per target: "
               f"{single['appliance_cpu']:.2f} s alone, {many['appliance_cpu'] / args.targets:.2f} s in the batch")

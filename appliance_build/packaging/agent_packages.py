@@ -1,11 +1,12 @@
 """Mobility agent packages: dist/mobility-agent-<version>-linux.tar.gz and -windows.zip.
 
 Linux (`mobility-agent-<v>-linux/`): install.sh (check, install or upgrade under a prefix,
-start/stop, uninstall), the systemd unit (runs as root), wheels for manylinux x86_64 cp311 and
-manifest.json. Windows (`mobility-agent-<v>-windows/`): Install-MobilityAgent.ps1, the service
-host, the shared Python-runtime step, win_amd64 cp311 wheels and manifest.json. Both carry the
-appliance wheel (the agent is `replication_appliance.agent`) with only the agent's own
-dependencies, and pip as a wheel so the target needs nothing but Python.
+start/stop, uninstall), install_wheels.py (the venv and its wheels in one process, no pip), the
+systemd unit (runs as root), wheels for manylinux x86_64 cp311 and manifest.json.
+Windows (`mobility-agent-<v>-windows/`): Install-MobilityAgent.ps1, the service host, the shared
+Python-runtime step, win_amd64 cp311 wheels and manifest.json. Both carry the appliance wheel
+(the agent is `replication_appliance.agent`) with only the agent's own dependencies, and pip as
+a wheel (the Windows installer runs it), so the target needs nothing but Python.
 """
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ from .manifest import build_manifest, write_sha256sums
 INSTALLER_DIR = REPO_ROOT / "installer"
 # The distributions the agent imports (a subset of the appliance's; versions come from its pyproject).
 AGENT_DEPENDENCIES = ("cryptography", "httpx", "zstandard", "xxhash", "psutil", "pyyaml")
-# pip travels as a wheel: the installer runs it from the wheel to fill a venv made without pip.
+# pip travels as a wheel: the Windows installer runs it from the wheel to fill a venv made without
+# pip (on Linux install_wheels.py unpacks the wheels itself and leaves pip's aside).
 # pywin32 hosts the agent as a Windows service (mobility_agent_service.py).
 PLATFORM_REQUIREMENTS = {wheels.LINUX_X64.name: ["pip"], wheels.WINDOWS_X64.name: ["pip", "pywin32"]}
 
-LINUX_FILES = {"install.sh": "agent/linux/install.sh", "mobility-agent.service": "agent/linux/mobility-agent.service"}
+LINUX_FILES = {"install.sh": "agent/linux/install.sh", "install_wheels.py": "agent/linux/install_wheels.py",
+               "mobility-agent.service": "agent/linux/mobility-agent.service"}
 WINDOWS_FILES = {"Install-MobilityAgent.ps1": "agent/windows/Install-MobilityAgent.ps1",
                  "mobility_agent_service.py": "agent/windows/mobility_agent_service.py",
                  "Install-PythonRuntime.ps1": "windows/Install-PythonRuntime.ps1"}

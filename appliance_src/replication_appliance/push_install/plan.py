@@ -142,6 +142,15 @@ class LinuxLayout:
     def installer_command(self, action: str) -> str:
         return f"sh {shlex.quote(self.installer)} {action}{self.prefix_args()}"
 
+    def check_commands(self) -> list[str]:
+        """The check step in one remote shell: the copied package's checksum, unpacking, prerequisites."""
+        return [f"{self.verify_and_unpack()} && {self.installer_command('check')}"]
+
+    def start_commands(self, clean_staging: bool) -> list[str]:
+        """The start step in one remote shell; the staging folder goes with it once it is not needed."""
+        start = self.control_command("start")
+        return [f"{start} && {self.cleanup()}" if clean_staging else start]
+
     def control_command(self, action: str) -> str:
         """start/stop/status through the installed version's own copy of install.sh."""
         script = f"{self.target.prefix}/opt/mobility-agent/current/install.sh"
@@ -232,6 +241,13 @@ class WindowsLayout:
     def installer_command(self, action: str) -> str:
         """`action` as install.sh names it (check, install, start...); the script's -Action is capitalised."""
         return f"& {ps_quote(self.installer)} -Action {action.capitalize()}; exit $LASTEXITCODE"
+
+    def check_commands(self) -> list[str]:
+        """The copied package's checksum and unpacking, then the prerequisites (each ends its script)."""
+        return [self.verify_and_unpack(), self.installer_command("check")]
+
+    def start_commands(self, clean_staging: bool) -> list[str]:
+        return [self.control_command("start"), *([self.cleanup()] if clean_staging else [])]
 
     def control_command(self, action: str) -> str:
         """Start/Stop/Status through the installed version's own copy of the script."""

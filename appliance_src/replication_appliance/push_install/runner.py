@@ -52,6 +52,7 @@ class PushOutcome:
 HeartbeatProbe = Callable[[str, float], "str | None"]
 # An agent already in place heartbeats every few minutes; one within the health rule's 15 minutes counts.
 RECENT_HEARTBEAT_S = 15 * 60
+HEARTBEAT_FIRST_POLL_S, HEARTBEAT_MAX_POLL_S = 0.05, 0.5
 
 
 def layout_for(request: PushRequest) -> LinuxLayout | WindowsLayout:
@@ -70,19 +71,22 @@ def run_push_install(request: PushRequest, transport: Transport, sink: ProgressS
     registered = identity is not None and identity.get("control_server") == request.control_server
     up_to_date = current == request.package.version and registered
     step = _Steps(sink)
+    staged = False  # a staging folder may exist on the target and is to be removed
     try:
         if up_to_date:
             for name in ("copy", "check", "install", "register"):
                 sink.step(name, "skipped", f"agent {current} installed and registered")
         else:
+            staged = True
             with step("copy"):
                 _run(transport, "copy", layout.prepare_staging(request.credential_owner))
                 transport.put(request.package.path, layout.upload_path)
                 transport.put(request.ca_cert, layout.ca_file)
-                _run(transport, "copy", layout.verify_and_unpack())
-                step.message = f"{request.package.path.name} (SHA-256 {request.package.sha256[:12]}...) copied and checked"
+                step.message = f"{request.package.path.name} and the appliance CA copied"
             with step("check"):
-                _run(transport, "check", layout.installer_command("check"))
+                for command in layout.check_commands():
+                    _run(transport, "check", command)
+                step.message = f"SHA-256 {request.package.sha256[:12]}... matches on the target; prerequisites met"
             heartbeat_since = time.time()  # from here on, only the new agent's heartbeat counts
             with step("install"):
                 result = transport.run(layout.installer_command("install"))
@@ -104,14 +108,18 @@ def run_push_install(request: PushRequest, transport: Transport, sink: ProgressS
                     step.message = f"registered as machine {identity['machine_id']}"
         assert identity is not None
         with step("start"):
-            result = _run(transport, "start", layout.control_command("start"))
-            step.message = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "running"
+            # The staging folder is not needed any more: it goes in the same round trip.
+            for command in layout.start_commands(clean_staging=staged):
+                result = _run(transport, "start", command)
+                words = result.stdout.strip().splitlines()
+                step.message = step.message or (words[-1] if words else "running")
+            staged = False
         with step("heartbeat"):
             version = _wait_for_heartbeat(heartbeat, identity["machine_id"], heartbeat_since, heartbeat_timeout)
             step.message = f"heartbeat from agent {version}"
         return PushOutcome(identity["machine_id"], request.package.version, changed=not up_to_date)
     finally:
-        if not up_to_date:
+        if staged:
             _cleanup(transport, layout.cleanup())
 
 
@@ -166,11 +174,13 @@ def _identity(text: str | None) -> dict | None:
 
 
 def _wait_for_heartbeat(probe: HeartbeatProbe, machine_id: str, since: float, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
+    # The agent heartbeats as it starts: look often at first, then back off to spare the database.
+    deadline, pause = time.monotonic() + timeout, HEARTBEAT_FIRST_POLL_S
     while time.monotonic() < deadline:
         version = probe(machine_id, since)
         if version is not None:
             return version
-        time.sleep(0.5)
+        time.sleep(pause)
+        pause = min(pause * 1.5, HEARTBEAT_MAX_POLL_S)
     raise StepFailed("heartbeat", f"no heartbeat from machine {machine_id} within {timeout:.0f}s; the agent is "
                                   "installed and registered: check its log and that it reaches the appliance")

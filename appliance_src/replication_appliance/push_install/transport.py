@@ -105,6 +105,15 @@ class SshTransport:
         self.sftp.put(str(local), remote)
 
     def read_text(self, remote: str) -> str | None:
+        """Root reads over the SFTP session (no remote shell to start); a sudoer through `sudo cat`."""
+        if not self.sudo:
+            try:
+                with self.sftp.open(remote, "r") as fh:
+                    return fh.read().decode(errors="replace") or None
+            except FileNotFoundError:
+                return None
+            except OSError:
+                pass  # not readable over SFTP (permissions): as root through the shell below
         result = self.run(f"cat {shlex.quote(remote)} 2>/dev/null || true")
         return result.stdout or None
 

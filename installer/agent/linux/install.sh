@@ -35,6 +35,7 @@ while [ $# -gt 0 ]; do
 done
 PREFIX=${PREFIX%/}
 PYTHON=${MOBILITY_AGENT_PYTHON:-python3}
+PYTHON_EXE=$PYTHON
 [ -f "$PACKAGE_DIR/manifest.json" ] || { echo "install.sh: no manifest.json beside it: run it from the unpacked package" >&2; exit 2; }
 # manifest.json is written with one key per line and a one-space indent at the top level.
 VERSION=$(sed -n 's/^ "version": "\([^"]*\)",*$/\1/p' "$PACKAGE_DIR/manifest.json")
@@ -65,7 +66,11 @@ check() {
     report "$([ "$(id -u)" = 0 ] && echo 1 || echo 0)" "root" "uid $(id -u) (the agent runs as root; use root or sudo)"
     arch=$(uname -m)
     report "$([ "$arch" = x86_64 ] && echo 1 || echo 0)" "architecture" "$arch (x86_64 needed)"
-    if found=$("$PYTHON" -c 'import sys, venv; print("%d.%d" % sys.version_info[:2])' 2>/dev/null); then
+    # The interpreter's own path is kept (PYTHON_EXE): a launcher in PATH (pyenv's shims, say)
+    # is then not run again for every later step.
+    if found=$("$PYTHON" -c 'import sys, venv; print("%d.%d %s" % (*sys.version_info[:2], sys.executable))' 2>/dev/null); then
+        PYTHON_EXE=${found#* }
+        found=${found%% *}
         report "$([ "$found" = "$REQUIRED_PYTHON" ] && echo 1 || echo 0)" "python" "$PYTHON is $found ($REQUIRED_PYTHON with venv needed)"
     else
         report 0 "python" "$PYTHON with the venv module not found ($REQUIRED_PYTHON needed)"
@@ -152,16 +157,14 @@ install() {
     # it (the EXIT trap) and the running version, if any, is untouched.
     rm -rf "$target"
     trap 'rm -rf "$target"' EXIT
-    "$PYTHON" -m venv --without-pip "$target"
-    pip_wheel=$(ls "$PACKAGE_DIR"/wheels/pip-*.whl | head -n1)
-    # pip runs from its wheel and stays out of the venv (each version gets a new venv); with
-    # --no-compile the agent compiles what it imports on first start: installing stays light.
+    # One isolated Python process makes the venv and unpacks the locked wheels into it (no pip,
+    # no bytecode compilation: the agent's first import writes what it uses).
     set --
     for wheel in "$PACKAGE_DIR"/wheels/*.whl; do
-        case "$wheel" in "$pip_wheel") ;; *) set -- "$@" "$wheel" ;; esac
+        case "$(basename "$wheel")" in pip-*) ;; *) set -- "$@" "$wheel" ;; esac
     done
-    "$target/bin/python" "$pip_wheel/pip" install --quiet --no-index --no-compile --disable-pip-version-check \
-        --find-links "$PACKAGE_DIR/wheels" --no-deps "$@"
+    "$PYTHON_EXE" -I -S "$PACKAGE_DIR/install_wheels.py" "$target" "$@"
+    # Starting the installed agent proves every module it imports is there (and compiles them once).
     "$target/bin/mobility-agent" --help >/dev/null || fail "the installed agent does not start (see above)"
     # The control script stays with the version (start/stop/status/uninstall after the package is gone).
     cp "$PACKAGE_DIR/install.sh" "$PACKAGE_DIR/manifest.json" "$PACKAGE_DIR/mobility-agent.service" "$target/"
