@@ -11,7 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..dataplane.digests import BLOCK, DIGEST, DigestMap, changed_runs, digest_blocks
+from ..dataplane.digests import (
+    BLOCK,
+    CHUNK,
+    DIGEST,
+    DigestMap,
+    changed_runs,
+    chunk_digest,
+    digest_blocks,
+)
 from ..dataplane.frames import MAX_DATA, Frame, Kind
 from ..dataplane.session import MAX_DIGEST_BLOCKS
 from .link import Link, LinkLost, Outbox
@@ -19,7 +27,6 @@ from .source import DiskReader, SourceError, disk_size
 from .state import PHASE_DELTA, PHASE_INITIAL, AgentConfig, StateDir
 
 log = logging.getLogger(__name__)
-CHUNK = 4 * 1024 * 1024
 FRAME_BYTES = 1024 * 1024
 
 
@@ -137,11 +144,15 @@ class Replicator:
         while pos < reader.size:
             chunk = reader.read(pos)
             self.report.bytes_read += len(chunk)
+            end = pos + len(chunk)
+            whole = chunk_digest(chunk)
+            if not initial and dmap.chunk_matches(pos, whole):
+                pos = end  # unchanged since it was last sent
+                continue
             digests = digest_blocks(chunk)
             first_block = pos // BLOCK
-            runs = changed_runs(b"" if initial else bytes(dmap.slice(first_block, len(digests) // 16)),
+            runs = changed_runs(b"" if initial else bytes(dmap.slice(first_block, len(digests) // DIGEST)),
                                 digests, self._frame_blocks, skip_zero=initial)
-            end = pos + len(chunk)
             for i, run in enumerate(runs):
                 lo, hi = run.first * BLOCK, min((run.first + run.count) * BLOCK, len(chunk))
                 # the chunk's last frame, once acknowledged, covers the whole chunk
@@ -149,8 +160,7 @@ class Replicator:
                 self._send(Kind.DATA, disk, pos + lo, bytes(chunk[lo:hi]), done)
             if not runs and self.outbox.bytes == 0:
                 progress.advance(end)  # nothing to send and nothing outstanding
-            if runs or initial:
-                dmap.update(first_block, digests)
+            dmap.update(pos, digests, whole)
             pos = end
             if checkpoint and time.monotonic() - last_save > self._checkpoint_every:
                 checkpoint(progress.offset)
@@ -189,7 +199,7 @@ class Replicator:
                 for run in runs:
                     lo, hi = run.first * BLOCK, min((run.first + run.count) * BLOCK, len(chunk))
                     self._send(Kind.DATA, disk, pos + lo, bytes(chunk[lo:hi]))
-                dmap.update(pos // BLOCK, digests)
+                dmap.update(pos, digests, chunk_digest(chunk))
                 pos += len(chunk)
 
     def run_cycle(self) -> CycleReport:
@@ -221,7 +231,7 @@ class Replicator:
                             dmap.save(self.state.digests(disk))
                             self.state.save_disk(disk, st)
 
-                        self._pass(disk, reader, dmap, st.initial_offset - st.initial_offset % BLOCK, True, checkpoint)
+                        self._pass(disk, reader, dmap, st.initial_offset - st.initial_offset % CHUNK, True, checkpoint)
                     elif dmap is None:
                         self.report.phases.append(f"disk {disk}: resync")
                         dmap = DigestMap(reader.size)

@@ -12,11 +12,12 @@ from replication_appliance.apply.applier import ApplyError
 from replication_appliance.apply.recovery_points import prune, recovery_points
 from replication_appliance.dataplane.digests import (
     BLOCK,
-    DIGEST,
+    CHUNK,
     ZERO_DIGEST,
     DigestMap,
     Run,
     changed_runs,
+    chunk_digest,
     digest_blocks,
 )
 from replication_appliance.dataplane.segment import replica_name
@@ -77,11 +78,16 @@ def test_changed_runs():
 
 
 def test_digest_map_round_trip_and_mismatch(tmp_path):
-    m = DigestMap(10 * BLOCK + 512)
-    assert m.blocks == 11 and bytes(m.slice(0, 1)) == ZERO_DIGEST
-    m.update(3, b"x" * DIGEST)
+    size = CHUNK + 10 * BLOCK + 512
+    m = DigestMap(size)
+    assert (m.blocks, m.chunk_count) == (1024 + 11, 2) and bytes(m.slice(0, 1)) == ZERO_DIGEST
+    assert not m.chunk_matches(0, chunk_digest(bytes(CHUNK)))  # unknown until recorded
+    tail = b"t" * (10 * BLOCK + 512)
+    m.update(CHUNK, digest_blocks(tail), chunk_digest(tail))
+    assert m.chunk_matches(CHUNK, chunk_digest(tail)) and bytes(m.slice(1024, 11)) == digest_blocks(tail)
     m.save(tmp_path / "d")
-    assert DigestMap.load(tmp_path / "d", 10 * BLOCK + 512).data == m.data
+    loaded = DigestMap.load(tmp_path / "d", size)
+    assert loaded.data == m.data and loaded.chunks == m.chunks and not loaded.dirty
     assert DigestMap.load(tmp_path / "d", 20 * BLOCK) is None  # another disk size: resync
     (tmp_path / "d").write_bytes(b"garbage")
-    assert DigestMap.load(tmp_path / "d", 10 * BLOCK + 512) is None
+    assert DigestMap.load(tmp_path / "d", size) is None
