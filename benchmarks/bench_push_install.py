@@ -61,8 +61,9 @@ def target_cpu_seconds(sshds: list[psutil.Process], prefixes: list[Path]) -> flo
     """CPU of the targets' side: each sshd with every session it ran (reaped children count, so
     bash, install.sh, Python...) and the agents those sessions left running (pid files)."""
     total = 0.0
-    for proc in sshds:
+    for proc in sshds:  # closed sessions count once sshd has reaped them
         with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.wait_procs(proc.children(), timeout=5)
             t = proc.cpu_times()
             total += t.user + t.system + t.children_user + t.children_system
     for prefix in prefixes:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from appliance_build.packaging.agent_packages import package_paths
-from appliance_build.version import APPLIANCE_VERSION
+from appliance_build.version import APPLIANCE_VERSION, REPO_ROOT
+
+INSTALL_WHEELS = REPO_ROOT / "installer" / "agent" / "linux" / "install_wheels.py"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +44,10 @@ def test_install_is_idempotent_and_keeps_a_control_script(installed):
     assert control.is_file()
     site = next((prefix / "opt" / "mobility-agent" / "current" / "lib").glob("python3*/site-packages"))
     assert (site / "replication_appliance" / "agent" / "cli.py").is_file()
-    assert not (site / "pip").exists()  # pip ran from its wheel, the venv carries only the agent
+    assert not (site / "pip").exists()  # no pip: install_wheels.py unpacked the wheels, the venv carries only the agent
+    meta = next(site.glob("replication_appliance-*.dist-info"))
+    assert (meta / "INSTALLER").read_text().strip() == "mobility-agent-install"
+    assert "../../../bin/mobility-agent,," in (meta / "RECORD").read_text()
     status = subprocess.run(["sh", str(control), "status", "--prefix", str(prefix)], capture_output=True, text=True)
     assert status.stdout.strip() == f"installed {APPLIANCE_VERSION} stopped"
     assert (prefix / "var" / "lib" / "mobility-agent").stat().st_mode & 0o077 == 0
@@ -81,3 +88,47 @@ def test_uninstall_keeps_the_registration_state(installed, tmp_path: Path):
     assert result.returncode == 0 and "registration and state kept" in result.stdout
     assert not (prefix / "opt" / "mobility-agent").exists()
     assert (state / "agent.json").read_text() == '{"machine_id": "kept"}'
+
+
+def demo_wheel(path: Path, extra: dict[str, str] | None = None) -> Path:
+    """A small wheel with a package, a console script, a .data script and a .data file."""
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr("demo/__init__.py", "def main():\n    print('demo says hi')\n    return 3\n")
+        wheel.writestr("demo-1.0.data/scripts/demo-raw", "#!python\nimport demo\nraise SystemExit(demo.main())\n")
+        wheel.writestr("demo-1.0.data/data/share/demo/readme.txt", "shared data\n")
+        wheel.writestr("demo-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n")
+        wheel.writestr("demo-1.0.dist-info/entry_points.txt", "[console_scripts]\ndemo-tool = demo:main\n")
+        wheel.writestr("demo-1.0.dist-info/RECORD", "")
+        for name, text in (extra or {}).items():
+            wheel.writestr(name, text)
+    return path
+
+
+def install_wheels(venv: Path, *wheels: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-I", "-S", str(INSTALL_WHEELS), str(venv), *map(str, wheels)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_install_wheels_follows_the_wheel_format(tmp_path: Path):
+    venv = tmp_path / "venv"
+    result = install_wheels(venv, demo_wheel(tmp_path / "demo-1.0-py3-none-any.whl"))
+    assert result.returncode == 0, result.stderr
+    assert (venv / "pyvenv.cfg").is_file() and not list(venv.glob("lib/python3*/site-packages/pip"))
+    # The console script and the .data script run with the venv's Python and find the package.
+    tool = subprocess.run([str(venv / "bin" / "demo-tool")], capture_output=True, text=True)
+    assert (tool.returncode, tool.stdout) == (3, "demo says hi\n")
+    raw = venv / "bin" / "demo-raw"
+    assert raw.read_text().startswith(f"#!{venv / 'bin' / 'python'}\n")
+    assert subprocess.run([str(raw)], capture_output=True, text=True).stdout == "demo says hi\n"
+    assert (venv / "share" / "demo" / "readme.txt").read_text() == "shared data\n"
+    record = next(venv.glob("lib/python3*/site-packages/demo-1.0.dist-info/RECORD")).read_text()
+    assert "demo/__init__.py,," in record and "../../../bin/demo-tool,," in record
+
+
+def test_install_wheels_refuses_a_member_outside_the_venv(tmp_path: Path):
+    venv = tmp_path / "venv"
+    evil = demo_wheel(tmp_path / "demo-1.0-py3-none-any.whl", {"../../escaped.txt": "x"})
+    result = install_wheels(venv, evil)
+    assert result.returncode == 1
+    assert "'../../escaped.txt' would be written outside the venv" in result.stderr
+    assert not (tmp_path / "escaped.txt").exists() and not list(tmp_path.rglob("escaped.txt"))

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import io
+import re
+import secrets
+import select
 import shlex
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -68,32 +72,43 @@ class SshTransport:
         with _known_hosts_lock:
             known_hosts.parent.mkdir(parents=True, exist_ok=True)
             self.client.save_host_keys(str(known_hosts))
+        self.label = target.label
         self._sftp: paramiko.SFTPClient | None = None
+        self._channel: paramiko.Channel | None = None
 
     def run(self, command: str, stdin: str | None = None, as_root: bool = True, timeout: float = 900) -> CommandResult:
+        """Run `command` in a subshell of the connection's one remote shell.
+
+        The login shell (and whatever the account's startup files do) starts once per target,
+        not once per command. The command's input is a here-document (the passphrase or sudo
+        password stays off every command line); two marker lines end its output on stdout
+        (with the exit code) and on stderr.
+        """
         feed = stdin or ""
         if as_root and self.sudo:
             command = with_sudo(command)
             feed = (self.credential.sudo_password or self.credential.secret) + "\n" + feed
-        channel = self.client.get_transport().open_session(timeout=CONNECT_TIMEOUT_S)
-        channel.settimeout(timeout)
-        channel.exec_command(command)
-        if feed:
-            channel.sendall(feed.encode())
-        channel.shutdown_write()
-        out, err = io.BytesIO(), io.BytesIO()
-        while True:
-            if channel.recv_ready():
-                out.write(channel.recv(65536))
-            elif channel.recv_stderr_ready():
-                err.write(channel.recv_stderr(65536))
-            elif channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
-                break
-            else:
-                channel.status_event.wait(0.05)
-        code = channel.recv_exit_status()
-        channel.close()
-        return CommandResult(code, out.getvalue().decode(errors="replace"), err.getvalue().decode(errors="replace"))
+        marker = f"__push_install_{secrets.token_hex(8)}__"
+        script = f"( {command}\n) " + (f"<<'{marker}'\n{feed.rstrip(chr(10))}\n{marker}\n" if feed else "</dev/null\n")
+        script += f"code=$?; printf '\\n%s %s\\n' {marker} \"$code\"; printf '\\n%s\\n' {marker} >&2\n"
+        channel = self._shell()
+        try:
+            channel.sendall(script.encode())
+            return _read_until_marker(channel, marker.encode(), time.monotonic() + timeout)
+        except (OSError, socket.timeout, paramiko.SSHException, TimeoutError) as exc:
+            self._close_shell()
+            raise TargetUnreachableError(f"the remote shell on {self.label} broke off: {exc}") from None
+
+    def _shell(self) -> paramiko.Channel:
+        if self._channel is None or self._channel.closed or self._channel.exit_status_ready():
+            self._channel = self.client.get_transport().open_session(timeout=CONNECT_TIMEOUT_S)
+            self._channel.exec_command("exec /bin/sh")
+        return self._channel
+
+    def _close_shell(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
     @property
     def sftp(self) -> paramiko.SFTPClient:
@@ -118,9 +133,33 @@ class SshTransport:
         return result.stdout or None
 
     def close(self) -> None:
+        self._close_shell()
         if self._sftp is not None:
             self._sftp.close()
         self.client.close()
+
+
+def _read_until_marker(channel: paramiko.Channel, marker: bytes, deadline: float) -> CommandResult:
+    """Read the shell's stdout and stderr until both end with `marker` (stdout's carries the exit code)."""
+    out, err = bytearray(), bytearray()
+    done_out = re.compile(rb"\n" + re.escape(marker) + rb" (\d+)\n\Z")
+    done_err = b"\n" + marker + b"\n"
+    while True:
+        while channel.recv_ready():
+            out += channel.recv(65536)
+        while channel.recv_stderr_ready():
+            err += channel.recv_stderr(65536)
+        found = done_out.search(out[-(len(marker) + 16):])
+        if found and err.endswith(done_err):
+            code = int(found.group(1))
+            return CommandResult(code, out[:len(out) - len(found.group(0))].decode(errors="replace"),
+                                 err[:len(err) - len(done_err)].decode(errors="replace"))
+        if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
+            raise paramiko.SSHException(f"the shell ended (exit code {channel.recv_exit_status()})")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the command did not finish in time")
+        select.select([channel], [], [], min(left, 1.0))
 
 
 def _private_key(credential: Credential) -> paramiko.PKey:

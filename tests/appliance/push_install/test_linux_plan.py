@@ -51,3 +51,12 @@ def test_versions_compare_numerically_and_markers_parse():
     assert installed_version("1.0.0\n") == "1.0.0"
     assert installed_version('\ufeff{"version": "2.0.0", "venv": "C:\\\\x"}') == "2.0.0"
     assert installed_version("") is None and installed_version(None) is None
+
+
+def test_check_and_start_are_one_remote_command_each(tmp_path: Path):
+    plan = layout(tmp_path)
+    (check,) = plan.check_commands()
+    assert check.index("sha256sum -c") < check.index("tar -xzf") < check.index("install.sh check")
+    (start,) = plan.start_commands(clean_staging=True)
+    assert start == f"{plan.control_command('start')} && {plan.cleanup()}"  # staging goes only once started
+    assert plan.start_commands(clean_staging=False) == [plan.control_command("start")]
