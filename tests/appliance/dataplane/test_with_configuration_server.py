@@ -30,14 +30,21 @@ def cli(*args: str, env: dict, ok: bool = True) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture()
-def appliance(tmp_path, azurite):
+def served_appliance(tmp_path, azurite, backend, request):
+    """`appliance init` on SQLite or a real MariaDB (the `backend` parameter of tests/appliance),
+    then `appliance serve`; storage is Azurite."""
     d = tmp_path / "D"
     control, data = free_port(), free_port()
     env = dict(os.environ, APPLIANCE_STORAGE_CONNECTION_STRING=azurite.connection_string)
+    db = []
+    if backend == "mariadb":
+        mariadb = request.getfixturevalue("mariadb_server")
+        db = ["--db", mariadb.url(mariadb.new_database())]
+        env["APPLIANCE_DB_PASSWORD"] = mariadb.password
     (tmp_path / "admin").write_text(ADMIN_PASSWORD)
     cli("replication_appliance.cli", "init", "--data-dir", str(d), "--hostname", "127.0.0.1", "--address", "127.0.0.1",
         "--admin-password-file", str(tmp_path / "admin"), "--control-port", str(control), "--data-port", str(data),
-        "--cache-quota-gb", "4", env=env)
+        "--cache-quota-gb", "4", *db, env=env)
     with open(tmp_path / "serve.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "replication_appliance.cli", "serve", "--data-dir", str(d),
                                  "--bind", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -58,8 +65,9 @@ def operator(d: Path, control: int, machine_id: str, action: str) -> None:
         assert r.status_code == 200, r.text
 
 
-def test_register_enable_replicate_apply_through_the_appliance(tmp_path, appliance):
-    d, control, data, env = appliance
+def test_register_enable_replicate_apply_through_the_appliance(tmp_path, served_appliance, backend):
+    d, control, data, env = served_appliance
+    host = f"srv-{backend}"  # Azurite is shared by the session: hostnames must not collide
     image = tmp_path / "disk0.img"
     make_image(image, 48 * MiB, seed=21)
     passphrase = cli("replication_appliance.cli", "passphrase", "show", "--data-dir", str(d), env=env).stdout.strip()
@@ -67,7 +75,7 @@ def test_register_enable_replicate_apply_through_the_appliance(tmp_path, applian
     state = tmp_path / "agent"
     register = ["replication_appliance.agent.cli", "register", "--server", f"127.0.0.1:{control}", "--passphrase-file",
                 str(tmp_path / "pass"), "--ca-file", str(d / "ca.pem"), "--state-dir", str(state), "--disk", str(image),
-                "--hostname", "srv-e2e", "--host-id", "host-e2e"]
+                "--hostname", host, "--host-id", f"host-{backend}"]
     out = cli(*register, env=env).stdout
     assert f"process server 127.0.0.1:{data}" in out
     agent = json.loads((state / "agent.json").read_text())
@@ -83,14 +91,14 @@ def test_register_enable_replicate_apply_through_the_appliance(tmp_path, applian
     expected = sha256(image)
 
     status = json.loads(cli("replication_appliance.cli", "status", "--data-dir", str(d), "--json", env=env).stdout)
-    [machine] = [m for m in status["machines"] if m["hostname"] == "srv-e2e"]
+    [machine] = [m for m in status["machines"] if m["hostname"] == host]
     assert machine["replication_state"] == "continuous"
 
-    cli("replication_appliance.cli", "apply", "--data-dir", str(d), "--machine", "srv-e2e", "--once", env=env)
-    points = cli("replication_appliance.cli", "recovery-points", "--data-dir", str(d), "--machine", "srv-e2e",
+    cli("replication_appliance.cli", "apply", "--data-dir", str(d), "--machine", host, "--once", env=env)
+    points = cli("replication_appliance.cli", "recovery-points", "--data-dir", str(d), "--machine", host,
                  env=env).stdout.splitlines()
     assert len(points) == 2
-    cli("replication_appliance.cli", "replica", "export", "--data-dir", str(d), "--machine", "srv-e2e", "--disk", "0",
+    cli("replication_appliance.cli", "replica", "export", "--data-dir", str(d), "--machine", host, "--disk", "0",
         "--out", str(tmp_path / "replica.img"), env=env)
     assert sha256(tmp_path / "replica.img") == expected
 
