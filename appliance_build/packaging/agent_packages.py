@@ -24,7 +24,8 @@ AGENT_DEPENDENCIES = ("cryptography", "httpx", "zstandard", "xxhash", "psutil", 
 # pip travels as a wheel: the Windows installer runs it from the wheel to fill a venv made without
 # pip (on Linux install_wheels.py unpacks the wheels itself and leaves pip's aside).
 # pywin32 hosts the agent as a Windows service (mobility_agent_service.py).
-PLATFORM_REQUIREMENTS = {wheels.LINUX_X64.name: ["pip"], wheels.WINDOWS_X64.name: ["pip", "pywin32"]}
+# Linux installs with install_wheels.py (no pip); Windows installs with pip and needs pywin32.
+PLATFORM_REQUIREMENTS = {wheels.LINUX_X64.name: [], wheels.WINDOWS_X64.name: ["pip", "pywin32"]}
 
 LINUX_FILES = {"install.sh": "agent/linux/install.sh", "install_wheels.py": "agent/linux/install_wheels.py",
                "mobility-agent.service": "agent/linux/mobility-agent.service"}

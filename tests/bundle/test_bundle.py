@@ -124,7 +124,8 @@ def test_agent_packages_contents(dist: Path):
     unit = tar_files(linux)[f"{top}/mobility-agent.service"].decode()
     assert "User=root" in unit and "@PREFIX@/opt/mobility-agent/current/bin/mobility-agent run" in unit
     names = {wheels.canonical_name(n.split("/")[-1].split("-")[0]) for n in members if n.endswith(".whl")}
-    assert {wheels.canonical_name(d) for d in AGENT_DEPENDENCIES} | {"pip", "replication-appliance"} <= names
+    assert {wheels.canonical_name(d) for d in AGENT_DEPENDENCIES} | {"replication-appliance"} <= names
+    assert "pip" not in names  # install_wheels.py installs them
     assert "fastapi" not in names  # the agent does not carry the appliance's server stack
     win = zip_files(windows)
     wtop = f"mobility-agent-{APPLIANCE_VERSION}-windows"
