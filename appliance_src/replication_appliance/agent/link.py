@@ -60,7 +60,7 @@ class RateLimit:
 @dataclass
 class Pending:
     seq: int
-    data: bytes
+    data: bytes | bytearray
     on_ack: Callable[[], None] | None
 
 
@@ -172,7 +172,7 @@ class Link:
         for p in items:
             self._write(p.data)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | bytearray) -> None:
         self._check()
         self.rate.take(len(data))
         try:

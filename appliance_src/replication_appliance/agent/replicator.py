@@ -105,7 +105,7 @@ class Replicator:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _send(self, frame_kind: Kind, disk: int = 0, offset: int = 0, payload: bytes = b"",
+    def _send(self, frame_kind: Kind, disk: int = 0, offset: int = 0, payload: bytes | memoryview = b"",
               on_ack: Callable[[], None] | None = None) -> int:
         seq = self.next_seq
         self.next_seq += 1
@@ -157,7 +157,7 @@ class Replicator:
                 lo, hi = run.first * BLOCK, min((run.first + run.count) * BLOCK, len(chunk))
                 # the chunk's last frame, once acknowledged, covers the whole chunk
                 done = (lambda e=end: progress.advance(e)) if i == len(runs) - 1 else None
-                self._send(Kind.DATA, disk, pos + lo, bytes(chunk[lo:hi]), done)
+                self._send(Kind.DATA, disk, pos + lo, chunk[lo:hi], done)
             if not runs and self.outbox.bytes == 0:
                 progress.advance(end)  # nothing to send and nothing outstanding
             dmap.update(pos, digests, whole)
@@ -198,7 +198,7 @@ class Replicator:
                 runs = changed_runs(remote[first:first + len(digests)], digests, self._frame_blocks, skip_zero=False)
                 for run in runs:
                     lo, hi = run.first * BLOCK, min((run.first + run.count) * BLOCK, len(chunk))
-                    self._send(Kind.DATA, disk, pos + lo, bytes(chunk[lo:hi]))
+                    self._send(Kind.DATA, disk, pos + lo, chunk[lo:hi])
                 dmap.update(pos, digests, chunk_digest(chunk))
                 pos += len(chunk)
 

@@ -90,7 +90,7 @@ class Frame:
     disk: int = 0
     seq: int = 0
     offset: int = 0
-    payload: bytes = b""
+    payload: bytes | memoryview = b""  # a memoryview is copied once, by encode()
     flags: Flag = NO_FLAGS
 
     @property
@@ -114,7 +114,7 @@ def _limit(kind: Kind) -> int:
     return MAX_DATA if kind in (Kind.DATA, Kind.DIGESTS) else MAX_CONTROL
 
 
-def encode(frame: Frame) -> bytes:
+def encode(frame: Frame) -> bytearray:
     kind = Kind(frame.kind)
     if len(frame.payload) > _limit(kind):
         raise FrameError(ErrorCode.MALFORMED, f"{kind.name} payload of {len(frame.payload)} bytes exceeds {_limit(kind)}")
@@ -122,7 +122,12 @@ def encode(frame: Frame) -> bytes:
                        frame.seq, frame.offset, len(frame.payload), 0)[:_CHECKED]
     h = xxhash.xxh3_64(head)
     h.update(frame.payload)
-    return head + h.digest() + bytes(frame.payload)
+    # one copy of the payload (a memoryview of the agent's read buffer), straight into the frame
+    out = bytearray(HEADER_SIZE + len(frame.payload))
+    out[:_CHECKED] = head
+    out[_CHECKED:HEADER_SIZE] = h.digest()
+    out[HEADER_SIZE:] = frame.payload
+    return out
 
 
 def decode_header(buf: bytes | memoryview) -> Header:

@@ -144,9 +144,21 @@ class MachineJournal:
         if self._fd is not None and self._unsynced:
             os.fsync(self._fd)
             self._unsynced = False
-        if self._fd is not None and (self._open_bytes >= self.max_segment_bytes or self.state.last_marker_seq == self.last_seq):
+        if self.seal_due():
             return self.seal()
         return None
+
+    def seal_due(self) -> bool:
+        """`sync()` would seal the open segment: it is full or ends with a marker."""
+        return self._fd is not None and (self._open_bytes >= self.max_segment_bytes
+                                         or self.state.last_marker_seq == self.last_seq)
+
+    def sync_handle(self) -> int:
+        """A new descriptor of the open segment, for an fsync outside the lock while appends
+        go on (group commit); the caller closes it. Sealing fsyncs too, so a segment sealed
+        before that fsync runs loses nothing."""
+        assert self._fd is not None
+        return os.dup(self._fd)
 
     def seal_if_old(self) -> SealedSegment | None:
         with self.lock:

@@ -36,6 +36,7 @@ from ..dataplane.session import (
 )
 from ..storage.base import BlobStore, StorageError
 from ..storage.keyring import DataKeyring
+from .commit import GroupCommit
 from .journal import Journals, MachineJournal
 from .resync import applied_seq, replica_digests
 from .stats import HealthReport, Stats, write_report
@@ -44,7 +45,6 @@ from .uploader import Uploader
 log = logging.getLogger(__name__)
 NIL = uuid.UUID(int=0)
 HEALTH_FILE = "health.json"
-THROTTLE_CHECK_BYTES = 1024 * 1024
 TLS_HANDSHAKE = b"\x16"
 NOT_TLS_MESSAGE = (b"ERROR: this is the replication data port; it speaks TLS 1.2+ with an appliance-issued "
                    b"client certificate and the replication frame protocol\n")
@@ -63,7 +63,8 @@ class ProcessServerConfig:
     upload_concurrency: int = 4
     upload_backoff_max: float = 15.0
     zstd_level: int = 1
-    flush_bytes: int = 8 * 1024 * 1024
+    # Frames a connection may have read but not yet written and fsynced (group commit).
+    queue_bytes: int = 32 * 1024 * 1024
     idle_timeout: float = 300.0
 
 
@@ -91,6 +92,11 @@ class _Reader:
     def more_waiting(self) -> bool:
         return self.sock.pending() > 0 or bool(select.select([self.sock], [], [], 0)[0])
 
+    def wait(self, other: socket.socket, timeout: float) -> None:
+        """Until a frame arrives or `other` is readable."""
+        if not self.sock.pending():
+            select.select([self.sock, other], [], [], timeout)
+
 
 class ProcessServer:
     def __init__(self, config: ProcessServerConfig, ssl_context: ssl.SSLContext, directory: MachineDirectory,
@@ -111,6 +117,10 @@ class ProcessServer:
         self._session_locks: dict[uuid.UUID, threading.Lock] = {}
         self._lock = threading.Lock()
         self._throttled = False
+        self._commits: set[GroupCommit] = set()
+        self._free_at_scan = 0
+        self._total_at_scan = 0
+        self._written_since_scan = 0
         self._report: HealthReport | None = None
         self.port = config.port
 
@@ -153,6 +163,10 @@ class ProcessServer:
 
     def _refresh(self, publish: bool = True) -> HealthReport:
         cache = self.config.cache_dir
+        with self._lock:
+            # frames arriving from now on are counted on top of this scan; queued ones will be written
+            self._written_since_scan = 0
+            queued = sum(c.queued_bytes for c in self._commits)
         used = backlog = segments = 0
         for p in cache.glob("*/*"):
             if p.suffix in (".open", ".sealed"):
@@ -168,7 +182,9 @@ class ProcessServer:
         cap = self.config.cache_capacity_bytes
         total = cap if cap else fs_total
         free = min(fs_free, max(total - used, 0)) if cap else fs_free
+        free = max(free - queued, 0)
         fraction = free / total if total else 0.0
+        self._free_at_scan, self._total_at_scan = free, total
         self._throttled = fraction < self.config.throttle_free_fraction
         self.stats.set_throttled(self._throttled)
         report = self.stats.report(total, used, fraction, backlog, segments)
@@ -176,6 +192,16 @@ class ProcessServer:
             write_report(cache / HEALTH_FILE, report)
         self._report = report
         return report
+
+    def _check_throttle(self, written: int) -> None:
+        """Notice a filling cache between the monitor's scans without scanning for every frame:
+        free space is estimated down from the last scan by what arrived since, and only an
+        estimate under the threshold costs a real scan."""
+        with self._lock:
+            self._written_since_scan += written
+            estimate = self._free_at_scan - self._written_since_scan
+        if estimate < self.config.throttle_free_fraction * self._total_at_scan:
+            self._refresh(publish=False)
 
     def _monitor_loop(self) -> None:
         while not self._stop.wait(0.5):
@@ -274,28 +300,33 @@ class ProcessServer:
     def _run_session(self, sock: ssl.SSLSocket, record, journal: MachineJournal) -> None:
         reader = _Reader(sock)
         session = Session(record, journal.last_seq)
-        pending = unchecked = 0
-        last = journal.last_seq
+        commit = GroupCommit(journal, self.uploader.submit, self.config.queue_bytes)
+        with self._lock:
+            self._commits.add(commit)
+        acked = last = journal.last_seq
 
-        def flush() -> None:
-            nonlocal pending
-            with journal.lock:
-                sealed = journal.sync()
-            if sealed is not None:
-                self.uploader.submit(sealed)
-            pending = 0
-            self._refresh(publish=False)  # throttle as soon as the cache crosses the threshold
-            self._send(sock, Frame(Kind.ACK, record.machine_id, seq=last,
+        def ack(seq: int) -> None:
+            nonlocal acked
+            self._send(sock, Frame(Kind.ACK, record.machine_id, seq=seq,
                                    flags=Flag.THROTTLED if self._throttled else Flag(0)))
+            acked = seq
+
+        def ack_all() -> None:
+            ack(commit.wait_durable())
 
         try:
             while not self._stop.is_set():
                 if self._throttled:
-                    if pending:
-                        flush()
-                    self._send(sock, Frame(Kind.ACK, record.machine_id, seq=last, flags=Flag.THROTTLED))
+                    ack_all()
                     while self._throttled and not self._stop.is_set():
                         time.sleep(0.2)
+                commit.drain_wakeups()
+                commit.raise_error()
+                if commit.durable_seq > acked:
+                    ack(commit.durable_seq)  # acknowledgements flow while the stream goes on
+                if last > acked and not reader.more_waiting():
+                    reader.wait(commit.wakeup, self.config.idle_timeout)  # more frames, or durable progress
+                    continue
                 try:
                     hb = reader.exact(HEADER_SIZE)
                 except _PeerClosed:
@@ -308,32 +339,22 @@ class ProcessServer:
                     self._send(sock, Frame(Kind.WELCOME, record.machine_id, seq=journal.last_seq))
                     continue
                 if h.kind is Kind.DIGEST_REQUEST:
-                    if pending:
-                        flush()
+                    if last > acked:
+                        ack_all()
                     self._send(sock, self._digests(record, journal, h, payload))
                     continue
-                with journal.lock:
-                    journal.append(h, bytes(hb), payload)
+                commit.put(h, bytes(hb), payload)
                 self.stats.ingest(h.length)
                 last = h.seq
-                pending += HEADER_SIZE + h.length
-                unchecked += HEADER_SIZE + h.length
-                if unchecked >= THROTTLE_CHECK_BYTES:  # notice a filling cache within a batch, not after it
-                    self._refresh(publish=False)
-                    unchecked = 0
-                if h.kind is Kind.MARKER or pending >= self.config.flush_bytes or not reader.more_waiting():
-                    flush()
+                self._check_throttle(HEADER_SIZE + h.length)  # notice a filling cache within a batch
         except FrameError as e:
-            if pending:
-                flush()
+            if last > acked:
+                ack_all()
             self._refuse(sock, record.machine_id, e)
         finally:
-            if pending:  # the connection broke mid-batch: keep what arrived whole (the agent will learn it)
-                with journal.lock:
-                    sealed = journal.sync()
-                if sealed is not None:
-                    self.uploader.submit(sealed)
-
+            commit.close()  # the connection broke mid-batch: keep what arrived whole (the agent will learn it)
+            with self._lock:
+                self._commits.discard(commit)
 
     def _digests(self, record: MachineRecord, journal: MachineJournal, h, payload) -> Frame:
         size = record.disk_sizes[h.disk]
