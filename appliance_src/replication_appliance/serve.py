@@ -39,7 +39,6 @@ SERVER_FACTORIES: list[str] = [
     "replication_appliance.control.app:control_servers",
 ]
 BACKGROUND_TASKS: list[str] = [
-    "replication_appliance.control.builtin_load:sample_builtin_process_server",
     "replication_appliance.process_server.appliance_hook:run_builtin_process_server",
 ]
 

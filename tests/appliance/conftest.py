@@ -1,11 +1,13 @@
 """Fixtures for the configuration server tests: a real MariaDB (tests/fixtures/mariadb.py),
-an initialised data directory on SQLite or MariaDB, and the control server running over real
+Azurite (tests/fixtures/azurite.py), an initialised data directory on SQLite or MariaDB, and the control server running over real
 TLS on a free loopback port."""
 from __future__ import annotations
 
 import pytest
 
+from tests.fixtures.azurite import azurite  # noqa: F401 - re-exported fixture
 from tests.fixtures.mariadb import mariadb_server  # noqa: F401 - re-exported fixture
+
 from .appliance_harness import RunningAppliance, init_appliance, running_appliance
 
 

@@ -45,6 +45,33 @@ def test_reregistration_is_idempotent_and_retires_the_old_certificate(appliance,
         assert len(op.get("/api/v1/machines").json()) == 1
 
 
+def test_disk_numbers_are_registration_order_and_survive_reregistration(appliance, tmp_path):
+    def disks(*names: str) -> list[dict]:
+        return [{"name": n, "size_bytes": 2**30} for n in names]
+
+    def numbered(agent) -> list[tuple[int, str]]:
+        with appliance.operator() as op:
+            shown = op.get(f"/api/v1/machines/{agent.machine_id}").json()["disks"]
+        assert [(d["index"], d["name"]) for d in shown] == [(d["index"], d["name"]) for d in agent.response["disks"]]
+        return [(d["index"], d["name"]) for d in shown]
+
+    first = appliance.register_agent(tmp_path, disks=disks("/dev/sdc", "/dev/sda"))
+    assert numbered(first) == [(0, "/dev/sdc"), (1, "/dev/sda")]  # the order given, not the names' order
+    # same disks in another order plus a new one: the kept disks keep their numbers
+    again = appliance.register_agent(tmp_path, disks=disks("/dev/sdb", "/dev/sda", "/dev/sdc"))
+    assert numbered(again) == [(0, "/dev/sdc"), (1, "/dev/sda"), (2, "/dev/sdb")]
+    # dropping the last disk is allowed; a new disk then comes after the kept ones
+    again = appliance.register_agent(tmp_path, disks=disks("/dev/sdc", "/dev/sda", "/dev/sdd"))
+    assert numbered(again) == [(0, "/dev/sdc"), (1, "/dev/sda"), (2, "/dev/sdd")]
+    # dropping a disk that others come after would renumber replicas: refused, nothing changed
+    body, _ = appliance.registration(disks=disks("/dev/sdc", "/dev/sdd"))
+    with appliance.client() as c:
+        refused = c.post("/api/v1/agents/register", json=body)
+    assert refused.status_code == 409
+    assert "drops /dev/sda (disk 1)" in refused.json()["error"]
+    assert numbered(again) == [(0, "/dev/sdc"), (1, "/dev/sda"), (2, "/dev/sdd")]
+
+
 def test_certificate_cannot_act_for_another_machine(appliance, tmp_path):
     a = appliance.register_agent(tmp_path, host_id="host-a", hostname="a")
     b = appliance.register_agent(tmp_path, host_id="host-b", hostname="b")

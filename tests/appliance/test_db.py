@@ -10,12 +10,11 @@ import zipfile
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
-
+from replication_appliance.common.errors import DatabaseError
 from replication_appliance.db import migrate
 from replication_appliance.db.engine import make_engine, parse_db_url
 from replication_appliance.db.models import Base
-from replication_appliance.common.errors import DatabaseError
+from sqlalchemy import inspect, text
 
 
 @pytest.fixture
@@ -142,3 +141,33 @@ def downgrade():
     migrate.upgrade(engine)
     engine.dispose()
     ServeContext.open(data_dir, "127.0.0.1").engine.dispose()
+
+
+def test_disk_index_migration_numbers_existing_disks_by_registration_order(engine):
+    """Disks registered before 0002 get their index from their id, per machine (not by name)."""
+    from alembic import command
+    from replication_appliance.db.models import Machine
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    command.upgrade(migrate.alembic_config(engine), "0001_control_plane")
+    now = "2026-01-01 00:00:00"
+    with engine.begin() as conn:
+        policy = conn.execute(text("SELECT id FROM policies")).scalar_one()
+        for machine in ("m-a", "m-b"):
+            conn.execute(text("INSERT INTO machines (id, host_id, hostname, os_family, os_name, agent_version, addresses, "
+                              "policy_id, desired_state, replication_state, state_changed_at, registered_at) VALUES "
+                              "(:id, :id, :id, 'linux', '', '', '[]', :p, 'stop', 'not_enabled', :now, :now)"),
+                         {"id": machine, "p": policy, "now": now})
+        # interleaved between machines, names not in alphabetical order
+        for disk_id, machine, name in [(1, "m-a", "/dev/sdb"), (2, "m-b", "/dev/vdz"), (3, "m-a", "/dev/sda"),
+                                       (4, "m-b", "/dev/vda"), (5, "m-b", "/dev/vdc")]:
+            conn.execute(text("INSERT INTO disks (id, machine_id, name, size_bytes, total_bytes, replicated_bytes, "
+                              "backlog_bytes) VALUES (:i, :m, :n, 512, 512, 0, 0)"), {"i": disk_id, "m": machine, "n": name})
+    migrate.upgrade(engine)
+    with Session(engine) as session:
+        machines = {m.id: [(d.index, d.name) for d in m.disks] for m in session.scalars(select(Machine))}
+    assert machines == {"m-a": [(0, "/dev/sdb"), (1, "/dev/sda")],
+                        "m-b": [(0, "/dev/vdz"), (1, "/dev/vda"), (2, "/dev/vdc")]}
+    with pytest.raises(Exception, match="(?i)unique|duplicate"), engine.begin() as conn:
+        conn.execute(text("UPDATE disks SET machine_id = 'm-a' WHERE id = 4"))  # a second disk 1 on m-a

@@ -2,6 +2,7 @@
 a CSR (the private key never leaves the agent), then heartbeats over mutual TLS."""
 from __future__ import annotations
 
+import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from ..common.tls import client_ssl_context, key_to_pem, make_csr, new_private_k
 from .state import AgentConfig, DiskConfig, StateDir
 
 API = "/api/v1"
+# httpx logs every request at INFO: the agent's log and its refusals should be its own one-line messages.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class ControlError(ApplianceError):
@@ -25,11 +28,15 @@ class ControlError(ApplianceError):
 
 
 def _detail(resp: httpx.Response) -> str:
+    """The server's message: its errors are {"error": "...", "details": [...]} (the message
+    already names each detail); anything else (a proxy's page) is shown briefly, on one line."""
     try:
         body = resp.json()
-        return str(body.get("detail") or body.get("title") or body)
     except ValueError:
-        return resp.text[:200]
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return " ".join(body["error"].split())
+    return " ".join(resp.text.split())[:200] or resp.reason_phrase
 
 
 def host_id() -> str:
@@ -57,6 +64,10 @@ def register(server: str, passphrase: str, ca_file: Path, state: StateDir, disks
     write_private_file(state.key, key_to_pem(key))
     state.cert.write_text(out["certificate"])
     state.ca.write_bytes(ca_file.read_bytes())
+    # The appliance numbers the disks (a re-registered machine keeps its numbers): disk i of the
+    # config is disk i on the data port.
+    index = {d["name"]: d["index"] for d in out["disks"]}
+    disks = sorted(disks, key=lambda d: index[d.path])
     # No process server yet (none has headroom): heartbeats hand one out later.
     config = AgentConfig(out["machine_id"], hostname, server, (out.get("process_server") or {}).get("address", ""), disks)
     state.save_config(config)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..common.datadir import CLOUDS, DataDir
 from ..common.errors import DataDirError
+from ..storage.open import ENV_CONNECTION_STRING as STORAGE_ENV
 
 # The database, web and crypto stacks are imported inside each command: `appliance --help`
 # and `appliance passphrase show` should not pay for what they do not use.
@@ -55,6 +56,31 @@ def _secret(env: str, file: Path | None, prompt: str, what: str, required: bool)
     return None
 
 
+def _storage_directory(text: str) -> str:
+    if "=" in text:  # argparse shows only this message, never the value
+        raise argparse.ArgumentTypeError(
+            "takes a local directory; a connection string holds the account key and must not be given on the "
+            f"command line (any user sees it in `ps`): use --storage-from-env ({STORAGE_ENV}) or --storage-file F")
+    return text
+
+
+def _storage_setting(args: argparse.Namespace) -> str | None:
+    """The cache storage setting: a directory from argv, a connection string never from argv."""
+    if args.storage_from_env:
+        if not os.environ.get(STORAGE_ENV, "").strip():
+            raise DataDirError(f"--storage-from-env: {STORAGE_ENV} is not set")
+        return os.environ[STORAGE_ENV]
+    if args.storage_file == "-":
+        return sys.stdin.read()
+    if args.storage_file is not None:
+        try:
+            return Path(args.storage_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataDirError(f"cannot read the storage connection string file {args.storage_file}: "
+                               f"{getattr(exc, 'strerror', None) or 'not UTF-8 text'}") from None
+    return args.storage
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("init", help="create the data directory: CA, certificates, keys, passphrase, database")
     _data_dir(p)
@@ -72,6 +98,13 @@ def register(subparsers) -> None:
     p.add_argument("--cloud", choices=CLOUDS, default="public")
     p.add_argument("--cache-quota-gb", type=_positive_gb,
                    help="size of the process server cache when it shares a filesystem (default: the whole filesystem)")
+    storage = p.add_mutually_exclusive_group()
+    storage.add_argument("--storage", metavar="DIRECTORY", type=_storage_directory,
+                         help="a local directory as cache storage (a laptop); default DATA_DIR/storage")
+    storage.add_argument("--storage-from-env", action="store_true",
+                         help=f"the cache storage account's connection string from {STORAGE_ENV}")
+    storage.add_argument("--storage-file", metavar="FILE",
+                         help="file holding the cache storage account's connection string ('-': standard input)")
     p.set_defaults(handler=cmd_init)
 
     p = subparsers.add_parser("serve", help="run the configuration server (443) and the process server (9443)")
@@ -101,6 +134,7 @@ def register(subparsers) -> None:
 def cmd_init(args: argparse.Namespace) -> int:
     from .initialise import InitOptions, initialise
 
+    storage = _storage_setting(args)
     admin_password = _secret(ADMIN_PASSWORD_ENV, args.admin_password_file, "operator password: ", "operator password", True)
     db_password = None
     if args.db:
@@ -109,11 +143,15 @@ def cmd_init(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, admin_password=admin_password, db_url=args.db, db_password=db_password,
         hostname=args.hostname, addresses=args.addresses, admin_user=args.admin_user,
         control_port=args.control_port, data_port=args.data_port, cloud=args.cloud,
-        cache_quota_bytes=args.cache_quota_gb))
+        cache_quota_bytes=args.cache_quota_gb, storage=storage))
     print(f"initialised {result.data_dir}")
     print(f"  hostname      {result.hostname} ({', '.join(result.addresses)})")
     print(f"  database      {result.db_url}")
     print(f"  CA            {result.data_dir / 'ca.pem'} (SHA-256 {result.ca_fingerprint})")
+    if result.storage is not None:
+        print(f"  storage       {result.storage} (sealed in {result.data_dir / 'private'})")
+    else:
+        print(f"  storage       {result.data_dir / 'storage'} (local directory, unless {STORAGE_ENV} is set for serve)")
     print(f"  passphrase    `appliance passphrase show --data-dir {result.data_dir}`")
     return 0
 

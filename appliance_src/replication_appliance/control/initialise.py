@@ -24,6 +24,8 @@ from ..common.tls import CertificateAuthority, cert_fingerprint, cert_to_pem, ke
 from ..db.engine import make_engine, parse_db_url, session_factory, without_password
 from ..db.migrate import alembic_config, upgrade
 from ..db.models import ProcessServer
+from ..storage.base import StorageError
+from ..storage.open import DIRECTORY, SEALED_CONNECTION_FILE, SEALED_PURPOSE, StorageSpec, judge_storage_spec, open_spec
 from . import service
 from .auth import hash_password, validate_admin_password
 
@@ -43,6 +45,9 @@ class InitOptions:
     data_port: int = 9443
     cloud: str = "public"
     cache_quota_bytes: int | None = None
+    # Cache storage: an Azure connection string (a secret: sealed, never shown) or a local
+    # directory; None: DATA_DIR/storage (or APPLIANCE_STORAGE_CONNECTION_STRING at serve time).
+    storage: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class InitResult:
     addresses: list[str]
     db_url: str  # without password
     ca_fingerprint: str
+    storage: str | None  # what may be shown of it (account and endpoint, or the directory)
 
 
 def local_addresses() -> list[str]:
@@ -82,6 +88,24 @@ def _validated(opts: InitOptions) -> tuple[str, list[str], URL | None]:
     return hostname, list(dict.fromkeys(opts.addresses or local_addresses())), url
 
 
+def _checked_storage(text: str) -> StorageSpec:
+    """Judged and reached before anything is written, so a typo never leaves a half-made appliance."""
+    spec = judge_storage_spec(text)
+    if spec.kind == DIRECTORY:
+        root = Path(spec.value).expanduser().resolve()
+        existing = next(p for p in (root, *root.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise StorageError(f"storage directory {root} cannot be created or written ({existing} is "
+                               f"{'not a directory' if not existing.is_dir() else 'not writable'})")
+        return StorageSpec(DIRECTORY, str(root), str(root))
+    try:
+        open_spec(spec)  # creates the container if missing: proves the account and its key work
+    except StorageError as exc:
+        raise StorageError(f"cache storage {spec.shown} is not usable: {exc}; check the connection string "
+                           "and that the appliance can reach the endpoint (nothing was written)") from None
+    return spec
+
+
 def _ensure_mysql_database(url: URL) -> None:
     server = make_engine(URL.create(url.drivername, url.username, url.password, url.host, url.port, None, url.query))
     try:
@@ -95,6 +119,7 @@ def _ensure_mysql_database(url: URL) -> None:
 
 def initialise(opts: InitOptions) -> InitResult:
     hostname, addresses, url = _validated(opts)
+    storage = _checked_storage(opts.storage) if opts.storage is not None else None
     d = DataDir(opts.data_dir)
     if d.root.exists() and (not d.root.is_dir() or any(d.root.iterdir())):
         reason = "is already initialised" if d.is_initialised() else "exists and is not an empty directory"
@@ -106,7 +131,9 @@ def initialise(opts: InitOptions) -> InitResult:
         os.chmod(d.root, 0o750)
         d.make_private_dir()
         d.cache_dir.mkdir()
-        MasterKey.create(d.master_key_path)
+        master = MasterKey.create(d.master_key_path)
+        if storage is not None:
+            master.store_secret(d.private / SEALED_CONNECTION_FILE, storage.value, SEALED_PURPOSE)
         ca = CertificateAuthority.create(hostname)
         ca.save(d.ca_cert, d.ca_key)
         for port_name in ("control", "data"):
@@ -141,7 +168,8 @@ def initialise(opts: InitOptions) -> InitResult:
                 session.add(ProcessServer(name=BUILTIN_PROCESS_SERVER, address=f"{hostname}:{opts.data_port}", builtin=True))
                 service.audit(session, "cli", "appliance.initialised", "appliance", hostname,
                               {"db": stored_url.render_as_string(hide_password=True), "control_port": opts.control_port,
-                               "data_port": opts.data_port, "cloud": opts.cloud})
+                               "data_port": opts.data_port, "cloud": opts.cloud,
+                               "storage": storage.shown if storage else None})
         except BaseException:
             if migrated is not None and stored_url.drivername.startswith("mysql"):
                 _roll_back_schema(engine)
@@ -150,7 +178,7 @@ def initialise(opts: InitOptions) -> InitResult:
             engine.dispose()
         d.save_config(config)  # last: its presence marks the data dir as initialised
         return InitResult(d.root, hostname, addresses, stored_url.render_as_string(hide_password=True),
-                          cert_fingerprint(ca.cert))
+                          cert_fingerprint(ca.cert), storage.shown if storage else None)
     except BaseException:
         if created_root:
             shutil.rmtree(d.root, ignore_errors=True)

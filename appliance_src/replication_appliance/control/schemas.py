@@ -80,12 +80,18 @@ class ProcessServerOut(BaseModel):
     address: str
 
 
+class DiskIndex(BaseModel):
+    name: str
+    index: int  # the disk's number on the data port and in `appliance replica export --disk N`
+
+
 class AgentRegistered(BaseModel):
     machine_id: str
     certificate: str
     ca_certificate: str
     process_server: ProcessServerOut | None
     heartbeat_interval_s: int
+    disks: list[DiskIndex]
 
 
 class DiskCounters(Strict):
@@ -207,6 +213,7 @@ class AssignPolicy(Strict):
 
 
 class DiskOut(BaseModel):
+    index: int
     name: str
     size_bytes: int
     total_bytes: int

@@ -173,15 +173,7 @@ def register_agent(session: Session, ca: CertificateAuthority, req: s.AgentRegis
         session.add(machine)
     machine.hostname, machine.os_family, machine.os_name = req.hostname, req.os_family, req.os_name
     machine.agent_version, machine.addresses = req.agent_version, json.dumps(req.addresses)
-    by_name = {d.name: d for d in machine.disks}
-    for disk in req.disks:
-        if disk.name in by_name:
-            by_name[disk.name].size_bytes = disk.size_bytes
-        else:
-            machine.disks.append(Disk(name=disk.name, size_bytes=disk.size_bytes, total_bytes=disk.size_bytes))
-    for gone in set(by_name) - set(names):
-        machine.disks.remove(by_name[gone])
-    session.flush()
+    _register_disks(session, machine, req.disks)
     cert = ca.sign_client_csr(req.csr, ROLE_AGENT, machine.id)
     machine.cert_fingerprint = cert_fingerprint(cert)
     session.add(Registration(kind=ROLE_AGENT, subject_id=machine.id, remote_address=remote,
@@ -191,7 +183,35 @@ def register_agent(session: Session, ca: CertificateAuthority, req: s.AgentRegis
                        "process_server_id": machine.process_server_id}, remote)
     return s.AgentRegistered(machine_id=machine.id, certificate=cert_to_pem(cert).decode(),
                              ca_certificate=cert_to_pem(ca.cert).decode(), process_server=ps_out(machine.process_server),
-                             heartbeat_interval_s=HEARTBEAT_INTERVAL_S)
+                             heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
+                             disks=[s.DiskIndex(name=d.name, index=d.index) for d in machine.disks])
+
+
+def _register_disks(session: Session, machine: Machine, disks: list[s.DiskIn]) -> None:
+    """A kept disk keeps its index (its replica is `disk<index>`), new disks are numbered after
+    the kept ones. Dropping a disk that a kept one comes after would leave a hole in the
+    numbering the data port uses, so it is refused (nothing written)."""
+    registered = {d.name: d for d in machine.disks}
+    wanted = {d.name for d in disks}
+    kept = sorted(registered[n].index for n in wanted & set(registered))
+    if kept != list(range(len(kept))):
+        dropped = sorted((d for n, d in registered.items() if n not in wanted), key=lambda d: d.index)
+        raise ConflictError(f"re-registration drops {', '.join(f'{d.name} (disk {d.index})' for d in dropped)} but keeps "
+                            f"disks numbered after it: disk numbers name the replica disks and cannot change; "
+                            f"register every disk up to disk {kept[-1]}, or only the last disks may be dropped")
+    for name in set(registered) - wanted:
+        machine.disks.remove(registered[name])
+    session.flush()  # deleted first: a new disk may take the index of a dropped last disk
+    next_index = len(kept)
+    for disk in disks:
+        if disk.name in registered:
+            registered[disk.name].size_bytes = disk.size_bytes
+        else:
+            machine.disks.append(Disk(name=disk.name, index=next_index, size_bytes=disk.size_bytes,
+                                      total_bytes=disk.size_bytes))
+            next_index += 1
+    session.flush()
+    machine.disks.sort(key=lambda d: d.index)  # new rows are appended in request order; keep the relationship's
 
 
 def load_machine(session: Session, machine_id: str) -> Machine:
@@ -263,7 +283,7 @@ def machine_out(m: Machine, now: dt.datetime, live: Live = None) -> s.MachineOut
         last_recovery_point_at=m.last_recovery_point_at, rpo_minutes=rpo_minutes,
         health=max((a.severity for a in alerts), default=rules.Health.HEALTHY).label,
         alerts=[alert_out(a) for a in alerts],
-        disks=[s.DiskOut(name=d.name, size_bytes=d.size_bytes, total_bytes=t, replicated_bytes=r, backlog_bytes=b)
+        disks=[s.DiskOut(index=d.index, name=d.name, size_bytes=d.size_bytes, total_bytes=t, replicated_bytes=r, backlog_bytes=b)
                for d in m.disks for t, r, b in [agent.disks.get(d.name, (d.total_bytes, d.replicated_bytes, d.backlog_bytes))]])
 
 

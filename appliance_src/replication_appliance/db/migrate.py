@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from ..common.errors import DatabaseError
 
-CONTROL_PLANE_HEAD = "0001_control_plane"
+CONTROL_PLANE_HEAD = "0002_disk_index"  # the newest control-plane migration: build on it
 
 VERSION_LOCATIONS: list[str] = [
     "replication_appliance.db:migrations/versions",

@@ -95,15 +95,19 @@ class Machine(Base):
     process_server: Mapped[ProcessServer | None] = relationship(back_populates="machines")
     policy: Mapped[Policy] = relationship()
     disks: Mapped[list[Disk]] = relationship(back_populates="machine", cascade="all, delete-orphan",
-                                               order_by="Disk.name")
+                                               order_by="Disk.index")
 
 
 class Disk(Base):
     __tablename__ = "disks"
-    __table_args__ = (UniqueConstraint("machine_id", "name", name="uq_disks_machine_name"),)
+    __table_args__ = (UniqueConstraint("machine_id", "name", name="uq_disks_machine_name"),
+                      UniqueConstraint("machine_id", "index", name="uq_disks_machine_index"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     machine_id: Mapped[str] = mapped_column(ForeignKey("machines.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(255))
+    # Registration order, 0 first: the agent's disk number on the data port and `--disk N`.
+    # Stable across re-registration (a kept disk keeps its number, new disks come after).
+    index: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     total_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     replicated_bytes: Mapped[int] = mapped_column(BigInteger, default=0)

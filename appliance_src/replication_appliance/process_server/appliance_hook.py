@@ -22,8 +22,8 @@ REPORT_INTERVAL_S = 30.0
 
 
 def _record(m: Machine) -> MachineRecord:
-    disks = sorted(m.disks, key=lambda d: d.id)  # registration order
-    return MachineRecord(uuid.UUID(m.id), m.hostname, tuple(d.size_bytes for d in disks), m.cert_fingerprint)
+    # Machine.disks is ordered by Disk.index: `--disk N` and the agent's disk numbers.
+    return MachineRecord(uuid.UUID(m.id), m.hostname, tuple(d.size_bytes for d in m.disks), m.cert_fingerprint)
 
 
 class DatabaseDirectory:
@@ -50,14 +50,20 @@ class DatabaseDirectory:
 
 
 def run_builtin_process_server(ctx):
-    """Binds the data port now (so a port conflict fails `serve` at once), then returns the
-    coroutine that reports health until shutdown and stops the server."""
+    """Binds the data port now (so a port conflict fails `serve` at once) and records a first
+    heartbeat before the ports open (so the first agent finds the server judged), then returns
+    the coroutine that reports health until shutdown and stops the server."""
     d = ctx.data_dir
     tls = server_ssl_context(d.server_cert("data"), d.server_key("data"), d.ca_cert, require_client_cert=True)
     config = ProcessServerConfig(d.cache_dir, host=ctx.bind, port=ctx.data_port,
                                  cache_capacity_bytes=ctx.config.cache_quota_bytes)
     server = ProcessServer(config, tls, DatabaseDirectory(ctx.sessions), store_for_data_dir(d.root), d.master_key())
     server.start()
+    try:
+        _report(ctx, server)
+    except BaseException:
+        server.stop()
+        raise
     return _report_until_cancelled(ctx, server)
 
 
@@ -77,10 +83,10 @@ def _report(ctx, server: ProcessServer) -> None:
 async def _report_until_cancelled(ctx, server: ProcessServer) -> None:
     try:
         while True:
+            await asyncio.sleep(REPORT_INTERVAL_S)
             try:
                 await asyncio.to_thread(_report, ctx, server)
             except Exception as e:  # noqa: BLE001 - health reporting must never take the data port down
                 log.warning("could not record the process server's health: %s", e)
-            await asyncio.sleep(REPORT_INTERVAL_S)
     finally:
         await asyncio.to_thread(server.stop)

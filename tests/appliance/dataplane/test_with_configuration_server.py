@@ -1,6 +1,8 @@
-"""The data path wired to the real configuration server: `appliance init`, `appliance serve`
+"""The data path wired to the real configuration server: `appliance init` (given Azurite's
+connection string on standard input, sealed in the data directory), `appliance serve`
 (control port and the built-in process server), `mobility-agent register` with the
-passphrase, operator enables replication, `mobility-agent run`, `appliance apply`, export."""
+passphrase, operator enables replication, `mobility-agent run`, `appliance apply`, export.
+Nothing is given the connection string but `init`: the rest find it sealed."""
 from __future__ import annotations
 
 import json
@@ -12,8 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from azure.storage.blob import ContainerClient
 from replication_appliance.common.tls import client_ssl_context
+from replication_appliance.storage.azure_blob import CONTAINER
 
+from tests.fixtures.azurite import ACCOUNT_KEY
 from tests.fixtures.ports import free_port, wait_for_port
 
 from .conftest import make_image, random_writes, sha256
@@ -22,8 +27,13 @@ MiB = 1 << 20
 ADMIN_PASSWORD = "correct-horse-battery-staple"
 
 
-def cli(*args: str, env: dict, ok: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", *args], check=False, capture_output=True, text=True, env=env, timeout=180)
+OUTPUTS: list[str] = []  # every command's output, checked for the connection string
+
+
+def cli(*args: str, env: dict, ok: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", *args], check=False, capture_output=True, text=True, env=env, timeout=180,
+                       input=stdin if stdin is not None else "")
+    OUTPUTS.extend((p.stdout, p.stderr))
     if ok:
         assert p.returncode == 0, f"{args[:3]} failed:\n{p.stdout}\n{p.stderr}"
     return p
@@ -32,10 +42,10 @@ def cli(*args: str, env: dict, ok: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture()
 def served_appliance(tmp_path, azurite, backend, request):
     """`appliance init` on SQLite or a real MariaDB (the `backend` parameter of tests/appliance),
-    then `appliance serve`; storage is Azurite."""
+    then `appliance serve`; storage is Azurite, its connection string given to `init` on stdin."""
     d = tmp_path / "D"
     control, data = free_port(), free_port()
-    env = dict(os.environ, APPLIANCE_STORAGE_CONNECTION_STRING=azurite.connection_string)
+    env = {k: v for k, v in os.environ.items() if k != "APPLIANCE_STORAGE_CONNECTION_STRING"}
     db = []
     if backend == "mariadb":
         mariadb = request.getfixturevalue("mariadb_server")
@@ -44,7 +54,8 @@ def served_appliance(tmp_path, azurite, backend, request):
     (tmp_path / "admin").write_text(ADMIN_PASSWORD)
     cli("replication_appliance.cli", "init", "--data-dir", str(d), "--hostname", "127.0.0.1", "--address", "127.0.0.1",
         "--admin-password-file", str(tmp_path / "admin"), "--control-port", str(control), "--data-port", str(data),
-        "--cache-quota-gb", "4", *db, env=env)
+        "--cache-quota-gb", "4", "--storage-file", "-", *db, env=env, stdin=azurite.connection_string)
+    assert (d / "private" / "storage-connection.sealed").exists()
     with open(tmp_path / "serve.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "replication_appliance.cli", "serve", "--data-dir", str(d),
                                  "--bind", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -65,7 +76,7 @@ def operator(d: Path, control: int, machine_id: str, action: str) -> None:
         assert r.status_code == 200, r.text
 
 
-def test_register_enable_replicate_apply_through_the_appliance(tmp_path, served_appliance, backend):
+def test_register_enable_replicate_apply_through_the_appliance(tmp_path, served_appliance, backend, azurite):
     d, control, data, env = served_appliance
     host = f"srv-{backend}"  # Azurite is shared by the session: hostnames must not collide
     image = tmp_path / "disk0.img"
@@ -110,3 +121,12 @@ def test_register_enable_replicate_apply_through_the_appliance(tmp_path, served_
         (state / name).write_bytes(content)
     stale = cli(*run, "--no-heartbeat", env=env, ok=False)
     assert stale.returncode == 1 and "replaced by a newer registration" in stale.stderr
+
+    # the built-in process server uploaded to Azurite with the sealed connection string
+    container = ContainerClient.from_connection_string(azurite.connection_string, CONTAINER)
+    assert any(container.list_blobs(name_starts_with=f"logs/{agent['machine_id']}/0/"))
+    # the connection string (and its account key) is in no output and no file in plaintext
+    for secret in (azurite.connection_string, ACCOUNT_KEY):
+        assert not any(secret in out for out in OUTPUTS)
+        leaked = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+        assert leaked == []
