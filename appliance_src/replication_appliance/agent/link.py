@@ -67,12 +67,26 @@ class Pending:
 class Outbox:
     """Unacknowledged frames, in sequence order, across reconnects."""
 
+    SPARE_BYTES = 16 * 1024 * 1024
+
     def __init__(self, window_bytes: int) -> None:
         self.items: collections.deque[Pending] = collections.deque()
         self.bytes = 0
         self.window = window_bytes
         self.acked = 0
         self.cond = threading.Condition()
+        # acknowledged frames' buffers, by size: reusing them spares a fresh allocation
+        # (page faults and zeroing) per frame
+        self._spare: dict[int, list[bytearray]] = {}
+        self._spare_bytes = 0
+
+    def buffer(self, n: int) -> bytearray:
+        with self.cond:
+            spare = self._spare.get(n)
+            if spare:
+                self._spare_bytes -= n
+                return spare.pop()
+        return bytearray(n)
 
     def add(self, p: Pending) -> None:
         with self.cond:
@@ -86,6 +100,9 @@ class Outbox:
                 p = self.items.popleft()
                 self.bytes -= len(p.data)
                 done.append(p)
+                if isinstance(p.data, bytearray) and self._spare_bytes + len(p.data) <= self.SPARE_BYTES:
+                    self._spare.setdefault(len(p.data), []).append(p.data)
+                    self._spare_bytes += len(p.data)
             self.acked = max(self.acked, seq)
             self.cond.notify_all()
         for p in done:
@@ -181,7 +198,7 @@ class Link:
             raise self.error or LinkLost(f"connection to the process server lost: {e}") from None
 
     def send(self, frame: Frame, on_ack: Callable[[], None] | None = None) -> None:
-        data = encode(frame)
+        data = encode(frame, self.outbox.buffer(HEADER_SIZE + len(frame.payload)))
         with self.outbox.cond:
             while self.outbox.bytes + len(data) > self.outbox.window and self.outbox.items:
                 self._check()

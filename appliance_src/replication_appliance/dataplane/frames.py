@@ -114,7 +114,8 @@ def _limit(kind: Kind) -> int:
     return MAX_DATA if kind in (Kind.DATA, Kind.DIGESTS) else MAX_CONTROL
 
 
-def encode(frame: Frame) -> bytearray:
+def encode(frame: Frame, out: bytearray | None = None) -> bytearray:
+    """The frame's bytes, written into `out` (of exactly that size) when given."""
     kind = Kind(frame.kind)
     if len(frame.payload) > _limit(kind):
         raise FrameError(ErrorCode.MALFORMED, f"{kind.name} payload of {len(frame.payload)} bytes exceeds {_limit(kind)}")
@@ -123,7 +124,9 @@ def encode(frame: Frame) -> bytearray:
     h = xxhash.xxh3_64(head)
     h.update(frame.payload)
     # one copy of the payload (a memoryview of the agent's read buffer), straight into the frame
-    out = bytearray(HEADER_SIZE + len(frame.payload))
+    out = bytearray(HEADER_SIZE + len(frame.payload)) if out is None else out
+    if len(out) != HEADER_SIZE + len(frame.payload):
+        raise ValueError(f"frame of {HEADER_SIZE + len(frame.payload)} bytes cannot be encoded into {len(out)}")
     out[:_CHECKED] = head
     out[_CHECKED:HEADER_SIZE] = h.digest()
     out[HEADER_SIZE:] = frame.payload

@@ -27,6 +27,10 @@ class GroupCommit:
         self._records: deque[Record] = deque()
         self._syncs: deque[tuple[int, int, int]] = deque()  # (descriptor to fsync, seq, bytes) written, not yet durable
         self._queued_bytes = 0  # received but not yet durable: bounds what a connection holds
+        # payload buffers already written to the journal, by size: reusing them spares a fresh
+        # allocation (page faults and zeroing) per frame; at most max_queued_bytes are kept
+        self._spare: dict[int, list[bytearray]] = {}
+        self._spare_bytes = 0
         self._last_queued = journal.last_seq
         self._closing = self._written_all = False
         self._error: OSError | None = None
@@ -44,6 +48,15 @@ class GroupCommit:
     @property
     def queued_bytes(self) -> int:
         return self._queued_bytes
+
+    def buffer(self, n: int) -> bytearray:
+        """A buffer of `n` bytes to receive a payload into (its content is overwritten)."""
+        with self._cond:
+            spare = self._spare.get(n)
+            if spare:
+                self._spare_bytes -= n
+                return spare.pop()
+        return bytearray(n)
 
     def put(self, h: Header, header_bytes: bytes, payload: bytearray) -> None:
         """Queue one validated record; blocks while the queue is full (the socket then stops
@@ -128,6 +141,7 @@ class GroupCommit:
                         self._journal.append(h, header_bytes, payload)
                     sealed = self._journal.sync() if self._journal.seal_due() else None
                     fd = None if sealed else self._journal.sync_handle()
+                self._keep_spares(batch)
                 if sealed is not None:
                     self._on_sealed(sealed)
                     self._durable(seq, nbytes)
@@ -141,6 +155,13 @@ class GroupCommit:
         with self._cond:
             self._written_all = True
             self._cond.notify_all()
+
+    def _keep_spares(self, batch: list[Record]) -> None:
+        with self._cond:
+            for _, _, payload in batch:
+                if payload and self._spare_bytes + len(payload) <= self._max_queued:
+                    self._spare.setdefault(len(payload), []).append(payload)
+                    self._spare_bytes += len(payload)
 
     def _sync_loop(self) -> None:
         while True:

@@ -76,8 +76,9 @@ class _Reader:
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self.sock = sock
 
-    def exact(self, n: int) -> bytearray:
-        buf = bytearray(n)
+    def exact(self, n: int, buf: bytearray | None = None) -> bytearray:
+        """Read `n` bytes (into `buf`, of that size, when given)."""
+        buf = bytearray(n) if buf is None else buf
         mv = memoryview(buf)
         got = 0
         while got < n:
@@ -333,7 +334,7 @@ class ProcessServer:
                     break
                 h = decode_header(hb)
                 session.check(h)
-                payload = reader.exact(h.length) if h.length else bytearray()
+                payload = reader.exact(h.length, commit.buffer(h.length) if h.kind is Kind.DATA else None)
                 check_payload(hb, h, payload)
                 if h.kind is Kind.HELLO:
                     self._send(sock, Frame(Kind.WELCOME, record.machine_id, seq=journal.last_seq))

@@ -1,0 +1,98 @@
+"""Group commit: records are written and fsynced by threads of their own; a record counts as
+durable only after an fsync (or a seal) covering it, a marker seals its segment, and what
+was queued when a connection ends is still committed."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+from replication_appliance.dataplane import frames as F
+from replication_appliance.dataplane.segment import iter_records
+from replication_appliance.process_server import commit as commit_module
+from replication_appliance.process_server.commit import GroupCommit
+from replication_appliance.process_server.journal import MachineJournal
+
+M = uuid.uuid4()
+
+
+def put(c: GroupCommit, kind: F.Kind, seq: int, payload: bytes = b"", offset: int = 0) -> None:
+    raw = F.encode(F.Frame(kind, M, seq=seq, offset=offset, payload=payload))
+    buf = c.buffer(len(payload))
+    buf[:] = raw[F.HEADER_SIZE:]
+    c.put(F.decode_header(raw[:F.HEADER_SIZE]), bytes(raw[:F.HEADER_SIZE]), buf)
+
+
+def records(j: MachineJournal) -> list[tuple[int, bytes]]:
+    out = []
+    for p in sorted(j.dir.glob("*.sealed")) + sorted(j.dir.glob("*.open")):
+        out += [(r.header.seq, bytes(r.payload)) for r in iter_records(p.read_bytes())]
+    return out
+
+
+def test_durable_only_after_the_fsync_that_covers_it(tmp_path, monkeypatch):
+    j = MachineJournal(tmp_path, M, max_segment_bytes=1 << 30, max_segment_age=60)
+    gate, in_fsync = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def held_fsync(fd: int) -> None:
+        if threading.current_thread().name.startswith("ps-sync"):  # the group commit's fsync
+            in_fsync.set()
+            gate.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(commit_module.os, "fsync", held_fsync)
+    c = GroupCommit(j, on_sealed=lambda s: None, max_queued_bytes=1 << 20)
+    try:
+        for seq in range(1, 4):
+            put(c, F.Kind.DATA, seq, bytes([seq]) * 4096, offset=seq * 4096)
+        assert in_fsync.wait(10)
+        time.sleep(0.2)
+        # written to the segment, but the fsync has not returned: nothing is durable yet
+        assert c.durable_seq == 0 and records(j)[0][0] == 1
+        gate.set()
+        assert c.wait_durable() == 3
+        assert records(j) == [(seq, bytes([seq]) * 4096) for seq in range(1, 4)]
+    finally:
+        gate.set()
+        c.close()
+
+
+def test_a_full_queue_blocks_the_reader_until_records_are_durable(tmp_path, monkeypatch):
+    j = MachineJournal(tmp_path, M, max_segment_bytes=1 << 30, max_segment_age=60)
+    gate = threading.Event()
+    real_fsync = os.fsync
+    monkeypatch.setattr(commit_module.os, "fsync", lambda fd: (gate.wait(10), real_fsync(fd)))
+    c = GroupCommit(j, on_sealed=lambda s: None, max_queued_bytes=3 * (4096 + F.HEADER_SIZE))
+    try:
+        for seq in range(1, 4):
+            put(c, F.Kind.DATA, seq, b"x" * 4096)
+        fourth = threading.Thread(target=put, args=(c, F.Kind.DATA, 4, b"y" * 4096))
+        fourth.start()
+        fourth.join(0.5)
+        assert fourth.is_alive()  # back-pressure: the connection stops reading
+        gate.set()
+        fourth.join(10)
+        assert not fourth.is_alive() and c.wait_durable() == 4
+    finally:
+        gate.set()
+        c.close()
+
+
+def test_marker_seals_and_close_commits_what_is_queued(tmp_path):
+    j = MachineJournal(tmp_path, M, max_segment_bytes=1 << 30, max_segment_age=60)
+    sealed = []
+    c = GroupCommit(j, on_sealed=sealed.append, max_queued_bytes=8 << 20)
+    put(c, F.Kind.DATA, 1, b"a" * 4096)
+    put(c, F.Kind.MARKER, 2, b"m1", offset=7)
+    put(c, F.Kind.DATA, 3, b"b" * 4096)
+    c.close()  # the connection ended: records 1..3 arrived whole and are kept
+    assert [s.segno for s in sealed] == [0]
+    assert [seq for seq, _ in iter_seqs(sealed[0].path)] == [1, 2]  # the marker ended its segment
+    assert c.durable_seq == 3 and [seq for seq, _ in records(j)] == [1, 2, 3]
+    assert MachineJournal(tmp_path, M, 1 << 30, 60).last_seq == 3
+
+
+def iter_seqs(path):
+    return [(r.header.seq, bytes(r.payload)) for r in iter_records(path.read_bytes())]
