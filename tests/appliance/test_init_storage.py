@@ -125,7 +125,7 @@ def test_unreadable_storage_file_and_missing_environment(tmp_path):
     missing = init(d, "--storage-file", str(tmp_path / "nope"))
     assert missing.returncode == 1 and f"cannot read the storage connection string file {tmp_path / 'nope'}" in missing.stderr
     unset = init(d, "--storage-from-env")
-    assert unset.returncode == 1 and f"--storage-from-env: {ENV} is not set" in unset.stderr
+    assert unset.returncode == 1 and f"--storage-from-env: {ENV} is not set or empty" in unset.stderr
     assert not d.exists()
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
-from sqlalchemy import event, select
-
 from replication_appliance.db.models import ProcessServer
 from replication_appliance.serve import BACKGROUND_TASKS, ServeContext, build_all
+from sqlalchemy import event, select
 
 from .appliance_harness import init_appliance
 

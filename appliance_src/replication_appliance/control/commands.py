@@ -68,10 +68,10 @@ def _storage_setting(args: argparse.Namespace) -> str | None:
     """The cache storage setting: a directory from argv, a connection string never from argv."""
     if args.storage_from_env:
         if not os.environ.get(STORAGE_ENV, "").strip():
-            raise DataDirError(f"--storage-from-env: {STORAGE_ENV} is not set")
+            raise DataDirError(f"--storage-from-env: {STORAGE_ENV} is not set or empty")
         return os.environ[STORAGE_ENV]
-    if args.storage_file == "-":
-        return sys.stdin.read()
+    if args.storage_file == "-":  # typed or pasted at a terminal: not echoed
+        return getpass.getpass("storage connection string: ") if sys.stdin.isatty() else sys.stdin.read()
     if args.storage_file is not None:
         try:
             return Path(args.storage_file).read_text(encoding="utf-8")
