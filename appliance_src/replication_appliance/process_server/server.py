@@ -321,12 +321,13 @@ class ProcessServer:
                     ack_all()
                     while self._throttled and not self._stop.is_set():
                         time.sleep(0.2)
-                commit.drain_wakeups()
                 commit.raise_error()
                 if commit.durable_seq > acked:
                     ack(commit.durable_seq)  # acknowledgements flow while the stream goes on
                 if last > acked and not reader.more_waiting():
-                    reader.wait(commit.wakeup, self.config.idle_timeout)  # more frames, or durable progress
+                    commit.drain_wakeups()  # then look again: progress made since arrives as a new wakeup
+                    if commit.durable_seq == acked:
+                        reader.wait(commit.wakeup, self.config.idle_timeout)  # more frames, or durable progress
                     continue
                 try:
                     hb = reader.exact(HEADER_SIZE)
