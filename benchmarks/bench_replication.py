@@ -5,7 +5,8 @@
 1. initial replication through the whole path (agent -> process server -> zstd-1 + AES-GCM ->
    Azurite) vs the ceilings: single-process zstd-1 + AES-GCM of the same data, and raw upload
    of the same bytes to the same Azurite (same concurrency as the uploader).
-2. ingest to the cache alone (uploads off) vs raw TLS loopback throughput.
+2. ingest to the cache alone (uploads off) vs raw TLS loopback throughput, and the CPU seconds
+   per GB each spends (the agent + the process server vs both TLS ends).
 3. delta: 5 % of 4 KiB blocks changed at random: bytes sent and time vs
    `rsync --inplace --no-whole-file` of the same change over ssh to a loopback sshd
    (with --ignore-times: the change happens within the same second as the copy, and
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import socket
 import subprocess
@@ -118,6 +120,15 @@ def tls_loopback(pki: Pki, total: int) -> float:
     return elapsed
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of this process (with its threads), or of process `pid`."""
+    if pid is None:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def journal_write(directory: Path, total: int) -> float:
     """Seconds to write `total` bytes in 8 MiB appends with an fsync after each (the journal's
     pattern) into `directory`: the cache disk's own ceiling."""
@@ -211,18 +222,26 @@ def main() -> int:
                                 extra=["--upload-concurrency", "0"])
             ps2.start()
             rep = replicator(pki, m, ps2.port)  # certificate issued outside the timed part
+            cpu_agent, cpu_server = cpu_seconds(), cpu_seconds(ps2.proc.pid)
             t = time.perf_counter()
             report = rep.run_cycle()
             ingest = time.perf_counter() - t
+            cpu_agent, cpu_server = cpu_seconds() - cpu_agent, cpu_seconds(ps2.proc.pid) - cpu_server
             ps2.stop()
             shutil.rmtree(ps2.cache, ignore_errors=True)
+            cpu_tls = cpu_seconds()
             raw_tls = tls_loopback(pki, (data_bytes // MiB) * MiB)
+            cpu_tls = cpu_seconds() - cpu_tls
             raw_disk = journal_write(work / "ps-ingest", (data_bytes // (8 * MiB)) * 8 * MiB)
             print("\n2. ingest into the cache (TLS, validate, journal, fsync, ack; uploads off)")
             line("ingest (data bytes / time to durable ack)", rate(report.bytes_sent, ingest), "raw TLS loopback, same bytes",
                  rate(data_bytes, raw_tls), raw_tls / ingest * report.bytes_sent / data_bytes, ">= 0.7")
             line("", "", "cache disk: 8 MiB write+fsync, same bytes", rate(data_bytes, raw_disk),
                  raw_disk / ingest * report.bytes_sent / data_bytes, "context")
+            # on a shared 2-core machine the ratio follows the CPU each side spends per byte
+            print(f"  CPU seconds per GB: ingest {(cpu_agent + cpu_server) / report.bytes_sent * 1e9:.2f} "
+                  f"(agent {cpu_agent / report.bytes_sent * 1e9:.2f} + process server {cpu_server / report.bytes_sent * 1e9:.2f}), "
+                  f"raw TLS both ends {cpu_tls / data_bytes * 1e9:.2f}; load average {os.getloadavg()[0]:.2f}")
 
             # -- 3. delta vs rsync ---------------------------------------------------------------------
             before = work / "rsync-dest.img"
