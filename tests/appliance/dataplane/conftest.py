@@ -34,7 +34,6 @@ from replication_appliance.process_server.server import (
     ProcessServerConfig,
 )
 
-from tests.fixtures.azurite import Azurite, azurite  # noqa: F401  (fixture)
 from tests.fixtures.ports import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[3]
