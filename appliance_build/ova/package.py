@@ -95,7 +95,8 @@ class OvaPackage:
     def open_member(self, name: str) -> BinaryIO:
         member = self.member(name)
         if self.is_tar:
-            return io.BufferedReader(_MemberReader(self.path, member.data_offset, member.size), 1024 * 1024)
+            # A small buffer: large reads (1 MiB uploads and digests) then go straight into the caller's buffer.
+            return io.BufferedReader(_MemberReader(self.path, member.data_offset, member.size), 64 * 1024)
         return (self.path / name).open("rb")
 
     def read_member(self, name: str, limit: int) -> bytes:
