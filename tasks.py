@@ -5,6 +5,7 @@ failure (BuildError) into a clean exit with its message.
 """
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -103,16 +104,10 @@ def test(c: Context, k: str | None = None, x: bool = False) -> None:
         args += ["-k", k]
     if x:
         args.append("-x")
-    result = c.run(" ".join(_quote(a) for a in args), warn=True, pty=False)
+    result = c.run(shlex.join(args), warn=True, pty=False)
     # pytest exits 5 when no test ran: treat that as a failure, never as a pass.
     if result.exited != 0:
         raise Exit(f"tests failed (pytest exit {result.exited})", code=result.exited or 1)
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 @task(
@@ -205,4 +200,3 @@ TASKS: list[Callable[..., Any]] = [
     render, validate, build_ova, assemble_ova, verify_ova, deploy, bundle, agent_packages, test,
 ]
 ns = Collection(*TASKS)
-ns.configure({"appliance": {"inventory": "local"}})

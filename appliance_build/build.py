@@ -5,7 +5,6 @@ whether it succeeds, fails or is interrupted.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -88,13 +87,9 @@ def convert_to_stream_optimized(source: Path, target: Path) -> Path:
 
 def write_sha256(path: Path) -> Path:
     """`<file>.sha256` in sha256sum's format, written atomically beside the file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1024 * 1024):
-            digest.update(chunk)
     sidecar = path.with_name(path.name + ".sha256")
     tmp = sidecar.with_name(f".{sidecar.name}.tmp")
-    tmp.write_text(f"{digest.hexdigest()}  {path.name}\n")
+    tmp.write_text(f"{wheels.sha256_file(path)}  {path.name}\n")
     os.replace(tmp, sidecar)
     return sidecar
 
