@@ -5,8 +5,9 @@ start/stop, uninstall), install_wheels.py (the venv and its wheels in one proces
 systemd unit (runs as root), wheels for manylinux x86_64 cp311 and manifest.json.
 Windows (`mobility-agent-<v>-windows/`): Install-MobilityAgent.ps1, the service host, the shared
 Python-runtime step, win_amd64 cp311 wheels and manifest.json. Both carry the appliance wheel
-(the agent is `replication_appliance.agent`) with only the agent's own dependencies, and pip as
-a wheel (the Windows installer runs it), so the target needs nothing but Python.
+(the agent is `replication_appliance.agent`) with only the distributions the agent imports (and
+theirs), so the target needs nothing but Python; Windows also gets pip as a wheel (its installer
+runs it) and pywin32.
 """
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ from .manifest import build_manifest, write_sha256sums
 
 INSTALLER_DIR = REPO_ROOT / "installer"
 # The distributions the agent imports (a subset of the appliance's; versions come from its pyproject).
-AGENT_DEPENDENCIES = ("cryptography", "httpx", "zstandard", "xxhash", "psutil", "pyyaml")
-# pip travels as a wheel: the Windows installer runs it from the wheel to fill a venv made without
-# pip (on Linux install_wheels.py unpacks the wheels itself and leaves pip's aside).
-# pywin32 hosts the agent as a Windows service (mobility_agent_service.py).
-# Linux installs with install_wheels.py (no pip); Windows installs with pip and needs pywin32.
+# Only these: every wheel is copied, unpacked and written on every target (zstandard, which httpx
+# would use if present, alone was 23 MB installed). tests/bundle/test_agent_install_script.py
+# imports every agent module in the venv installed from the package, without the rest.
+AGENT_DEPENDENCIES = ("cryptography", "httpx", "xxhash")
+# Linux installs with install_wheels.py (no pip). Windows runs pip from its wheel to fill a venv
+# made without pip, and pywin32 hosts the agent as a service (mobility_agent_service.py).
 PLATFORM_REQUIREMENTS = {wheels.LINUX_X64.name: [], wheels.WINDOWS_X64.name: ["pip", "pywin32"]}
 
 LINUX_FILES = {"install.sh": "agent/linux/install.sh", "install_wheels.py": "agent/linux/install_wheels.py",

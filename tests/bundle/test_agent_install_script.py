@@ -2,6 +2,7 @@
 the push-install tests run it over SSH), and its systemd unit checked by systemd-analyze."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance_build.packaging import wheels
 from appliance_build.packaging.agent_packages import package_paths
 from appliance_build.version import APPLIANCE_VERSION, REPO_ROOT
 
@@ -51,6 +53,42 @@ def test_install_is_idempotent_and_keeps_a_control_script(installed):
     status = subprocess.run(["sh", str(control), "status", "--prefix", str(prefix)], capture_output=True, text=True)
     assert status.stdout.strip() == f"installed {APPLIANCE_VERSION} stopped"
     assert (prefix / "var" / "lib" / "mobility-agent").stat().st_mode & 0o077 == 0
+
+
+# What the agent imports, run with the installed venv's own Python: every module of
+# replication_appliance.agent, and an HTTP client built the way control_client builds it
+# (httpx loads its transport, httpcore and h11, only then).
+IMPORT_EVERY_AGENT_MODULE = """
+import importlib, json, pkgutil, sys
+import replication_appliance.agent as agent
+names = sorted(m.name for m in pkgutil.walk_packages(agent.__path__, agent.__name__ + "."))
+for name in names:
+    importlib.import_module(name)
+import httpx
+httpx.Client(verify=False).close()
+print(json.dumps({"modules": names, "paths": sorted({str(getattr(m, "__file__", "") or "") for m in sys.modules.values()})}))
+"""
+
+
+def test_every_agent_module_imports_in_the_installed_venv_without_the_dropped_wheels(installed):
+    _script, prefix = installed
+    venv = prefix / "opt" / "mobility-agent" / "current"
+    # A clean environment, as over SSH: nothing from this checkout or its venv can stand in.
+    result = subprocess.run([str(venv / "bin" / "python"), "-c", IMPORT_EVERY_AGENT_MODULE], capture_output=True,
+                            text=True, env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}, cwd=prefix,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout)
+    assert {"replication_appliance.agent.cli", "replication_appliance.agent.control_client",
+            "replication_appliance.agent.link", "replication_appliance.agent.replicator"} <= set(loaded["modules"])
+    site = next((venv / "lib").glob("python3*/site-packages")).resolve()
+    third_party = {Path(p).resolve().relative_to(site).parts[0] for p in loaded["paths"]
+                   if p and Path(p).resolve().is_relative_to(site)}
+    assert {"replication_appliance", "cryptography", "httpx", "httpcore", "h11", "xxhash", "idna"} <= third_party
+    # Not in the package (the agent never imports them): nothing was found for them elsewhere either.
+    installed_dists = {wheels.canonical_name(p.name.split("-")[0]) for p in site.glob("*.dist-info")}
+    assert not installed_dists & {"zstandard", "pyyaml", "psutil", "pip"}, installed_dists
+    assert not any(p.startswith(str(REPO_ROOT)) for p in loaded["paths"] if p)
 
 
 def test_a_downgrade_is_refused_unless_forced(installed, tmp_path: Path):
