@@ -26,8 +26,13 @@ from ..dataplane.frames import (
     decode,
     decode_header,
     encode,
+    encode_header,
     error_text,
 )
+
+
+# Above this, a frame's header and payload go out as two writes rather than one joined copy.
+SEPARATE_PAYLOAD_BYTES = 64 * 1024
 
 
 class LinkLost(ApplianceError):
@@ -57,17 +62,32 @@ class RateLimit:
             time.sleep(-self._allowance / self.rate)
 
 
+class ReadBuffer:
+    """A buffer the agent reads a chunk of a disk into. Frames sent from slices of it keep it
+    (no copy of their payload) until acknowledged; then it is reused for another chunk."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+        self.holders = 0
+
+
 @dataclass
 class Pending:
     seq: int
-    data: bytes | bytearray
+    header: bytes
+    payload: bytes | memoryview  # a view of `source` when sent from a read buffer
     on_ack: Callable[[], None] | None
+    source: ReadBuffer | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + len(self.payload)
 
 
 class Outbox:
     """Unacknowledged frames, in sequence order, across reconnects."""
 
-    SPARE_BYTES = 16 * 1024 * 1024
+    SPARE_BUFFERS = 8
 
     def __init__(self, window_bytes: int) -> None:
         self.items: collections.deque[Pending] = collections.deque()
@@ -75,34 +95,47 @@ class Outbox:
         self.window = window_bytes
         self.acked = 0
         self.cond = threading.Condition()
-        # acknowledged frames' buffers, by size: reusing them spares a fresh allocation
-        # (page faults and zeroing) per frame
-        self._spare: dict[int, list[bytearray]] = {}
-        self._spare_bytes = 0
+        # read buffers no frame holds any more: reusing them spares a fresh allocation (page
+        # faults and zeroing) per chunk
+        self._spare: list[ReadBuffer] = []
 
-    def buffer(self, n: int) -> bytearray:
+    def read_buffer(self, size: int) -> ReadBuffer:
+        """A buffer of `size` bytes, held by the caller until `release()`."""
         with self.cond:
-            spare = self._spare.get(n)
-            if spare:
-                self._spare_bytes -= n
-                return spare.pop()
-        return bytearray(n)
+            while self._spare:
+                buf = self._spare.pop()
+                if len(buf.data) == size:
+                    break
+            else:
+                buf = ReadBuffer(size)
+            buf.holders = 1
+            return buf
+
+    def release(self, buf: ReadBuffer) -> None:
+        with self.cond:
+            self._drop(buf)
+
+    def _drop(self, buf: ReadBuffer) -> None:
+        buf.holders -= 1
+        if buf.holders == 0 and len(self._spare) < self.SPARE_BUFFERS:
+            self._spare.append(buf)
 
     def add(self, p: Pending) -> None:
         with self.cond:
             self.items.append(p)
-            self.bytes += len(p.data)
+            self.bytes += p.nbytes
+            if p.source is not None:
+                p.source.holders += 1
 
     def ack(self, seq: int) -> None:
         done: list[Pending] = []
         with self.cond:
             while self.items and self.items[0].seq <= seq:
                 p = self.items.popleft()
-                self.bytes -= len(p.data)
+                self.bytes -= p.nbytes
                 done.append(p)
-                if isinstance(p.data, bytearray) and self._spare_bytes + len(p.data) <= self.SPARE_BYTES:
-                    self._spare.setdefault(len(p.data), []).append(p.data)
-                    self._spare_bytes += len(p.data)
+                if p.source is not None:
+                    self._drop(p.source)
             self.acked = max(self.acked, seq)
             self.cond.notify_all()
         for p in done:
@@ -140,6 +173,11 @@ class Link:
         outbox.ack(welcome.seq)
         self._reader = threading.Thread(target=self._read_loop, name="agent-acks", daemon=True)
         self._reader.start()
+        # Frames are encrypted and written by a thread of their own, so reading and hashing the
+        # next chunk of the disk goes on meanwhile.
+        self._to_write: queue.SimpleQueue[tuple[bytes, bytes | memoryview] | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="agent-send", daemon=True)
+        self._writer.start()
 
     def _recv_exact(self, n: int) -> bytes:
         buf = bytearray()
@@ -171,12 +209,16 @@ class Link:
                     self.error = ServerRefused(f"process server refused a frame: {error_text(f)}")
                     break
         except (OSError, LinkLost, FrameError, IncompleteFrame) as e:
-            if self.error is None:
-                self.error = LinkLost(f"connection to the process server lost: {e}")
+            self._lost(e)
         finally:
-            self._closed.set()
-            with self.outbox.cond:
-                self.outbox.cond.notify_all()
+            self._lost(None)
+
+    def _lost(self, cause: Exception | None) -> None:
+        if self.error is None and cause is not None:
+            self.error = LinkLost(f"connection to the process server lost: {cause}")
+        self._closed.set()
+        with self.outbox.cond:
+            self.outbox.cond.notify_all()
 
     def _check(self) -> None:
         if self._closed.is_set():
@@ -187,38 +229,54 @@ class Link:
         with self.outbox.cond:
             items = [p for p in self.outbox.items if p.seq > self.server_seq]
         for p in items:
-            self._write(p.data)
+            self._write(p.header, p.payload)
 
-    def _write(self, data: bytes | bytearray) -> None:
+    def _write(self, header: bytes, payload: bytes | memoryview = b"") -> None:
+        """Hand a frame to the writer thread (frames go out in the order they are handed over)."""
         self._check()
-        self.rate.take(len(data))
-        try:
-            self.sock.sendall(data)
-        except OSError as e:
-            raise self.error or LinkLost(f"connection to the process server lost: {e}") from None
+        self._to_write.put((header, payload))
 
-    def send(self, frame: Frame, on_ack: Callable[[], None] | None = None) -> None:
-        data = encode(frame, self.outbox.buffer(HEADER_SIZE + len(frame.payload)))
+    def _write_loop(self) -> None:
+        try:
+            while (item := self._to_write.get()) is not None and not self._closed.is_set():
+                header, payload = item
+                self.rate.take(len(header) + len(payload))
+                if len(payload) > SEPARATE_PAYLOAD_BYTES:  # the header as its own TLS record, not a copy of the payload
+                    self.sock.sendall(header)
+                    self.sock.sendall(payload)
+                else:
+                    self.sock.sendall(header + payload)
+        except OSError as e:
+            self._lost(e)
+
+    def send(self, frame: Frame, on_ack: Callable[[], None] | None = None, source: ReadBuffer | None = None) -> None:
+        """Queue and write one frame. With `source`, the payload is a view of that read buffer,
+        which the frame holds until acknowledged; without, a view's bytes are copied."""
+        payload = frame.payload if source is not None or isinstance(frame.payload, bytes) else bytes(frame.payload)
+        pending = Pending(frame.seq, encode_header(frame), payload, on_ack, source)
         with self.outbox.cond:
-            while self.outbox.bytes + len(data) > self.outbox.window and self.outbox.items:
+            while self.outbox.bytes + pending.nbytes > self.outbox.window and self.outbox.items:
                 self._check()
                 self.outbox.cond.wait(0.5)
-        self.outbox.add(Pending(frame.seq, data, on_ack))
-        self._write(data)
+        self.outbox.add(pending)
+        self._write(pending.header, pending.payload)
 
-    def wait_acked(self, seq: int, timeout: float | None = None) -> None:
+    def wait_acked(self, seq: int, timeout: float | None = None) -> bool:
+        """Whether everything up to `seq` was acknowledged within `timeout` (None: wait for it)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.outbox.cond:
             while self.outbox.acked < seq:
                 self._check()
-                if deadline is not None and time.monotonic() > deadline:
-                    raise LinkLost(f"no acknowledgement of sequence {seq} within {timeout:.0f}s")
-                self.outbox.cond.wait(0.5)
+                left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if left <= 0:
+                    return False
+                self.outbox.cond.wait(left)
+        return True
 
     def request_digests(self, disk: int, offset: int, blocks: int, timeout: float = 600.0) -> bytes | None:
         """The replica's block digests from `offset`, or None while it is still catching up."""
-        self._write(encode(Frame(Kind.DIGEST_REQUEST, self.machine, disk=disk, offset=offset,
-                                 payload=blocks.to_bytes(4, "big"))))
+        self._write(bytes(encode(Frame(Kind.DIGEST_REQUEST, self.machine, disk=disk, offset=offset,
+                                       payload=blocks.to_bytes(4, "big")))))
         deadline = time.monotonic() + timeout
         while True:
             self._check()
@@ -231,9 +289,11 @@ class Link:
             return None if reply.flags & Flag.NOT_READY else reply.payload
 
     def close(self) -> None:
+        self._to_write.put(None)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self._writer.join(timeout=5)  # before close(): it may be inside a write
         self.sock.close()
         self._reader.join(timeout=5)

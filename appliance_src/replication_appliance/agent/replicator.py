@@ -22,12 +22,12 @@ from ..dataplane.digests import (
 )
 from ..dataplane.frames import MAX_DATA, Frame, Kind
 from ..dataplane.session import MAX_DIGEST_BLOCKS
-from .link import Link, LinkLost, Outbox
+from .link import Link, LinkLost, Outbox, ReadBuffer
 from .source import DiskReader, SourceError, disk_size
 from .state import PHASE_DELTA, PHASE_INITIAL, AgentConfig, StateDir
 
 log = logging.getLogger(__name__)
-FRAME_BYTES = 1024 * 1024
+FRAME_BYTES = CHUNK  # a chunk with nothing to skip goes out as one frame
 
 
 @dataclass
@@ -106,14 +106,14 @@ class Replicator:
                 delay = min(delay * 2, 5.0)
 
     def _send(self, frame_kind: Kind, disk: int = 0, offset: int = 0, payload: bytes | memoryview = b"",
-              on_ack: Callable[[], None] | None = None) -> int:
+              on_ack: Callable[[], None] | None = None, source: ReadBuffer | None = None) -> int:
         seq = self.next_seq
         self.next_seq += 1
         frame = Frame(frame_kind, self.config.machine, disk=disk, seq=seq, offset=offset, payload=payload)
         while True:
             try:
                 assert self.link is not None
-                self.link.send(frame, on_ack)
+                self.link.send(frame, on_ack, source)
                 break
             except LinkLost as e:
                 queued = any(p.seq == seq for p in list(self.outbox.items))
@@ -125,12 +125,15 @@ class Replicator:
             self.report.bytes_sent += len(payload)
         return seq
 
-    def _wait(self, seq: int) -> None:
+    def _wait(self, seq: int, every: float | None = None, meanwhile: Callable[[], None] | None = None) -> None:
+        """Until `seq` is acknowledged; `meanwhile` is called every `every` seconds until then."""
         while True:
             try:
                 assert self.link is not None
-                self.link.wait_acked(seq)
-                return
+                if self.link.wait_acked(seq, every):
+                    return
+                if meanwhile:
+                    meanwhile()
             except LinkLost as e:
                 self._reconnect(e)
 
@@ -142,11 +145,14 @@ class Replicator:
         progress = _Acked(start)
 
         while pos < reader.size:
-            chunk = reader.read(pos)
+            # frames are sent from slices of the buffer the chunk is read into (no copy)
+            buf = self.outbox.read_buffer(CHUNK)
+            chunk = reader.read_into(pos, memoryview(buf.data))
             self.report.bytes_read += len(chunk)
             end = pos + len(chunk)
             whole = chunk_digest(chunk)
             if not initial and dmap.chunk_matches(pos, whole):
+                self.outbox.release(buf)
                 pos = end  # unchanged since it was last sent
                 continue
             digests = digest_blocks(chunk)
@@ -157,7 +163,8 @@ class Replicator:
                 lo, hi = run.first * BLOCK, min((run.first + run.count) * BLOCK, len(chunk))
                 # the chunk's last frame, once acknowledged, covers the whole chunk
                 done = (lambda e=end: progress.advance(e)) if i == len(runs) - 1 else None
-                self._send(Kind.DATA, disk, pos + lo, chunk[lo:hi], done)
+                self._send(Kind.DATA, disk, pos + lo, chunk[lo:hi], done, buf)
+            self.outbox.release(buf)  # the frames sent from it hold it until acknowledged
             if not runs and self.outbox.bytes == 0:
                 progress.advance(end)  # nothing to send and nothing outstanding
             dmap.update(pos, digests, whole)
@@ -165,6 +172,9 @@ class Replicator:
             if checkpoint and time.monotonic() - last_save > self._checkpoint_every:
                 checkpoint(progress.offset)
                 last_save = time.monotonic()
+        if checkpoint:
+            # the whole disk is read and queued; checkpoints go on while the rest is acknowledged
+            self._wait(self.next_seq - 1, self._checkpoint_every, lambda: checkpoint(progress.offset))
 
     def _remote_digests(self, disk: int, offset: int, blocks: int) -> bytes:
         """The replica's digests; waits while the appliance is still applying what it received."""

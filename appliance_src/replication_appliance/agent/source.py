@@ -48,8 +48,13 @@ class DiskReader:
 
     def read(self, offset: int) -> memoryview:
         """The chunk at `offset` (shorter at the end of the disk). Valid until the next read."""
-        want = min(len(self._buf), self.size - offset)
-        mv = memoryview(self._buf)[:want]
+        return self.read_into(offset, memoryview(self._buf))
+
+    def read_into(self, offset: int, out: memoryview) -> memoryview:
+        """Read from `offset` into `out` (len(out) bytes, fewer at the end of the disk); returns
+        the part of `out` filled."""
+        want = min(len(out), self.size - offset)
+        mv = out[:want]
         got = 0
         while got < want:
             n = os.preadv(self._fd, [mv[got:]], offset + got)

@@ -38,26 +38,40 @@ class Run:
 
 
 def changed_runs(old: bytes | memoryview, new: bytes | memoryview, max_blocks: int, skip_zero: bool) -> list[Run]:
-    """Runs of blocks whose digest differs (or, with skip_zero, which are not all-zero)."""
+    """Runs of blocks whose digest differs (or, with skip_zero, which are not all-zero), each at
+    most `max_blocks` long."""
     n = len(new) // DIGEST
-    if bytes(new) == (ZERO_DIGEST * n if skip_zero else bytes(old)):
-        return []  # the common case, decided by one memcmp
+    new = bytes(new)
+    if skip_zero:
+        if new == ZERO_DIGEST * n:
+            return []  # the common cases, each decided by one memcmp or one search
+        skipped = _zero_digest_indices(new)
+    else:
+        old = bytes(old)
+        if new == old:
+            return []
+        skipped = [i for i in range(n) if new[i * DIGEST:(i + 1) * DIGEST] == old[i * DIGEST:(i + 1) * DIGEST]]
     runs: list[Run] = []
-    start = -1
-    for i in range(n):
-        d = new[i * DIGEST:(i + 1) * DIGEST]
-        send = (d != ZERO_DIGEST) if skip_zero else (d != old[i * DIGEST:(i + 1) * DIGEST])
-        if send and start < 0:
-            start = i
-        elif not send and start >= 0:
-            runs.append(Run(start, i - start))
-            start = -1
-        if start >= 0 and i - start + 1 == max_blocks:
-            runs.append(Run(start, max_blocks))
-            start = -1
-    if start >= 0:
-        runs.append(Run(start, n - start))
+    first = 0
+    for end in (*skipped, n):  # the blocks to send lie between the skipped ones
+        for start in range(first, end, max_blocks):
+            runs.append(Run(start, min(max_blocks, end - start)))
+        first = end + 1
     return runs
+
+
+def _zero_digest_indices(digests: bytes) -> list[int]:
+    """Indices of the all-zero blocks' digests, found by bytes.find (no per-block Python loop
+    when a chunk has no zero block, the usual case for data)."""
+    found: list[int] = []
+    i = digests.find(ZERO_DIGEST)
+    while i >= 0:
+        if i % DIGEST:  # a match straddling two digests: not a zero block
+            i = digests.find(ZERO_DIGEST, i + 1)
+            continue
+        found.append(i // DIGEST)
+        i = digests.find(ZERO_DIGEST, i + DIGEST)
+    return found
 
 
 class DigestMap:

@@ -114,8 +114,8 @@ def _limit(kind: Kind) -> int:
     return MAX_DATA if kind in (Kind.DATA, Kind.DIGESTS) else MAX_CONTROL
 
 
-def encode(frame: Frame, out: bytearray | None = None) -> bytearray:
-    """The frame's bytes, written into `out` (of exactly that size) when given."""
+def encode_header(frame: Frame) -> bytes:
+    """The frame's 56 header bytes, the checksum over them and the payload included."""
     kind = Kind(frame.kind)
     if len(frame.payload) > _limit(kind):
         raise FrameError(ErrorCode.MALFORMED, f"{kind.name} payload of {len(frame.payload)} bytes exceeds {_limit(kind)}")
@@ -123,13 +123,17 @@ def encode(frame: Frame, out: bytearray | None = None) -> bytearray:
                        frame.seq, frame.offset, len(frame.payload), 0)[:_CHECKED]
     h = xxhash.xxh3_64(head)
     h.update(frame.payload)
-    # one copy of the payload (a memoryview of the agent's read buffer), straight into the frame
+    return head + h.digest()
+
+
+def encode(frame: Frame, out: bytearray | None = None) -> bytearray:
+    """The frame's bytes, written into `out` (of exactly that size) when given."""
+    header = encode_header(frame)
     out = bytearray(HEADER_SIZE + len(frame.payload)) if out is None else out
     if len(out) != HEADER_SIZE + len(frame.payload):
         raise ValueError(f"frame of {HEADER_SIZE + len(frame.payload)} bytes cannot be encoded into {len(out)}")
-    out[:_CHECKED] = head
-    out[_CHECKED:HEADER_SIZE] = h.digest()
-    out[HEADER_SIZE:] = frame.payload
+    out[:HEADER_SIZE] = header
+    out[HEADER_SIZE:] = frame.payload  # one copy (a memoryview of the agent's read buffer)
     return out
 
 

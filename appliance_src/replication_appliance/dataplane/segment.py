@@ -1,4 +1,6 @@
-"""Journal segments: records are whole frames back to back. A sealed segment is split per
+"""Journal segments: records are whole frames back to back, except that zero padding up to the
+next SEGMENT_ALIGN boundary may follow a record (the journal's direct writes end on those
+boundaries; a record never starts with a zero byte). A sealed segment is split per
 disk (its DATA frames plus every MARKER, so each disk sees every consistency point), then
 compressed with zstd and encrypted with AES-256-GCM under that disk's data key. The blob's
 name and key id are the associated data, so a blob cannot be swapped or replayed elsewhere."""
@@ -27,6 +29,7 @@ from .frames import (
 from .session import MachineRecord
 
 FORMAT = "zstd+aes256gcm/1"
+SEGMENT_ALIGN = 4096
 NONCE = 12
 ZSTD_LEVELS = (1, 2, 3)
 
@@ -44,11 +47,21 @@ class Record:
 def iter_records(buf: bytes | memoryview) -> Iterator[Record]:
     """Every whole, checksum-valid record; stops (without error) at a torn or corrupt tail.
     Use `valid_prefix` to learn where that tail starts."""
-    for rec, _ in _scan(buf):
+    for rec, _, _ in _scan(buf):
         yield rec
 
 
-def _scan(buf: bytes | memoryview) -> Iterator[tuple[Record, int]]:
+def _skip_padding(mv: memoryview, pos: int) -> int:
+    """Where the record after one ending at `pos` starts: `pos`, or past the zero padding that
+    fills up to the next SEGMENT_ALIGN boundary."""
+    if pos % SEGMENT_ALIGN == 0 or pos >= len(mv) or mv[pos] != 0:
+        return pos
+    end = min(len(mv), pos - pos % SEGMENT_ALIGN + SEGMENT_ALIGN)
+    return end if mv[pos:end] == bytes(end - pos) else pos
+
+
+def _scan(buf: bytes | memoryview) -> Iterator[tuple[Record, int, int]]:
+    """(record, its start, its end) for every whole, checksum-valid record."""
     mv = memoryview(buf)
     pos = 0
     while pos + HEADER_SIZE <= len(mv):
@@ -61,30 +74,32 @@ def _scan(buf: bytes | memoryview) -> Iterator[tuple[Record, int]]:
             check_payload(mv[pos:pos + HEADER_SIZE], h, payload)
         except (FrameError, IncompleteFrame):
             return
-        yield Record(h, payload), end
-        pos = end
+        yield Record(h, payload), pos, end
+        pos = _skip_padding(mv, end)
 
 
 def valid_prefix(buf: bytes | memoryview) -> tuple[int, int]:
-    """(length of the valid prefix, last sequence in it or -1)."""
+    """(length of the valid prefix, the padding after its last record included; last sequence
+    in it or -1)."""
     end, last = 0, -1
-    for rec, e in _scan(buf):
+    for rec, _, e in _scan(buf):
         end, last = e, rec.header.seq
-    return end, last
+    return _skip_padding(memoryview(buf), end), last
 
 
 def split_by_disk(buf: bytes | memoryview, disk_count: int) -> list[bytes]:
     mv = memoryview(buf)
     parts: list[list[memoryview]] = [[] for _ in range(disk_count)]
     pos = 0
-    for rec, end in _scan(mv):
-        whole = mv[pos:end]
+    for rec, start, end in _scan(mv):
+        whole = mv[start:end]  # the record without padding: blobs hold records back to back
         if rec.header.kind is Kind.DATA:
             parts[rec.header.disk].append(whole)
         elif rec.header.kind is Kind.MARKER:
             for p in parts:
                 p.append(whole)
         pos = end
+    pos = _skip_padding(mv, pos)
     if pos != len(mv):
         raise SegmentError(f"sealed segment is corrupt at byte {pos} of {len(mv)}: refusing to upload it")
     return [b"".join(p) for p in parts]

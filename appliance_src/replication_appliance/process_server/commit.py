@@ -11,10 +11,10 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from ..dataplane.frames import HEADER_SIZE, Header, Kind
-from .journal import MachineJournal, SealedSegment
+from ..dataplane.frames import Header, Kind
+from .journal import MachineJournal, RecordBuffer, SealedSegment, aligned_capacity
 
-Record = tuple[Header, bytes, bytearray]
+Record = tuple[Header, RecordBuffer]
 
 
 class GroupCommit:
@@ -27,9 +27,9 @@ class GroupCommit:
         self._records: deque[Record] = deque()
         self._syncs: deque[tuple[int, int, int]] = deque()  # (descriptor to fsync, seq, bytes) written, not yet durable
         self._queued_bytes = 0  # received but not yet durable: bounds what a connection holds
-        # payload buffers already written to the journal, by size: reusing them spares a fresh
-        # allocation (page faults and zeroing) per frame; at most max_queued_bytes are kept
-        self._spare: dict[int, list[bytearray]] = {}
+        # record buffers already written to the journal, by capacity: reusing them spares a
+        # fresh allocation (page faults and zeroing) per frame; at most max_queued_bytes are kept
+        self._spare: dict[int, list[RecordBuffer]] = {}
         self._spare_bytes = 0
         self._last_queued = journal.last_seq
         self._closing = self._written_all = False
@@ -49,24 +49,28 @@ class GroupCommit:
     def queued_bytes(self) -> int:
         return self._queued_bytes
 
-    def buffer(self, n: int) -> bytearray:
-        """A buffer of `n` bytes to receive a payload into (its content is overwritten)."""
+    def record_buffer(self, payload_bytes: int) -> RecordBuffer:
+        """A record buffer to receive a payload of `payload_bytes` into (content overwritten)."""
+        rec = None
         with self._cond:
-            spare = self._spare.get(n)
+            spare = self._spare.get(aligned_capacity(payload_bytes))
             if spare:
-                self._spare_bytes -= n
-                return spare.pop()
-        return bytearray(n)
+                rec = spare.pop()
+                self._spare_bytes -= rec.capacity
+        if rec is None:
+            return RecordBuffer(payload_bytes)
+        rec.reuse(payload_bytes)
+        return rec
 
-    def put(self, h: Header, header_bytes: bytes, payload: bytearray) -> None:
+    def put(self, h: Header, record: RecordBuffer) -> None:
         """Queue one validated record; blocks while the queue is full (the socket then stops
         being read and TCP flow control slows the agent)."""
-        n = HEADER_SIZE + len(payload)
+        n = record.length
         with self._cond:
             while self._queued_bytes and self._queued_bytes + n > self._max_queued and self._error is None:
                 self._cond.wait()
             self.raise_error()
-            self._records.append((h, header_bytes, payload))
+            self._records.append((h, record))
             self._queued_bytes += n
             self._last_queued = h.seq
             self._cond.notify_all()
@@ -135,10 +139,10 @@ class GroupCommit:
     def _write_loop(self) -> None:
         try:
             while batch := self._next_batch():
-                seq, nbytes = batch[-1][0].seq, sum(HEADER_SIZE + len(p) for _, _, p in batch)
+                seq, nbytes = batch[-1][0].seq, sum(rec.length for _, rec in batch)
                 with self._journal.lock:
-                    for h, header_bytes, payload in batch:
-                        self._journal.append(h, header_bytes, payload)
+                    for h, rec in batch:
+                        self._journal.append(h, rec)
                     sealed = self._journal.sync() if self._journal.seal_due() else None
                     fd = None if sealed else self._journal.sync_handle()
                 self._keep_spares(batch)
@@ -158,10 +162,10 @@ class GroupCommit:
 
     def _keep_spares(self, batch: list[Record]) -> None:
         with self._cond:
-            for _, _, payload in batch:
-                if payload and self._spare_bytes + len(payload) <= self._max_queued:
-                    self._spare.setdefault(len(payload), []).append(payload)
-                    self._spare_bytes += len(payload)
+            for _, rec in batch:
+                if self._spare_bytes + rec.capacity <= self._max_queued:
+                    self._spare.setdefault(rec.capacity, []).append(rec)
+                    self._spare_bytes += rec.capacity
 
     def _sync_loop(self) -> None:
         while True:

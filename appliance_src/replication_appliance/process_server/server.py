@@ -37,7 +37,7 @@ from ..dataplane.session import (
 from ..storage.base import BlobStore, StorageError
 from ..storage.keyring import DataKeyring
 from .commit import GroupCommit
-from .journal import Journals, MachineJournal
+from .journal import Journals, MachineJournal, RecordBuffer
 from .resync import applied_seq, replica_digests
 from .stats import HealthReport, Stats, write_report
 from .uploader import Uploader
@@ -76,7 +76,7 @@ class _Reader:
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self.sock = sock
 
-    def exact(self, n: int, buf: bytearray | None = None) -> bytearray:
+    def exact(self, n: int, buf: bytearray | memoryview | None = None) -> bytearray | memoryview:
         """Read `n` bytes (into `buf`, of that size, when given)."""
         buf = bytearray(n) if buf is None else buf
         mv = memoryview(buf)
@@ -335,7 +335,9 @@ class ProcessServer:
                     break
                 h = decode_header(hb)
                 session.check(h)
-                payload = reader.exact(h.length, commit.buffer(h.length) if h.kind is Kind.DATA else None)
+                # a DATA payload is received straight into the record buffer the journal writes from
+                entry = commit.record_buffer(h.length) if h.kind is Kind.DATA else None
+                payload = reader.exact(h.length, entry.payload() if entry else None)
                 check_payload(hb, h, payload)
                 if h.kind is Kind.HELLO:
                     self._send(sock, Frame(Kind.WELCOME, record.machine_id, seq=journal.last_seq))
@@ -345,7 +347,11 @@ class ProcessServer:
                         ack_all()
                     self._send(sock, self._digests(record, journal, h, payload))
                     continue
-                commit.put(h, bytes(hb), payload)
+                if entry is None:
+                    entry = RecordBuffer.of(hb, payload)
+                else:
+                    entry.set_header(hb)
+                commit.put(h, entry)
                 self.stats.ingest(h.length)
                 last = h.seq
                 self._check_throttle(HEADER_SIZE + h.length)  # notice a filling cache within a batch

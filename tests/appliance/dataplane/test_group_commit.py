@@ -19,9 +19,10 @@ M = uuid.uuid4()
 
 def put(c: GroupCommit, kind: F.Kind, seq: int, payload: bytes = b"", offset: int = 0) -> None:
     raw = F.encode(F.Frame(kind, M, seq=seq, offset=offset, payload=payload))
-    buf = c.buffer(len(payload))
-    buf[:] = raw[F.HEADER_SIZE:]
-    c.put(F.decode_header(raw[:F.HEADER_SIZE]), bytes(raw[:F.HEADER_SIZE]), buf)
+    rec = c.record_buffer(len(payload))
+    rec.payload()[:] = raw[F.HEADER_SIZE:]
+    rec.set_header(raw[:F.HEADER_SIZE])
+    c.put(F.decode_header(raw[:F.HEADER_SIZE]), rec)
 
 
 def records(j: MachineJournal) -> list[tuple[int, bytes]]:

@@ -19,6 +19,7 @@ from replication_appliance.dataplane.segment import (
 from replication_appliance.process_server.journal import (
     Journals,
     MachineJournal,
+    RecordBuffer,
     read_state,
 )
 
@@ -33,7 +34,7 @@ def rec(kind, seq, disk=0, offset=0, payload=b""):
 def append(j: MachineJournal, *records):
     with j.lock:
         for h, hb, p in records:
-            j.append(h, hb, p)
+            j.append(h, RecordBuffer.of(hb, p))
         return j.sync()
 
 

@@ -13,6 +13,7 @@ from replication_appliance.agent.link import Link, Outbox, RateLimit
 from replication_appliance.common.secrets import MasterKey
 from replication_appliance.common.tls import CertificateAuthority, client_ssl_context
 from replication_appliance.dataplane import frames as F
+from replication_appliance.dataplane.segment import SEGMENT_ALIGN, iter_records
 from replication_appliance.dataplane.session import MachineRecord
 from replication_appliance.storage import open_store
 
@@ -70,7 +71,10 @@ def test_session_acks_only_durable_data(pki, server, machines):
     ack = read_frame(s)
     assert (ack.kind, ack.seq) == (F.Kind.ACK, 1)
     journal = server.server.journals.get(m)
-    assert journal.last_seq == 1 and next(journal.dir.glob("*.open")).stat().st_size == F.HEADER_SIZE + 4096
+    segment = next(journal.dir.glob("*.open")).read_bytes()
+    assert journal.last_seq == 1 and [(r.header.seq, bytes(r.payload)) for r in iter_records(segment)] == [(1, b"x" * 4096)]
+    # written with direct I/O: the record, then zeros up to the next alignment boundary
+    assert len(segment) == SEGMENT_ALIGN * 2 and segment[F.HEADER_SIZE + 4096:] == bytes(len(segment) - F.HEADER_SIZE - 4096)
     s.close()
     s = tls(pki, server.port, m)
     assert hello(s, m).seq == 1  # a new session learns where to resume
