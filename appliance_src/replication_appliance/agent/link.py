@@ -80,14 +80,15 @@ class Pending:
     source: ReadBuffer | None = None
 
     @property
-    def nbytes(self) -> int:
-        return len(self.header) + len(self.payload)
+    def charge(self) -> int:
+        """What the frame counts against the window (a read buffer counts once, on its own)."""
+        return len(self.header) + (0 if self.source is not None else len(self.payload))
 
 
 class Outbox:
-    """Unacknowledged frames, in sequence order, across reconnects."""
-
-    SPARE_BUFFERS = 8
+    """Unacknowledged frames, in sequence order, across reconnects. `bytes` is the memory they
+    hold: their own bytes, and every read buffer until no frame (and not the reader) holds it,
+    so a chunk sent as a few small frames still counts whole against the window."""
 
     def __init__(self, window_bytes: int) -> None:
         self.items: collections.deque[Pending] = collections.deque()
@@ -96,19 +97,22 @@ class Outbox:
         self.acked = 0
         self.cond = threading.Condition()
         # read buffers no frame holds any more: reusing them spares a fresh allocation (page
-        # faults and zeroing) per chunk
+        # faults and zeroing) per chunk; as many are kept as the window can hold at once
         self._spare: list[ReadBuffer] = []
+        self._spare_bytes = 0
 
     def read_buffer(self, size: int) -> ReadBuffer:
         """A buffer of `size` bytes, held by the caller until `release()`."""
         with self.cond:
             while self._spare:
                 buf = self._spare.pop()
+                self._spare_bytes -= len(buf.data)
                 if len(buf.data) == size:
                     break
             else:
                 buf = ReadBuffer(size)
             buf.holders = 1
+            self.bytes += size
             return buf
 
     def release(self, buf: ReadBuffer) -> None:
@@ -117,13 +121,18 @@ class Outbox:
 
     def _drop(self, buf: ReadBuffer) -> None:
         buf.holders -= 1
-        if buf.holders == 0 and len(self._spare) < self.SPARE_BUFFERS:
+        if buf.holders:
+            return
+        self.bytes -= len(buf.data)
+        self.cond.notify_all()
+        if self._spare_bytes + len(buf.data) <= self.window:
             self._spare.append(buf)
+            self._spare_bytes += len(buf.data)
 
     def add(self, p: Pending) -> None:
         with self.cond:
             self.items.append(p)
-            self.bytes += p.nbytes
+            self.bytes += p.charge
             if p.source is not None:
                 p.source.holders += 1
 
@@ -132,7 +141,7 @@ class Outbox:
         with self.cond:
             while self.items and self.items[0].seq <= seq:
                 p = self.items.popleft()
-                self.bytes -= p.nbytes
+                self.bytes -= p.charge
                 done.append(p)
                 if p.source is not None:
                     self._drop(p.source)
@@ -255,7 +264,7 @@ class Link:
         payload = frame.payload if source is not None or isinstance(frame.payload, bytes) else bytes(frame.payload)
         pending = Pending(frame.seq, encode_header(frame), payload, on_ack, source)
         with self.outbox.cond:
-            while self.outbox.bytes + pending.nbytes > self.outbox.window and self.outbox.items:
+            while self.outbox.bytes + pending.charge > self.outbox.window and self.outbox.items:
                 self._check()
                 self.outbox.cond.wait(0.5)
         self.outbox.add(pending)

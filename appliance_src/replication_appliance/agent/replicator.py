@@ -165,7 +165,7 @@ class Replicator:
                 done = (lambda e=end: progress.advance(e)) if i == len(runs) - 1 else None
                 self._send(Kind.DATA, disk, pos + lo, chunk[lo:hi], done, buf)
             self.outbox.release(buf)  # the frames sent from it hold it until acknowledged
-            if not runs and self.outbox.bytes == 0:
+            if not runs and not self.outbox.items:
                 progress.advance(end)  # nothing to send and nothing outstanding
             dmap.update(pos, digests, whole)
             pos = end

@@ -28,7 +28,8 @@ class GroupCommit:
         self._syncs: deque[tuple[int, int, int]] = deque()  # (descriptor to fsync, seq, bytes) written, not yet durable
         self._queued_bytes = 0  # received but not yet durable: bounds what a connection holds
         # record buffers already written to the journal, by capacity: reusing them spares a
-        # fresh allocation (page faults and zeroing) per frame; at most max_queued_bytes are kept
+        # fresh allocation (page faults) per frame; up to twice max_queued_bytes are kept, as
+        # many as can be queued, being received and being written at once
         self._spare: dict[int, list[RecordBuffer]] = {}
         self._spare_bytes = 0
         self._last_queued = journal.last_seq
@@ -163,7 +164,7 @@ class GroupCommit:
     def _keep_spares(self, batch: list[Record]) -> None:
         with self._cond:
             for _, rec in batch:
-                if self._spare_bytes + rec.capacity <= self._max_queued:
+                if self._spare_bytes + rec.capacity <= 2 * self._max_queued:
                     self._spare.setdefault(rec.capacity, []).append(rec)
                     self._spare_bytes += rec.capacity
 

@@ -42,12 +42,20 @@ def aligned_capacity(payload_bytes: int) -> int:
     return aligned(HEADER_SIZE + payload_bytes)
 
 
+def _anonymous_memory(size: int) -> mmap.mmap:
+    """Page-aligned memory: private where the platform lets us say so (a shared anonymous
+    mapping would be backed by shmem, whose page faults cost more)."""
+    if hasattr(mmap, "MAP_PRIVATE"):
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mmap.mmap(-1, size)
+
+
 class RecordBuffer:
     """One journal record (frame header + payload) in page-aligned memory, with room for the
     padding a direct write needs: the server receives a payload straight into it."""
 
     def __init__(self, payload_bytes: int) -> None:
-        self.mem = mmap.mmap(-1, aligned_capacity(payload_bytes))
+        self.mem = _anonymous_memory(aligned_capacity(payload_bytes))
         self.view = memoryview(self.mem)
         self.length = HEADER_SIZE + payload_bytes
 

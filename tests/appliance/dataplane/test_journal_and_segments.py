@@ -2,13 +2,17 @@
 (split per disk, zstd + AES-256-GCM bound to the blob's name and key id)."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from replication_appliance.dataplane import frames as F
 from replication_appliance.dataplane.segment import (
+    SEGMENT_ALIGN,
     SegmentError,
     iter_records,
     seal,
@@ -16,6 +20,7 @@ from replication_appliance.dataplane.segment import (
     unseal,
     valid_prefix,
 )
+from replication_appliance.process_server import journal as journal_module
 from replication_appliance.process_server.journal import (
     Journals,
     MachineJournal,
@@ -114,3 +119,61 @@ def test_sealed_blob_is_compressed_encrypted_and_bound_to_its_name():
             unseal(*args)
     with pytest.raises(SegmentError, match="zstd level 9 is not allowed"):
         seal(plain, key, "n", "k", level=9)
+
+
+def padded(raw: bytes) -> bytes:
+    return raw + bytes(-len(raw) % SEGMENT_ALIGN)
+
+
+def test_zero_padding_after_a_record_is_skipped_and_kept_out_of_blobs():
+    (_, h1, p1), (_, h2, p2), (_, h3, p3) = (rec(F.Kind.DATA, s, disk=s % 2, payload=bytes([s]) * 512) for s in (1, 2, 3))
+    segment = padded(h1 + p1) + padded(h2 + p2 + h3 + p3)  # as two direct writes leave it
+    assert [r.header.seq for r in iter_records(segment)] == [1, 2, 3]
+    assert valid_prefix(segment) == (len(segment), 3)  # trailing padding belongs to the valid part
+    d0, d1 = split_by_disk(segment, 2)
+    assert (d0, d1) == (h2 + p2, h1 + p1 + h3 + p3)  # records back to back, no padding
+    # a torn record after the padding is still cut off
+    assert valid_prefix(segment + (h1 + p1)[:100]) == (len(segment), 3)
+    # a "padding" with anything but zeros in it is not padding: the valid prefix ends before it
+    dirty = bytearray(padded(h1 + p1) + h2 + p2)
+    dirty[len(h1 + p1) + 7] = 1
+    assert valid_prefix(bytes(dirty)) == (len(h1 + p1), 1)
+    with pytest.raises(SegmentError, match="corrupt at byte"):
+        split_by_disk(bytes(dirty), 2)
+
+
+def open_segment_flags(j: MachineJournal) -> int:
+    """The open flags of the descriptor this process holds on the journal's open segment."""
+    open_path = next(j.dir.glob("*.open")).resolve()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(open_path):
+                return int(Path(f"/proc/self/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+    raise AssertionError("no descriptor on the open segment")
+
+
+def test_segments_are_written_with_direct_io_in_aligned_writes(tmp_path):
+    j = MachineJournal(tmp_path, M, max_segment_bytes=1 << 30, max_segment_age=60)
+    big, small = b"B" * (256 * 1024), b"s" * 512
+    append(j, rec(F.Kind.DATA, 1, payload=small), rec(F.Kind.DATA, 2, payload=big), rec(F.Kind.DATA, 3, payload=small))
+    assert open_segment_flags(j) & os.O_DIRECT, "the page cache was not bypassed"
+    segment = next(j.dir.glob("*.open")).read_bytes()
+    assert len(segment) % SEGMENT_ALIGN == 0
+    assert [(r.header.seq, bytes(r.payload)) for r in iter_records(segment)] == [(1, small), (2, big), (3, small)]
+    j.close()
+
+
+def test_without_direct_io_the_journal_goes_through_the_page_cache(tmp_path, monkeypatch):
+    real_open = journal_module.os.open
+
+    def refuse_direct(path, flags, mode=0o777):  # what a file system without O_DIRECT answers
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(journal_module.os, "open", refuse_direct)
+    j = MachineJournal(tmp_path, M, max_segment_bytes=1 << 30, max_segment_age=60)
+    append(j, rec(F.Kind.DATA, 1, payload=b"a" * 4096), rec(F.Kind.DATA, 2, payload=b"b" * 200_704))
+    assert not open_segment_flags(j) & os.O_DIRECT
+    [sealed] = [j.seal()]
+    assert [r.header.seq for r in iter_records(sealed.path.read_bytes())] == [1, 2]
