@@ -125,15 +125,13 @@ class Replicator:
             self.report.bytes_sent += len(payload)
         return seq
 
-    def _wait(self, seq: int, every: float | None = None, meanwhile: Callable[[], None] | None = None) -> None:
-        """Until `seq` is acknowledged; `meanwhile` is called every `every` seconds until then."""
+    def _wait(self, seq: int, timeout: float | None = None) -> bool:
+        """Whether `seq` was acknowledged within `timeout` (None: wait for it), reconnecting as needed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
                 assert self.link is not None
-                if self.link.wait_acked(seq, every):
-                    return
-                if meanwhile:
-                    meanwhile()
+                return self.link.wait_acked(seq, None if deadline is None else max(0.0, deadline - time.monotonic()))
             except LinkLost as e:
                 self._reconnect(e)
 
@@ -174,7 +172,9 @@ class Replicator:
                 last_save = time.monotonic()
         if checkpoint:
             # the whole disk is read and queued; checkpoints go on while the rest is acknowledged
-            self._wait(self.next_seq - 1, self._checkpoint_every, lambda: checkpoint(progress.offset))
+            while not self._wait(self.next_seq - 1, last_save + self._checkpoint_every - time.monotonic()):
+                checkpoint(progress.offset)
+                last_save = time.monotonic()
 
     def _remote_digests(self, disk: int, offset: int, blocks: int) -> bytes:
         """The replica's digests; waits while the appliance is still applying what it received."""

@@ -164,9 +164,8 @@ class MachineJournal:
                     os.fsync(f.fileno())
             segno = int(p.stem)
             self.state.next_segno = max(self.state.next_segno, segno + 1)
-            if end == 0:
-                p.unlink()
-                continue
+            # Even with no whole record in it the segment is sealed (and uploaded, empty): the
+            # cloud side applies segments by consecutive number and must not wait for a gap.
             self.last_seq = max(self.last_seq, last)
             self._note_markers(data[:end])
             os.replace(p, p.with_suffix(".sealed"))

@@ -177,3 +177,19 @@ def test_without_direct_io_the_journal_goes_through_the_page_cache(tmp_path, mon
     assert not open_segment_flags(j) & os.O_DIRECT
     [sealed] = [j.seal()]
     assert [r.header.seq for r in iter_records(sealed.path.read_bytes())] == [1, 2]
+
+
+def test_a_segment_killed_before_its_first_write_is_sealed_empty_so_numbers_stay_consecutive(tmp_path):
+    j = MachineJournal(tmp_path, M, max_segment_bytes=1 << 20, max_segment_age=60)
+    append(j, rec(F.Kind.DATA, 1, payload=b"a" * 4096), rec(F.Kind.MARKER, 2, payload=b"m"))  # seals segment 0
+    # the next record was only staged in memory when the process died: its segment file is empty
+    h, hb, payload = rec(F.Kind.DATA, 3, payload=b"b" * 4096)
+    with j.lock:
+        j.append(h, RecordBuffer.of(hb, payload))
+    assert next(j.dir.glob("*.open")).stat().st_size == 0
+    j2 = MachineJournal(tmp_path, M, 1 << 20, 60)
+    assert [(s.segno, s.size) for s in j2.pending()] == [(0, SEGMENT_ALIGN * 2), (1, 0)]
+    assert j2.last_seq == 2
+    append(j2, rec(F.Kind.DATA, 3, payload=b"c" * 4096), rec(F.Kind.MARKER, 4, payload=b"n"))
+    assert [s.segno for s in j2.pending()] == [0, 1, 2]
+    assert split_by_disk(j2.pending()[1].path.read_bytes(), 2) == [b"", b""]  # uploads as empty blobs
