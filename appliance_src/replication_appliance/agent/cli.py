@@ -141,7 +141,8 @@ def cmd_run(args) -> int:
                 state.digests(i).unlink(missing_ok=True)
         desired = reporter.current(resync) or desired
         report = Replicator(config, state, connect).run_cycle()
-        print(f"cycle done: marker {report.marker_id} (seq {report.marker_seq}); read {report.bytes_read} bytes, "
+        print(f"cycle done: marker {report.marker_id} (seq {report.marker_seq}); read {report.bytes_read} bytes "
+              f"(skipped {report.bytes_skipped} bytes of holes), "
               f"sent {report.bytes_sent} bytes in {report.frames} frames, {report.seconds:.1f}s, "
               f"{report.reconnects} reconnects, {report.throttle_events} throttle events", flush=True)
         desired = reporter.current() or desired

@@ -15,6 +15,8 @@ from ..dataplane.digests import (
     BLOCK,
     CHUNK,
     DIGEST,
+    ZERO_CHUNK_DIGEST,
+    ZERO_DIGEST,
     DigestMap,
     changed_runs,
     chunk_digest,
@@ -35,6 +37,7 @@ class CycleReport:
     marker_id: str = ""
     marker_seq: int = 0
     bytes_read: int = 0
+    bytes_skipped: int = 0  # known to be holes of an image file: not read
     bytes_sent: int = 0
     frames: int = 0
     reconnects: int = 0
@@ -143,6 +146,14 @@ class Replicator:
         progress = _Acked(start)
 
         while pos < reader.size:
+            if initial and reader.is_hole(pos, CHUNK) and pos + CHUNK <= reader.size:
+                # an image file's unallocated chunk: all zeros, nothing to send, no need to read it
+                self.report.bytes_skipped += CHUNK
+                dmap.update(pos, ZERO_DIGEST * (CHUNK // BLOCK), ZERO_CHUNK_DIGEST)
+                if not self.outbox.items:
+                    progress.advance(pos + CHUNK)
+                pos += CHUNK
+                continue
             # frames are sent from slices of the buffer the chunk is read into (no copy)
             buf = self.outbox.read_buffer(CHUNK)
             chunk = reader.read_into(pos, memoryview(buf.data))

@@ -1,6 +1,7 @@
 """Reading a source disk: a block device or an image file, in large chunks."""
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Self
 from ..common.errors import ApplianceError
 
 SECTOR = 512
+_SEEK_DATA = getattr(os, "SEEK_DATA", 0)
 
 
 class SourceError(ApplianceError):
@@ -62,6 +64,17 @@ class DiskReader:
                 raise SourceError(f"disk {self.path} ended at {offset + got} bytes, expected {self.size}: did it shrink?")
             got += n
         return mv
+
+    def is_hole(self, offset: int, length: int) -> bool:
+        """Whether [offset, offset+length) is known to be a hole (reads as zeros) without reading
+        it: an image file's unallocated range. Block devices, and file systems that do not
+        track holes, say no."""
+        if not _SEEK_DATA:
+            return False
+        try:
+            return os.lseek(self._fd, offset, _SEEK_DATA) >= offset + length
+        except OSError as e:  # ENXIO: no data at all from offset to the end of the file
+            return e.errno == errno.ENXIO
 
     def close(self) -> None:
         os.close(self._fd)

@@ -16,6 +16,7 @@ DIGEST = 16
 ZERO_BLOCK = bytes(BLOCK)
 ZERO_DIGEST = xxhash.xxh3_128_digest(ZERO_BLOCK)
 CHUNK = 1024 * BLOCK  # the agent reads and compares 4 MiB at a time
+ZERO_CHUNK_DIGEST = xxhash.xxh3_128_digest(bytes(CHUNK))
 _MAGIC = b"RADM2\n"
 
 

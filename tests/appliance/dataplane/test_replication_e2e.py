@@ -14,6 +14,7 @@ from replication_appliance.storage import open_store
 from .conftest import TEXT, ServerProcess, make_machine, random_writes, sha256
 
 MiB = 1 << 20
+HOLE = 40 * MiB
 
 
 def run(args: list[str], env: dict | None = None) -> str:
@@ -22,12 +23,13 @@ def run(args: list[str], env: dict | None = None) -> str:
     return p.stdout
 
 
-def agent_cycle(state_dir: Path) -> tuple[str, int]:
+def agent_cycle(state_dir: Path) -> tuple[str, int, int]:
+    """(marker id, bytes sent, bytes of holes skipped without reading)"""
     out = run([sys.executable, "-m", "replication_appliance.agent.cli", "run", "--state-dir", str(state_dir),
                "--once", "--no-heartbeat"])
-    m = re.search(r"marker (\w+) \(seq (\d+)\); read (\d+) bytes, sent (\d+) bytes", out)
+    m = re.search(r"marker (\w+) \(seq (\d+)\); read (\d+) bytes \(skipped (\d+) bytes of holes\), sent (\d+) bytes", out)
     assert m, out
-    return m.group(1), int(m.group(4))
+    return m.group(1), int(m.group(5)), int(m.group(4))
 
 
 def appliance(data_dir: Path, env: dict, *args: str) -> str:
@@ -46,6 +48,9 @@ def nonzero_bytes(path: Path) -> int:
 def test_initial_then_delta_cycles_replica_and_every_recovery_point_match(tmp_path, pki, azurite):
     # two disks: a 256 MiB system disk and a small data disk, each with real (mixed) content
     m = make_machine(tmp_path, "web01", [256 * MiB, 16 * MiB], seed=7, ps_port=0)
+    # and a hole in the system disk's image, as a sparse file has where nothing was written
+    subprocess.run(["fallocate", "--punch-hole", "--offset", str(64 * MiB + 512 * 1024), "--length", str(HOLE),
+                    str(m.images[0])], check=True)
     ps = ServerProcess(pki, tmp_path / "appliance", [m.record], azurite.connection_string)
     m.config.process_server = f"127.0.0.1:{ps.port}"
     m.state.save_config(m.config)
@@ -55,14 +60,15 @@ def test_initial_then_delta_cycles_replica_and_every_recovery_point_match(tmp_pa
     ps.start()
     try:
         states: dict[str, list[str]] = {}
-        marker, sent = agent_cycle(m.state.root)
+        marker, sent, skipped = agent_cycle(m.state.root)
         states[marker] = [sha256(p) for p in m.images]
         assert 0 < sent <= sum(nonzero_bytes(p) for p in m.images)  # zero blocks were skipped
+        assert skipped >= HOLE - 8 * MiB  # the hole's whole 4 MiB chunks were not even read
         delta_sent = []
         for cycle in range(3):
             random_writes(m.images[0], 300, seed=100 + cycle)
             random_writes(m.images[1], 20, seed=200 + cycle)
-            marker, sent = agent_cycle(m.state.root)
+            marker, sent, _ = agent_cycle(m.state.root)
             states[marker] = [sha256(p) for p in m.images]
             delta_sent.append(sent)
         assert all(0 < s < 16 * MiB for s in delta_sent), delta_sent  # deltas send the changes, not the disks
