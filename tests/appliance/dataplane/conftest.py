@@ -109,8 +109,8 @@ def make_image(path: Path, size: int, seed: int, chunk: int = 1 << 20) -> None:
 def random_writes(path: Path, count: int, seed: int, block: int = 4096) -> None:
     """Writes at random 4 KiB blocks, some of them zeroing data that was there."""
     rng = random.Random(seed)
-    size = path.stat().st_size
     with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)  # st_size is 0 for a block device
         for _ in range(count):
             n = block * rng.choice((1, 1, 1, 2, 8, 32))
             off = rng.randrange(0, size - n, block)
