@@ -5,8 +5,9 @@
 1. initial replication through the whole path (agent -> process server -> zstd-1 + AES-GCM ->
    Azurite) vs the ceilings: single-process zstd-1 + AES-GCM of the same data, and raw upload
    of the same bytes to the same Azurite (same concurrency as the uploader).
-2. ingest to the cache alone (uploads off) vs raw TLS loopback throughput, and the CPU seconds
-   per GB each spends (the agent + the process server vs both TLS ends).
+2. ingest to the cache alone (uploads off) vs raw TLS loopback throughput, three rounds each
+   beside its own raw TLS run (median printed), and the CPU seconds per GB each spends (the
+   agent + the process server vs both TLS ends).
 3. delta: 5 % of 4 KiB blocks changed at random: bytes sent and time vs
    `rsync --inplace --no-whole-file` of the same change over ssh to a loopback sshd
    (with --ignore-times: the change happens within the same second as the copy, and
@@ -215,33 +216,43 @@ def main() -> int:
             print(f"  (disk scan rate over the whole {size / 2**30:.1f} GiB disk: {rate(size, whole)}; acknowledged by the "
                   f"process server after {ingest_done:.1f}s, in storage after {whole:.1f}s)")
 
-            # -- 2. ingest alone -------------------------------------------------------------------
-            for f in m.state.root.glob("disk-*"):  # forget the replication: initial again, into a fresh cache
-                f.unlink()
-            ps2 = ServerProcess(pki, work / "ps-ingest", [m.record], az.connection_string,
-                                extra=["--upload-concurrency", "0"])
-            ps2.start()
-            rep = replicator(pki, m, ps2.port)  # certificate issued outside the timed part
-            cpu_agent, cpu_server = cpu_seconds(), cpu_seconds(ps2.proc.pid)
-            t = time.perf_counter()
-            report = rep.run_cycle()
-            ingest = time.perf_counter() - t
-            cpu_agent, cpu_server = cpu_seconds() - cpu_agent, cpu_seconds(ps2.proc.pid) - cpu_server
-            ps2.stop()
-            shutil.rmtree(ps2.cache, ignore_errors=True)
-            cpu_tls = cpu_seconds()
-            raw_tls = tls_loopback(pki, (data_bytes // MiB) * MiB)
-            cpu_tls = cpu_seconds() - cpu_tls
+            # -- 2. ingest alone, three rounds, each beside its own raw TLS run --------------------------
+            print("\n2. ingest into the cache (TLS, validate, journal, fsync, ack; uploads off), 3 rounds")
+            ratios = []
+            for round_no in range(1, 4):
+                for f in m.state.root.glob("disk-*"):  # forget the replication: initial again, into a fresh cache
+                    f.unlink()
+                ps2 = ServerProcess(pki, work / f"ps-ingest-{round_no}", [m.record], az.connection_string,
+                                    extra=["--upload-concurrency", "0"])
+                ps2.start()
+                rep = replicator(pki, m, ps2.port)  # certificate issued outside the timed part
+                # earlier work left dirty pages (the whole path's journal, Azurite's files): let the kernel
+                # write them out now, not while ingest competes with it for the CPU
+                os.sync()
+                cpu_agent, cpu_server = cpu_seconds(), cpu_seconds(ps2.proc.pid)
+                t = time.perf_counter()
+                report = rep.run_cycle()
+                ingest = time.perf_counter() - t
+                cpu_agent, cpu_server = cpu_seconds() - cpu_agent, cpu_seconds(ps2.proc.pid) - cpu_server
+                ps2.stop()
+                shutil.rmtree(ps2.workdir, ignore_errors=True)
+                os.sync()
+                cpu_tls = cpu_seconds()
+                raw_tls = tls_loopback(pki, (data_bytes // MiB) * MiB)
+                cpu_tls = cpu_seconds() - cpu_tls
+                ratio = raw_tls / ingest * report.bytes_sent / data_bytes
+                ratios.append(ratio)
+                line(f"round {round_no}: ingest (data bytes / time to durable ack)", rate(report.bytes_sent, ingest),
+                     "raw TLS loopback, same bytes", rate(data_bytes, raw_tls), ratio, ">= 0.7")
+                # on a shared 2-core machine the ratio follows the CPU each side spends per byte
+                print(f"    CPU seconds per GB: ingest {(cpu_agent + cpu_server) / report.bytes_sent * 1e9:.2f} "
+                      f"(agent {cpu_agent / report.bytes_sent * 1e9:.2f} + process server "
+                      f"{cpu_server / report.bytes_sent * 1e9:.2f}), raw TLS both ends {cpu_tls / data_bytes * 1e9:.2f}; "
+                      f"load average {os.getloadavg()[0]:.2f}")
+            print(f"  ingest / raw TLS, median of 3 rounds: {sorted(ratios)[1]:.2f} (goal >= 0.7)")
             raw_disk = journal_write(work / "ps-ingest", (data_bytes // (8 * MiB)) * 8 * MiB)
-            print("\n2. ingest into the cache (TLS, validate, journal, fsync, ack; uploads off)")
-            line("ingest (data bytes / time to durable ack)", rate(report.bytes_sent, ingest), "raw TLS loopback, same bytes",
-                 rate(data_bytes, raw_tls), raw_tls / ingest * report.bytes_sent / data_bytes, ">= 0.7")
-            line("", "", "cache disk: 8 MiB write+fsync, same bytes", rate(data_bytes, raw_disk),
-                 raw_disk / ingest * report.bytes_sent / data_bytes, "context")
-            # on a shared 2-core machine the ratio follows the CPU each side spends per byte
-            print(f"  CPU seconds per GB: ingest {(cpu_agent + cpu_server) / report.bytes_sent * 1e9:.2f} "
-                  f"(agent {cpu_agent / report.bytes_sent * 1e9:.2f} + process server {cpu_server / report.bytes_sent * 1e9:.2f}), "
-                  f"raw TLS both ends {cpu_tls / data_bytes * 1e9:.2f}; load average {os.getloadavg()[0]:.2f}")
+            line("context: ingest of the last round", rate(report.bytes_sent, ingest), "cache disk: 8 MiB write+fsync, same bytes",
+                 rate(data_bytes, raw_disk), raw_disk / ingest * report.bytes_sent / data_bytes, "context")
 
             # -- 3. delta vs rsync ---------------------------------------------------------------------
             before = work / "rsync-dest.img"

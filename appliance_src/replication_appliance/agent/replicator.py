@@ -146,7 +146,7 @@ class Replicator:
         progress = _Acked(start)
 
         while pos < reader.size:
-            if initial and reader.is_hole(pos, CHUNK) and pos + CHUNK <= reader.size:
+            if initial and pos + CHUNK <= reader.size and reader.is_hole(pos, CHUNK):
                 # an image file's unallocated chunk: all zeros, nothing to send, no need to read it
                 self.report.bytes_skipped += CHUNK
                 dmap.update(pos, ZERO_DIGEST * (CHUNK // BLOCK), ZERO_CHUNK_DIGEST)
