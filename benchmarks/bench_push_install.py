@@ -53,7 +53,7 @@ from replication_appliance.db.models import Job, utcnow  # noqa: E402
 from replication_appliance.push_install import service  # noqa: E402
 from replication_appliance.push_install.credentials import Credential, CredentialStore  # noqa: E402
 from replication_appliance.push_install.plan import Target  # noqa: E402
-from tests.appliance.push_install.conftest import calm_process_server  # noqa: E402
+from tests.appliance.appliance_harness import calm_process_server  # noqa: E402
 from tests.fixtures.ports import free_port, wait_for_port  # noqa: E402
 from tests.fixtures.sshd import running_sshd  # noqa: E402
 

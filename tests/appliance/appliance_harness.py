@@ -18,6 +18,9 @@ from replication_appliance.control import schemas, service
 from replication_appliance.control.app import ControlContext, asgi_app
 from replication_appliance.control.auth import FailureLimiter
 from replication_appliance.control.initialise import InitOptions, initialise
+from replication_appliance.control.schemas import ProcessServerLoad
+from replication_appliance.control.service import record_process_server_load
+from replication_appliance.db.engine import datadir_engine, session_factory
 from replication_appliance.db.models import ProcessServer, utcnow
 from replication_appliance.serve import ServeContext, ServerSpec, run_servers
 from replication_appliance.common.tls import server_ssl_context
@@ -140,3 +143,18 @@ def body_json(resp: httpx.Response) -> dict:
         return resp.json()
     except json.JSONDecodeError:
         raise AssertionError(f"not JSON: {resp.status_code} {resp.text[:200]}") from None
+
+
+def calm_process_server(data_dir: DataDir) -> None:
+    """Record an idle load for the built-in process server. In tests the machine's CPU is the
+    test suite's (and targets', agents') work on the appliance's own 2 cores, and the appliance
+    would (rightly) refuse new machines while its CPU sample leaves under 30 % headroom; the
+    rule itself is tested in the control plane's tests."""
+    engine = datadir_engine(data_dir)
+    try:
+        with session_factory(engine).begin() as session:
+            ps = session.scalars(select(ProcessServer).where(ProcessServer.builtin.is_(True))).one()
+            load = ProcessServerLoad(cpu_percent=5.0, memory_percent=20.0, cache_free_percent=90.0)
+            record_process_server_load(session, ps.id, load, utcnow())
+    finally:
+        engine.dispose()

@@ -15,9 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 from azure.storage.blob import ContainerClient
+from replication_appliance.common.datadir import DataDir
 from replication_appliance.common.tls import client_ssl_context
 from replication_appliance.storage.azure_blob import CONTAINER
 
+from tests.appliance.appliance_harness import calm_process_server
 from tests.fixtures.azurite import ACCOUNT_KEY
 from tests.fixtures.ports import free_port, wait_for_port
 
@@ -84,6 +86,7 @@ def test_register_enable_replicate_apply_through_the_appliance(tmp_path, served_
     passphrase = cli("replication_appliance.cli", "passphrase", "show", "--data-dir", str(d), env=env).stdout.strip()
     (tmp_path / "pass").write_text(passphrase)
     state = tmp_path / "agent"
+    calm_process_server(DataDir(d))  # this machine's CPU is the test suite's, not the appliance's load
     register = ["replication_appliance.agent.cli", "register", "--server", f"127.0.0.1:{control}", "--passphrase-file",
                 str(tmp_path / "pass"), "--ca-file", str(d / "ca.pem"), "--state-dir", str(state), "--disk", str(image),
                 "--hostname", host, "--host-id", f"host-{backend}"]

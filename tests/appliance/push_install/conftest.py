@@ -17,11 +17,8 @@ import pytest
 from appliance_build.packaging.agent_packages import build_agent_packages
 from replication_appliance.common.datadir import DataDir
 from replication_appliance.control.initialise import InitOptions, initialise
-from replication_appliance.control.schemas import ProcessServerLoad
-from replication_appliance.control.service import record_process_server_load
 from replication_appliance.db.engine import datadir_engine, session_factory
-from replication_appliance.db.models import ProcessServer, utcnow
-from sqlalchemy import select
+from tests.appliance.appliance_harness import calm_process_server
 from tests.fixtures.ports import free_port, wait_for_port
 from tests.fixtures.sshd import SshServer, running_sshd
 from tests.fixtures.sshd import sshd  # noqa: F401 - re-exported fixture
@@ -70,17 +67,6 @@ class Appliance:
         network they run on their own machines. Tests of that rule belong to the control plane.
         """
         calm_process_server(self.data_dir)
-
-
-def calm_process_server(data_dir: DataDir) -> None:
-    engine = datadir_engine(data_dir)
-    try:
-        with session_factory(engine).begin() as session:
-            ps = session.scalars(select(ProcessServer).where(ProcessServer.builtin.is_(True))).one()
-            load = ProcessServerLoad(cpu_percent=5.0, memory_percent=20.0, cache_free_percent=90.0)
-            record_process_server_load(session, ps.id, load, utcnow())
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture
