@@ -25,12 +25,17 @@ def heartbeat(state="not_enabled", replicated=0):
                                                           replicated_bytes=replicated, backlog_bytes=0) for d in DISKS])
 
 
-@pytest.mark.parametrize("backend", ["sqlite"])
-def test_periodic_flush_writes_state_changes_now_and_counters_later(appliance, tmp_path, monkeypatch):
+def registered_agent_and_store(appliance, tmp_path):
+    """A registered agent, a heartbeat store loaded from the database, and the agent's certificate fingerprint."""
     agent = appliance.register_agent(tmp_path)
     store = HeartbeatStore(appliance.serve_ctx.sessions)
     store.load_all()
-    fingerprint = store._views[agent.machine_id].fingerprint
+    return agent, store, store._views[agent.machine_id].fingerprint
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_periodic_flush_writes_state_changes_now_and_counters_later(appliance, tmp_path, monkeypatch):
+    agent, store, fingerprint = registered_agent_and_store(appliance, tmp_path)
     store._figures[agent.machine_id].written_at = hb_module.time.monotonic()  # just written
 
     # An agent heard for the first time (push install waits for this) is written at once.
@@ -61,10 +66,7 @@ def test_periodic_flush_writes_state_changes_now_and_counters_later(appliance, t
 def test_an_agent_heard_again_after_a_silence_is_written_at_once(appliance, tmp_path):
     import datetime as dt
 
-    agent = appliance.register_agent(tmp_path)
-    store = HeartbeatStore(appliance.serve_ctx.sessions)
-    store.load_all()
-    fingerprint = store._views[agent.machine_id].fingerprint
+    agent, store, fingerprint = registered_agent_and_store(appliance, tmp_path)
     start = utcnow()
     store.apply(agent.machine_id, fingerprint, heartbeat(), "127.0.0.1", start)
     assert store.flush(everything=False) == 1
@@ -78,10 +80,7 @@ def test_an_agent_heard_again_after_a_silence_is_written_at_once(appliance, tmp_
 
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_invalid_report_leaves_memory_and_database_untouched(appliance, tmp_path):
-    agent = appliance.register_agent(tmp_path)
-    store = HeartbeatStore(appliance.serve_ctx.sessions)
-    store.load_all()
-    fingerprint = store._views[agent.machine_id].fingerprint
+    agent, store, fingerprint = registered_agent_and_store(appliance, tmp_path)
     with pytest.raises(Exception, match="allowed are"):
         store.apply(agent.machine_id, fingerprint, heartbeat("continuous", replicated=5), "127.0.0.1", utcnow())
     assert store._figures[agent.machine_id].disks["/dev/sda"][1] == 0

@@ -37,6 +37,17 @@ def appliance(data_dir: Path, env: dict, *args: str) -> str:
     return run([sys.executable, "-m", "replication_appliance.cli", *args, "--data-dir", str(data_dir)], env)
 
 
+def process_server_for(pki, m, azurite) -> tuple[ServerProcess, dict]:
+    """A process server (not started yet) for machine `m`, whose agent state then points at it
+    and holds its certificates; and the environment `appliance` commands need."""
+    ps = ServerProcess(pki, m.state.root.parent / "appliance", [m.record], azurite.connection_string)
+    m.config.process_server = f"127.0.0.1:{ps.port}"
+    m.state.save_config(m.config)
+    for name, src in (("ca.pem", pki.ca_pem), *zip(("agent.pem", "agent-key.pem"), pki.agent(m.id))):
+        (m.state.root / name).write_bytes(Path(src).read_bytes())
+    return ps, dict(os.environ, APPLIANCE_STORAGE_CONNECTION_STRING=azurite.connection_string)
+
+
 def nonzero_bytes(path: Path) -> int:
     zero, n = bytes(4096), 0
     with open(path, "rb") as f:
@@ -52,12 +63,7 @@ def test_initial_then_delta_cycles_replica_and_every_recovery_point_match(tmp_pa
     # and a hole in the system disk's image, as a sparse file has where nothing was written
     subprocess.run(["fallocate", "--punch-hole", "--offset", str(64 * MiB + 512 * 1024), "--length", str(HOLE),
                     str(m.images[0])], check=True)
-    ps = ServerProcess(pki, tmp_path / "appliance", [m.record], azurite.connection_string)
-    m.config.process_server = f"127.0.0.1:{ps.port}"
-    m.state.save_config(m.config)
-    for name, src in (("ca.pem", pki.ca_pem), *zip(("agent.pem", "agent-key.pem"), pki.agent(m.id))):
-        (m.state.root / name).write_bytes(Path(src).read_bytes())
-    env = dict(os.environ, APPLIANCE_STORAGE_CONNECTION_STRING=azurite.connection_string)
+    ps, env = process_server_for(pki, m, azurite)
     ps.start()
     try:
         states: dict[str, list[str]] = {}
@@ -127,13 +133,8 @@ def test_a_block_device_replicates_like_an_image(tmp_path, pki, azurite, loop_de
     m = make_machine(tmp_path, "blk01", [48 * MiB], seed=21, ps_port=0)
     device = loop_device(m.images[0])
     assert Path(device).is_block_device()
-    ps = ServerProcess(pki, tmp_path / "appliance", [m.record], azurite.connection_string)
-    m.config.process_server = f"127.0.0.1:{ps.port}"
     m.config.disks[0].path = device  # the agent reads the block device, not the file behind it
-    m.state.save_config(m.config)
-    for name, src in (("ca.pem", pki.ca_pem), *zip(("agent.pem", "agent-key.pem"), pki.agent(m.id))):
-        (m.state.root / name).write_bytes(Path(src).read_bytes())
-    env = dict(os.environ, APPLIANCE_STORAGE_CONNECTION_STRING=azurite.connection_string)
+    ps, env = process_server_for(pki, m, azurite)
     ps.start()
     try:
         states = {}
