@@ -21,6 +21,7 @@ from ..dataplane.digests import (
     changed_runs,
     chunk_digest,
     digest_blocks,
+    digest_extents,
 )
 from ..dataplane.frames import MAX_DATA, Frame, Kind
 from ..dataplane.session import MAX_DIGEST_BLOCKS
@@ -146,25 +147,32 @@ class Replicator:
         progress = _Acked(start)
 
         while pos < reader.size:
-            if initial and pos + CHUNK <= reader.size and reader.is_hole(pos, CHUNK):
-                # an image file's unallocated chunk: all zeros, nothing to send, no need to read it
+            want = min(CHUNK, reader.size - pos)
+            extents = reader.data_extents(pos, want, BLOCK)
+            if not extents and want == CHUNK and (initial or dmap.chunk_matches(pos, ZERO_CHUNK_DIGEST)):
+                # an image file's unallocated chunk that the replica holds as zeros already (initial
+                # replication starts from an all-zero replica): nothing to read, hash or send
                 self.report.bytes_skipped += CHUNK
-                dmap.update(pos, ZERO_DIGEST * (CHUNK // BLOCK), ZERO_CHUNK_DIGEST)
+                if initial:
+                    dmap.update(pos, ZERO_DIGEST * (CHUNK // BLOCK), ZERO_CHUNK_DIGEST)
                 if not self.outbox.items:
                     progress.advance(pos + CHUNK)
                 pos += CHUNK
                 continue
-            # frames are sent from slices of the buffer the chunk is read into (no copy)
+            # frames are sent from slices of the buffer the chunk is read into (no copy); an image
+            # file's holes are not read but filled with the zeros they hold
             buf = self.outbox.read_buffer(CHUNK)
-            chunk = reader.read_into(pos, memoryview(buf.data))
-            self.report.bytes_read += len(chunk)
+            chunk = reader.read_extents_into(pos, memoryview(buf.data), extents)
+            data_bytes = sum(hi - lo for lo, hi in extents)
+            self.report.bytes_read += data_bytes
+            self.report.bytes_skipped += len(chunk) - data_bytes
             end = pos + len(chunk)
             whole = chunk_digest(chunk)
             if not initial and dmap.chunk_matches(pos, whole):
                 self.outbox.release(buf)
                 pos = end  # unchanged since it was last sent
                 continue
-            digests = digest_blocks(chunk)
+            digests = digest_extents(chunk, [(lo - pos, hi - pos) for lo, hi in extents])
             first_block = pos // BLOCK
             runs = changed_runs(b"" if initial else bytes(dmap.slice(first_block, len(digests) // DIGEST)),
                                 digests, self._frame_blocks, skip_zero=initial)

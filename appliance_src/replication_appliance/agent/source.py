@@ -11,6 +11,7 @@ from ..common.errors import ApplianceError
 
 SECTOR = 512
 _SEEK_DATA = getattr(os, "SEEK_DATA", 0)
+_SEEK_HOLE = getattr(os, "SEEK_HOLE", 0)
 
 
 class SourceError(ApplianceError):
@@ -43,6 +44,9 @@ class DiskReader:
         self.size = disk_size(self.path)
         self._fd = os.open(self.path, os.O_RDONLY)
         self._buf = bytearray(chunk)
+        # Holes are only asked about in image files: a block device is data throughout.
+        self._sparse = bool(_SEEK_DATA) and stat.S_ISREG(os.fstat(self._fd).st_mode)
+        self._zeros = memoryview(bytes(chunk))  # what a hole reads as (calloc'd: costs no memory until read)
         try:  # the scan is sequential: let the kernel read ahead
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except (AttributeError, OSError):
@@ -65,16 +69,47 @@ class DiskReader:
             got += n
         return mv
 
-    def is_hole(self, offset: int, length: int) -> bool:
-        """Whether [offset, offset+length) is known to be a hole (reads as zeros) without reading
-        it: an image file's unallocated range. Block devices, and file systems that do not
-        track holes, say no."""
-        if not _SEEK_DATA:
-            return False
-        try:
-            return os.lseek(self._fd, offset, _SEEK_DATA) >= offset + length
-        except OSError as e:  # ENXIO: no data at all from offset to the end of the file
-            return e.errno == errno.ENXIO
+    def data_extents(self, offset: int, length: int, align: int) -> list[tuple[int, int]]:
+        """The parts of [offset, offset+length) that may hold data, widened to multiples of
+        `align` from `offset` and merged; the rest is known to be holes of an image file (reads
+        as zeros). Block devices, and file systems that do not track holes, are all data."""
+        end = offset + length
+        if not self._sparse:
+            return [(offset, end)]
+        extents: list[tuple[int, int]] = []
+        pos = offset
+        while pos < end:
+            try:
+                start = os.lseek(self._fd, pos, _SEEK_DATA)
+                stop = min(os.lseek(self._fd, start, _SEEK_HOLE), end) if start < end else end
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data from `pos` to the end of the file
+                    break
+                return [(offset, end)]  # the file system cannot tell: read it all
+            if start >= end:
+                break
+            lo = offset + (start - offset) // align * align
+            hi = min(end, offset + -(-(stop - offset) // align) * align)
+            if extents and lo <= extents[-1][1]:
+                extents[-1] = (extents[-1][0], max(hi, extents[-1][1]))
+            else:
+                extents.append((lo, hi))
+            pos = stop
+        return extents
+
+    def read_extents_into(self, offset: int, out: memoryview, extents: list[tuple[int, int]]) -> memoryview:
+        """Like `read_into`, but only `extents` (from `data_extents`) are read; the rest of `out`
+        is filled with zeros, which is what those holes hold."""
+        want = min(len(out), self.size - offset)
+        pos = offset
+        for lo, hi in extents:
+            if lo > pos:
+                out[pos - offset:lo - offset] = self._zeros[:lo - pos]
+            self.read_into(lo, out[lo - offset:hi - offset])
+            pos = hi
+        if offset + want > pos:
+            out[pos - offset:want] = self._zeros[:offset + want - pos]
+        return out[:want]
 
     def close(self) -> None:
         os.close(self._fd)

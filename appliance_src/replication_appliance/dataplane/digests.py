@@ -31,6 +31,25 @@ def digest_blocks(chunk: bytes | memoryview) -> bytes:
     return b"".join([h(mv[i:i + BLOCK]) for i in range(0, len(mv), BLOCK)])
 
 
+def digest_extents(chunk: bytes | memoryview, extents: list[tuple[int, int]]) -> bytes:
+    """`digest_blocks(chunk)` for a chunk that holds zeros outside `extents` ((start, end)
+    offsets in the chunk, in order, on BLOCK boundaries or at the chunk's end), without hashing
+    those zeros: a hole's blocks are known to be all-zero."""
+    mv = memoryview(chunk)
+    parts: list[bytes] = []
+    pos = 0
+    for lo, hi in (*extents, (len(mv), len(mv))):
+        if lo > pos:
+            whole, rest = divmod(lo - pos, BLOCK)
+            parts.append(ZERO_DIGEST * whole)
+            if rest:  # a short last block, hashed as it is (as digest_blocks does)
+                parts.append(xxhash.xxh3_128_digest(bytes(rest)))
+        if hi > lo:
+            parts.append(digest_blocks(mv[lo:hi]))
+        pos = max(pos, hi)
+    return b"".join(parts)
+
+
 @dataclass(frozen=True)
 class Run:
     """Blocks [first, first+count) of a chunk that must be sent."""
