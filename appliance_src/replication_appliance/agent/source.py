@@ -7,11 +7,10 @@ import stat
 from pathlib import Path
 from typing import Self
 
+from ..common import fileio
 from ..common.errors import ApplianceError
 
 SECTOR = 512
-_SEEK_DATA = getattr(os, "SEEK_DATA", 0)
-_SEEK_HOLE = getattr(os, "SEEK_HOLE", 0)
 
 
 class SourceError(ApplianceError):
@@ -26,7 +25,7 @@ def disk_size(path: Path) -> int:
     if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
         raise SourceError(f"disk {path} is neither a block device nor a regular image file")
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = fileio.open_fd(path, os.O_RDONLY)
     except PermissionError:
         raise SourceError(f"disk {path} is not readable by this account: run the agent as root/administrator") from None
     try:
@@ -42,10 +41,10 @@ class DiskReader:
     def __init__(self, path: Path, chunk: int) -> None:
         self.path = Path(path)
         self.size = disk_size(self.path)
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd = fileio.open_fd(self.path, os.O_RDONLY)
         self._buf = bytearray(chunk)
         # Holes are only asked about in image files: a block device is data throughout.
-        self._sparse = bool(_SEEK_DATA) and stat.S_ISREG(os.fstat(self._fd).st_mode)
+        self._sparse = fileio.SPARSE and stat.S_ISREG(os.fstat(self._fd).st_mode)
         self._zeros = memoryview(bytes(chunk))  # what a hole reads as (calloc'd: costs no memory until read)
         try:  # the scan is sequential: let the kernel read ahead
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -63,7 +62,7 @@ class DiskReader:
         mv = out[:want]
         got = 0
         while got < want:
-            n = os.preadv(self._fd, [mv[got:]], offset + got)
+            n = fileio.read_into(self._fd, mv[got:], offset + got)
             if n == 0:
                 raise SourceError(f"disk {self.path} ended at {offset + got} bytes, expected {self.size}: did it shrink?")
             got += n
@@ -80,8 +79,8 @@ class DiskReader:
         pos = offset
         while pos < end:
             try:
-                start = os.lseek(self._fd, pos, _SEEK_DATA)
-                stop = min(os.lseek(self._fd, start, _SEEK_HOLE), end) if start < end else end
+                start = os.lseek(self._fd, pos, os.SEEK_DATA)
+                stop = min(os.lseek(self._fd, start, os.SEEK_HOLE), end) if start < end else end
             except OSError as e:
                 if e.errno == errno.ENXIO:  # no data from `pos` to the end of the file
                     break

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..common import fileio
 from ..dataplane.session import MachineRecord
 from ..storage.base import BlobStore
 from .applier import ApplyError, iso, replica_name
@@ -92,7 +93,7 @@ def export_disk(store: BlobStore, machine: MachineRecord, disk: int, out: Path, 
     with open(tmp, "wb") as f:
         f.truncate(size)
         for start, end in _windows(store.page_ranges(name, snapshot)):
-            os.pwrite(f.fileno(), store.read_pages(name, start, end - start, snapshot), start)
+            fileio.pwrite_all(f.fileno(), store.read_pages(name, start, end - start, snapshot), start)
             written += end - start
         f.flush()
         os.fsync(f.fileno())

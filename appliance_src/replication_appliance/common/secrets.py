@@ -15,6 +15,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from . import fileio
 from .errors import SecretError
 
 _MAGIC = b"RA1"
@@ -29,9 +30,9 @@ def write_private_file(path: Path, data: bytes) -> None:
     """Write `data` to `path` readable by the owner only (0600), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = fileio.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
+        fileio.pwrite_all(fd, data, 0)
         os.fsync(fd)
     finally:
         os.close(fd)

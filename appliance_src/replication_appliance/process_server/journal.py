@@ -23,6 +23,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..common import fileio
 from ..dataplane.frames import HEADER_SIZE, Header, Kind
 from ..dataplane.segment import SEGMENT_ALIGN, valid_prefix
 
@@ -103,14 +104,6 @@ class SealedSegment:
     size: int
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -170,7 +163,7 @@ class MachineJournal:
             self._note_markers(data[:end])
             os.replace(p, p.with_suffix(".sealed"))
             self.state.last_sealed_seq = max(self.state.last_sealed_seq, last)
-        _fsync_dir(self.dir)
+        fileio.fsync_dir(self.dir)
         _write_json_atomic(self.dir / "state.json", asdict(self.state))
 
     def _note_markers(self, data: bytes) -> None:
@@ -209,13 +202,13 @@ class MachineJournal:
         path = self.dir / f"{self._segno:012d}.open"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
-            self._fd = os.open(path, flags | O_DIRECT, 0o600)
+            self._fd = fileio.open_fd(path, flags | O_DIRECT, 0o600)
         except OSError:  # no direct I/O on this file system (tmpfs, say): through the page cache
             path.unlink(missing_ok=True)
-            self._fd = os.open(path, flags, 0o600)
+            self._fd = fileio.open_fd(path, flags, 0o600)
         self._file_bytes = self._staged = 0
         self._opened_at = time.monotonic()
-        _fsync_dir(self.dir)
+        fileio.fsync_dir(self.dir)
 
     @property
     def _open_bytes(self) -> int:
@@ -227,7 +220,7 @@ class MachineJournal:
         assert self._fd is not None
         written = 0
         while written < len(data):
-            n = os.pwrite(self._fd, data[written:], self._file_bytes + written)
+            n = fileio.pwrite(self._fd, data[written:], self._file_bytes + written)
             if n <= 0 or n % SEGMENT_ALIGN:
                 raise OSError(f"short write to the journal of {self.machine} ({n} of {len(data) - written} bytes)")
             written += n
@@ -283,7 +276,7 @@ class MachineJournal:
             sealed = open_path.with_suffix(".sealed")
             os.replace(open_path, sealed)
             self.state.last_sealed_seq = self.last_seq
-            _fsync_dir(self.dir)
+            fileio.fsync_dir(self.dir)
             _write_json_atomic(self.dir / "state.json", asdict(self.state))
             return SealedSegment(self.machine, self._segno, sealed, self._open_bytes)
 

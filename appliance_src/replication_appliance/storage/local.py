@@ -12,6 +12,7 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ..common import fileio
 from .base import BlobInfo, BlobNotFound, SnapshotInfo, StorageError, check_page_range
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
@@ -106,9 +107,9 @@ class LocalStore:
     def write_pages(self, name: str, offset: int, data: bytes | memoryview) -> None:
         p = self._page(name)
         check_page_range(offset, len(data), p.stat().st_size)
-        fd = os.open(p, os.O_WRONLY)
+        fd = fileio.open_fd(p, os.O_WRONLY)
         try:
-            os.pwrite(fd, data, offset)
+            fileio.pwrite_all(fd, data, offset)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -116,9 +117,9 @@ class LocalStore:
     def clear_pages(self, name: str, offset: int, length: int) -> None:
         p = self._page(name)
         check_page_range(offset, length, p.stat().st_size)
-        fd = os.open(p, os.O_WRONLY)
+        fd = fileio.open_fd(p, os.O_WRONLY)
         try:
-            os.pwrite(fd, bytes(length), offset)
+            fileio.pwrite_all(fd, bytes(length), offset)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -134,22 +135,12 @@ class LocalStore:
     def read_pages(self, name: str, offset: int, length: int, snapshot: str | None = None) -> bytes:
         p = self._source(name, snapshot)
         with open(p, "rb") as f:
-            return os.pread(f.fileno(), length, offset)
+            return fileio.pread(f.fileno(), length, offset)
 
     def page_ranges(self, name: str, snapshot: str | None = None) -> list[tuple[int, int]]:
         p = self._source(name, snapshot)
-        ranges = []
         with open(p, "rb") as f:
-            fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
-            while pos < size:
-                try:
-                    start = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError:
-                    break
-                end = os.lseek(fd, start, os.SEEK_HOLE)
-                ranges.append((start, end))
-                pos = end
-        return ranges
+            return fileio.data_ranges(f.fileno(), os.fstat(f.fileno()).st_size)
 
     def get_metadata(self, name: str) -> dict[str, str]:
         return self._read_meta(self._page(name))
@@ -188,18 +179,11 @@ def _sparse_copy(src: Path, dest: Path) -> None:
     with open(src, "rb") as fi, open(dest, "wb") as fo:
         size = os.fstat(fi.fileno()).st_size
         fo.truncate(size)
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fi.fileno(), start, os.SEEK_HOLE)
+        for start, end in fileio.data_ranges(fi.fileno(), size):
             while start < end:
                 n = min(end - start, 8 << 20)
-                os.pwrite(fo.fileno(), os.pread(fi.fileno(), n, start), start)
+                fileio.pwrite_all(fo.fileno(), fileio.pread(fi.fileno(), n, start), start)
                 start += n
-            pos = end
         fo.flush()
         os.fsync(fo.fileno())
     shutil.copymode(src, dest)

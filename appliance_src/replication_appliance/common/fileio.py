@@ -1,0 +1,100 @@
+"""File I/O that works where the appliance and the agent run: Linux and Windows.
+
+Positional reads and writes use `os.preadv`/`os.pwrite`/`os.pread` where they exist; Windows
+has none of them, so there a seek is followed by a plain read or write. That is only safe on a
+descriptor no other thread moves at the same time, which holds for every caller here: each
+opens its own descriptor or uses it from one thread (the journal's under its lock; a second
+descriptor made with `dup` for fsync shares the position, but fsync does not move it).
+
+Descriptors are opened in binary mode: on Windows `os.open` otherwise translates line ends,
+which would corrupt disk blocks, journal records and keys. A directory's entries are made
+durable with an fsync of the directory where the platform has it; NTFS journals its metadata
+and cannot open a directory as a file, so on Windows that step is skipped."""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+# Module-level switches rather than checks at each call site, so tests can run the portable
+# paths on Linux.
+POSITIONAL = all(hasattr(os, name) for name in ("preadv", "pread", "pwrite"))
+DIRECTORY_FSYNC = os.name != "nt"
+BINARY = getattr(os, "O_BINARY", 0)
+SPARSE = hasattr(os, "SEEK_DATA") and hasattr(os, "SEEK_HOLE")
+
+
+def open_fd(path: str | Path, flags: int, mode: int = 0o777) -> int:
+    """`os.open` in binary mode."""
+    return os.open(path, flags | BINARY, mode)
+
+
+def read_into(fd: int, out: memoryview, offset: int) -> int:
+    """Read up to len(out) bytes at `offset` into `out`; the count read (0 at end of file)."""
+    if POSITIONAL:
+        return os.preadv(fd, [out], offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    data = os.read(fd, len(out))
+    out[:len(data)] = data
+    return len(data)
+
+
+def pread(fd: int, length: int, offset: int) -> bytes:
+    """Up to `length` bytes at `offset`."""
+    if POSITIONAL:
+        return os.pread(fd, length, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.read(fd, length)
+
+
+def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    """Write `data` at `offset`; the count written (may be short, as with os.write)."""
+    if POSITIONAL:
+        return os.pwrite(fd, data, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.write(fd, data)
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of `data` at `offset`."""
+    mv = memoryview(data)
+    done = 0
+    while done < len(mv):
+        n = pwrite(fd, mv[done:], offset + done)
+        if n <= 0:
+            raise OSError(f"short write at offset {offset + done}: nothing written")
+        done += n
+
+
+def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (start, end) ranges of the first `size` bytes of a file that hold data; holes (which
+    read as zeros) are left out. Where the platform or file system cannot tell: all of it."""
+    everything = [(0, size)] if size else []
+    if not SPARSE:
+        return everything
+    ranges: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data from `pos` to the end of the file
+                break
+            return everything
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        ranges.append((start, end))
+        pos = end
+    return ranges
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the directory's entries (files created, renamed, deleted) durable."""
+    if not DIRECTORY_FSYNC:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
