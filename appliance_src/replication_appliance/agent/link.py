@@ -30,7 +30,6 @@ from ..dataplane.frames import (
     error_text,
 )
 
-
 # Above this, a frame's header and payload go out as two writes rather than one joined copy.
 SEPARATE_PAYLOAD_BYTES = 64 * 1024
 
@@ -284,8 +283,8 @@ class Link:
 
     def request_digests(self, disk: int, offset: int, blocks: int, timeout: float = 600.0) -> bytes | None:
         """The replica's block digests from `offset`, or None while it is still catching up."""
-        self._write(bytes(encode(Frame(Kind.DIGEST_REQUEST, self.machine, disk=disk, offset=offset,
-                                       payload=blocks.to_bytes(4, "big")))))
+        self._write(encode(Frame(Kind.DIGEST_REQUEST, self.machine, disk=disk, offset=offset,
+                                 payload=blocks.to_bytes(4, "big"))))
         deadline = time.monotonic() + timeout
         while True:
             self._check()

@@ -1,7 +1,6 @@
 """Reading a source disk: a block device or an image file, in large chunks."""
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from pathlib import Path
@@ -76,24 +75,13 @@ class DiskReader:
         if not self._sparse:
             return [(offset, end)]
         extents: list[tuple[int, int]] = []
-        pos = offset
-        while pos < end:
-            try:
-                start = os.lseek(self._fd, pos, os.SEEK_DATA)
-                stop = min(os.lseek(self._fd, start, os.SEEK_HOLE), end) if start < end else end
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # no data from `pos` to the end of the file
-                    break
-                return [(offset, end)]  # the file system cannot tell: read it all
-            if start >= end:
-                break
+        for start, stop in fileio.data_ranges(self._fd, end, offset):
             lo = offset + (start - offset) // align * align
             hi = min(end, offset + -(-(stop - offset) // align) * align)
             if extents and lo <= extents[-1][1]:
                 extents[-1] = (extents[-1][0], max(hi, extents[-1][1]))
             else:
                 extents.append((lo, hi))
-            pos = stop
         return extents
 
     def read_extents_into(self, offset: int, out: memoryview, extents: list[tuple[int, int]]) -> memoryview:

@@ -66,26 +66,25 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         done += n
 
 
-def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    """The (start, end) ranges of the first `size` bytes of a file that hold data; holes (which
+def data_ranges(fd: int, end: int, start: int = 0) -> list[tuple[int, int]]:
+    """The (start, end) ranges of bytes [start, end) of a file that hold data; holes (which
     read as zeros) are left out. Where the platform or file system cannot tell: all of it."""
-    everything = [(0, size)] if size else []
+    everything = [(start, end)] if end > start else []
     if not SPARSE:
         return everything
     ranges: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
+    pos = start
+    while pos < end:
         try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
+            data = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as e:
             if e.errno == errno.ENXIO:  # no data from `pos` to the end of the file
                 break
             return everything
-        if start >= size:
+        if data >= end:
             break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        ranges.append((start, end))
-        pos = end
+        pos = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        ranges.append((data, pos))
     return ranges
 
 

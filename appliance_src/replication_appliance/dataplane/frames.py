@@ -126,15 +126,9 @@ def encode_header(frame: Frame) -> bytes:
     return head + h.digest()
 
 
-def encode(frame: Frame, out: bytearray | None = None) -> bytearray:
-    """The frame's bytes, written into `out` (of exactly that size) when given."""
-    header = encode_header(frame)
-    out = bytearray(HEADER_SIZE + len(frame.payload)) if out is None else out
-    if len(out) != HEADER_SIZE + len(frame.payload):
-        raise ValueError(f"frame of {HEADER_SIZE + len(frame.payload)} bytes cannot be encoded into {len(out)}")
-    out[:HEADER_SIZE] = header
-    out[HEADER_SIZE:] = frame.payload  # one copy (a memoryview of the agent's read buffer)
-    return out
+def encode(frame: Frame) -> bytes:
+    """The frame's bytes: header and payload."""
+    return encode_header(frame) + bytes(frame.payload)
 
 
 def decode_header(buf: bytes | memoryview) -> Header:
