@@ -15,7 +15,7 @@ from ..common.tls import client_ssl_context
 from . import control_client
 from .link import Link, RateLimit
 from .replicator import Replicator
-from .source import disk_size
+from .source import disk_size, source_path
 from .state import PHASE_INITIAL, AgentStateError, DiskConfig, StateDir
 
 log = logging.getLogger("mobility-agent")
@@ -36,7 +36,7 @@ def _address(text: str) -> tuple[str, int]:
 
 
 def cmd_register(args) -> int:
-    disks = [DiskConfig(str(Path(d).absolute()), disk_size(Path(d))) for d in args.disk]
+    disks = [DiskConfig(source_path(d), disk_size(source_path(d))) for d in args.disk]
     passphrase = args.passphrase_file.read_text().strip()
     config = control_client.register(args.server, passphrase, args.ca_file, StateDir(args.state_dir), disks,
                                      args.hostname or socket.gethostname(), args.host_id or control_client.host_id())
@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passphrase-file", type=Path, required=True, help="file holding the appliance's registration passphrase")
     p.add_argument("--ca-file", type=Path, required=True, help="the appliance CA certificate (DATA_DIR/ca.pem)")
     p.add_argument("--state-dir", type=Path, required=True)
-    p.add_argument("--disk", action="append", required=True, help="block device or image file; repeat for each disk")
+    p.add_argument("--disk", action="append", required=True, help=r"block device (/dev/sdb), Windows physical drive (\\.\PhysicalDrive1) or image file; "
+                   "repeat for each disk")
     p.add_argument("--hostname", help="name to register (default: this host's name)")
     p.add_argument("--host-id", help="stable host identity (default: /etc/machine-id)")
     p.set_defaults(handler=cmd_register)

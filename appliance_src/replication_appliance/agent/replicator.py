@@ -9,7 +9,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..dataplane.digests import (
     BLOCK,
@@ -240,7 +239,7 @@ class Replicator:
             states = [self.state.load_disk(d) for d in range(len(self.config.disks))]
             maps: list[DigestMap | None] = []
             for disk, dcfg in enumerate(self.config.disks):
-                size = disk_size(Path(dcfg.path))
+                size = disk_size(dcfg.path)
                 if size != dcfg.size:
                     raise SourceError(f"disk {disk} ({dcfg.path}) is now {size} bytes but was registered "
                                       f"with {dcfg.size}: re-register the agent after resizing a disk")
@@ -250,7 +249,7 @@ class Replicator:
             order = sorted(range(len(states)), key=lambda d: not (states[d].phase == PHASE_DELTA and maps[d] is None))
             for disk in order:
                 st, dmap = states[disk], maps[disk]
-                with DiskReader(Path(self.config.disks[disk].path), CHUNK) as reader:
+                with DiskReader(self.config.disks[disk].path, CHUNK) as reader:
                     if st.phase == PHASE_INITIAL:
                         self.report.phases.append(f"disk {disk}: initial from {st.initial_offset}")
                         dmap = dmap if (dmap and st.initial_offset) else DigestMap(reader.size)

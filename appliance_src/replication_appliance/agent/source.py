@@ -1,4 +1,7 @@
-"""Reading a source disk: a block device or an image file, in large chunks."""
+"""Reading a source disk, in large chunks: a block device or an image file, or on Windows a
+physical drive (`\\\\.\\PhysicalDriveN`, see windows_disk.py).
+
+Disk paths stay strings: `pathlib` would turn a Windows device path into a folder."""
 from __future__ import annotations
 
 import os
@@ -8,6 +11,7 @@ from typing import Self
 
 from ..common import fileio
 from ..common.errors import ApplianceError
+from . import windows_disk
 
 SECTOR = 512
 
@@ -16,31 +20,65 @@ class SourceError(ApplianceError):
     """A source disk cannot be read or has a size the replica cannot hold."""
 
 
-def disk_size(path: Path) -> int:
+def source_path(path: str | Path) -> str:
+    """How a disk is named in the agent's configuration: a physical drive in its canonical
+    form, anything else as an absolute path."""
+    if windows_disk.ENABLED and (drive := windows_disk.physical_drive(str(path))):
+        return drive
+    return str(Path(path).absolute())
+
+
+def _open_disk(path: str | Path) -> int:
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise SourceError(f"disk {path} does not exist: give a block device (/dev/sdX) or an image file") from None
-    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
-        raise SourceError(f"disk {path} is neither a block device nor a regular image file")
-    try:
-        fd = fileio.open_fd(path, os.O_RDONLY)
+        return fileio.open_fd(path, os.O_RDONLY)
     except PermissionError:
         raise SourceError(f"disk {path} is not readable by this account: run the agent as root/administrator") from None
+
+
+def _drive_size(path: str) -> int:
     try:
-        size = os.lseek(fd, 0, os.SEEK_END)
+        fd = _open_disk(path)
+    except FileNotFoundError:
+        raise SourceError(f"disk {path} does not exist: see Disk Management (or Get-Disk) for the numbers of this "
+                          "server's disks") from None
+    try:
+        return windows_disk.device_length(fd)
+    except OSError as e:
+        raise SourceError(f"the size of disk {path} cannot be read: {e.strerror or e}") from None
     finally:
         os.close(fd)
+
+
+def disk_size(path: str | Path) -> int:
+    if windows_disk.ENABLED and windows_disk.physical_drive(str(path)):
+        size = _drive_size(str(path))
+    else:
+        size = _file_size(path)
     if size <= 0 or size % SECTOR:
         raise SourceError(f"disk {path} is {size} bytes: a replicated disk must be a positive multiple of {SECTOR} bytes")
     return size
 
 
+def _file_size(path: str | Path) -> int:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        hint = r"a physical drive (\\.\PhysicalDriveN)" if windows_disk.ENABLED else "a block device (/dev/sdX)"
+        raise SourceError(f"disk {path} does not exist: give {hint} or an image file") from None
+    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise SourceError(f"disk {path} is neither a block device nor a regular image file")
+    fd = _open_disk(path)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
 class DiskReader:
-    def __init__(self, path: Path, chunk: int) -> None:
-        self.path = Path(path)
-        self.size = disk_size(self.path)
-        self._fd = fileio.open_fd(self.path, os.O_RDONLY)
+    def __init__(self, path: str | Path, chunk: int) -> None:
+        self.path = path
+        self.size = disk_size(path)
+        self._fd = _open_disk(path)
         self._buf = bytearray(chunk)
         # Holes are only asked about in image files: a block device is data throughout.
         self._sparse = fileio.SPARSE and stat.S_ISREG(os.fstat(self._fd).st_mode)
