@@ -12,26 +12,25 @@ from collections import deque
 from collections.abc import Callable
 
 from ..dataplane.frames import Header, Kind
-from .journal import MachineJournal, RecordBuffer, SealedSegment, aligned_capacity
+from .buffers import RecordBufferPool
+from .journal import MachineJournal, RecordBuffer, SealedSegment
 
 Record = tuple[Header, RecordBuffer]
 
 
 class GroupCommit:
     def __init__(self, journal: MachineJournal, on_sealed: Callable[[SealedSegment], None],
-                 max_queued_bytes: int) -> None:
+                 max_queued_bytes: int, pool: RecordBufferPool | None = None) -> None:
         self._journal = journal
         self._on_sealed = on_sealed
         self._max_queued = max_queued_bytes
+        # shared with the server's other connections; on its own (tests) as much as this
+        # connection can hold: its queue, being received and being written
+        self._pool = pool or RecordBufferPool(2 * max_queued_bytes, max_queued_bytes)
         self._cond = threading.Condition()
         self._records: deque[Record] = deque()
         self._syncs: deque[tuple[int, int, int]] = deque()  # (descriptor to fsync, seq, bytes) written, not yet durable
         self._queued_bytes = 0  # received but not yet durable: bounds what a connection holds
-        # record buffers already written to the journal, by capacity: reusing them spares a
-        # fresh allocation (page faults) per frame; up to twice max_queued_bytes are kept, as
-        # many as can be queued, being received and being written at once
-        self._spare: dict[int, list[RecordBuffer]] = {}
-        self._spare_bytes = 0
         self._last_queued = journal.last_seq
         self._closing = self._written_all = False
         self._error: OSError | None = None
@@ -52,25 +51,21 @@ class GroupCommit:
 
     def record_buffer(self, payload_bytes: int) -> RecordBuffer:
         """A record buffer to receive a payload of `payload_bytes` into (content overwritten)."""
-        rec = None
-        with self._cond:
-            spare = self._spare.get(aligned_capacity(payload_bytes))
-            if spare:
-                rec = spare.pop()
-                self._spare_bytes -= rec.capacity
-        if rec is None:
-            return RecordBuffer(payload_bytes)
-        rec.reuse(payload_bytes)
-        return rec
+        return self._pool.take(payload_bytes)
 
     def put(self, h: Header, record: RecordBuffer) -> None:
-        """Queue one validated record; blocks while the queue is full (the socket then stops
-        being read and TCP flow control slows the agent)."""
+        """Queue one validated record; blocks while this connection's queue is full, or the
+        server's queues are in all (the socket then stops being read and TCP flow control slows
+        the agent)."""
         n = record.length
+        # a failed journal never drains: then stop waiting and let raise_error() say why
+        self._pool.reserve(n, lambda: self._queued_bytes if self._error is None else 0)
         with self._cond:
             while self._queued_bytes and self._queued_bytes + n > self._max_queued and self._error is None:
                 self._cond.wait()
-            self.raise_error()
+            if self._error is not None:
+                self._pool.release(n)
+                self.raise_error()
             self._records.append((h, record))
             self._queued_bytes += n
             self._last_queued = h.seq
@@ -92,6 +87,9 @@ class GroupCommit:
             self._cond.notify_all()
         for t in self._threads:
             t.join()
+        with self._cond:  # what a failed journal left queued will never be durable
+            left, self._queued_bytes = self._queued_bytes, 0
+        self._pool.release(left)
         self.wakeup.close()
         self._wake.close()
 
@@ -124,6 +122,7 @@ class GroupCommit:
             self.durable_seq = max(self.durable_seq, seq)
             self._queued_bytes -= nbytes
             self._cond.notify_all()
+        self._pool.release(nbytes)
         self._signal()
 
     def _next_batch(self) -> list[Record]:
@@ -146,7 +145,7 @@ class GroupCommit:
                         self._journal.append(h, rec)
                     sealed = self._journal.sync() if self._journal.seal_due() else None
                     fd = None if sealed else self._journal.sync_handle()
-                self._keep_spares(batch)
+                self._pool.give_back([rec for _, rec in batch])
                 if sealed is not None:
                     self._on_sealed(sealed)
                     self._durable(seq, nbytes)
@@ -160,13 +159,6 @@ class GroupCommit:
         with self._cond:
             self._written_all = True
             self._cond.notify_all()
-
-    def _keep_spares(self, batch: list[Record]) -> None:
-        with self._cond:
-            for _, rec in batch:
-                if self._spare_bytes + rec.capacity <= 2 * self._max_queued:
-                    self._spare.setdefault(rec.capacity, []).append(rec)
-                    self._spare_bytes += rec.capacity
 
     def _sync_loop(self) -> None:
         while True:

@@ -18,6 +18,7 @@ from ..common.secrets import MasterKey
 from ..common.tls import ROLE_AGENT, identity_from_der
 from ..dataplane.frames import (
     HEADER_SIZE,
+    MAX_DATA,
     ErrorCode,
     Flag,
     Frame,
@@ -36,6 +37,7 @@ from ..dataplane.session import (
 )
 from ..storage.base import BlobStore, StorageError
 from ..storage.keyring import DataKeyring
+from .buffers import RecordBufferPool
 from .commit import GroupCommit
 from .journal import Journals, MachineJournal, RecordBuffer
 from .resync import applied_seq, replica_digests
@@ -65,6 +67,9 @@ class ProcessServerConfig:
     zstd_level: int = 1
     # Frames a connection may have read but not yet written and fsynced (group commit).
     queue_bytes: int = 32 * 1024 * 1024
+    # The same for all connections together, and the spare record buffers kept for reuse
+    # (buffers.py): many agents at once do not make the server hold many queues.
+    queued_budget_bytes: int = 256 * 1024 * 1024
     idle_timeout: float = 300.0
 
 
@@ -107,6 +112,7 @@ class ProcessServer:
         self._directory = directory
         self._store = store
         self.stats = Stats()
+        self.buffers = RecordBufferPool(config.queued_budget_bytes, config.queued_budget_bytes)
         self.journals = Journals(config.cache_dir, config.segment_max_bytes, config.segment_max_age)
         self.stats.recovered_torn_bytes = sum(j.recovered_torn_bytes for j in self.journals.all())
         self.uploader = Uploader(store, DataKeyring(store, master_key), self._machine, self.stats,
@@ -136,6 +142,8 @@ class ProcessServer:
         for j in self.journals.all():
             for seg in j.pending():
                 self.uploader.submit(seg)
+        # the buffers one connection at full speed cycles through, touched before anyone connects
+        self.buffers.prefill(MAX_DATA, 2 * self.config.queue_bytes)
         self._listener = socket.create_server((self.config.host, self.config.port), backlog=64)
         self.port = self._listener.getsockname()[1]
         self._refresh()
@@ -301,7 +309,7 @@ class ProcessServer:
     def _run_session(self, sock: ssl.SSLSocket, record, journal: MachineJournal) -> None:
         reader = _Reader(sock)
         session = Session(record, journal.last_seq)
-        commit = GroupCommit(journal, self.uploader.submit, self.config.queue_bytes)
+        commit = GroupCommit(journal, self.uploader.submit, self.config.queue_bytes, self.buffers)
         with self._lock:
             self._commits.add(commit)
         acked = last = journal.last_seq

@@ -11,7 +11,12 @@ import os
 
 import pytest
 from replication_appliance.agent import windows_disk
-from replication_appliance.agent.source import DiskReader, SourceError, disk_size, source_path
+from replication_appliance.agent.source import (
+    DiskReader,
+    SourceError,
+    disk_size,
+    source_path,
+)
 from replication_appliance.agent.state import DiskConfig
 from replication_appliance.apply.applier import MachineApplier
 from replication_appliance.apply.recovery_points import export_disk
@@ -20,7 +25,7 @@ from replication_appliance.common.secrets import MasterKey
 from replication_appliance.storage import open_store
 from replication_appliance.storage.keyring import DataKeyring
 
-from .conftest import InProcessServer, make_machine, random_writes, replicator, sha256
+from .conftest import InProcessServer, make_machine, random_writes, replicator
 
 MiB = 1 << 20
 DRIVE = "\\\\.\\PhysicalDrive3"
