@@ -55,8 +55,9 @@ class RecordBuffer:
     """One journal record (frame header + payload) in page-aligned memory, with room for the
     padding a direct write needs: the server receives a payload straight into it."""
 
-    def __init__(self, payload_bytes: int) -> None:
-        self.mem = _anonymous_memory(aligned_capacity(payload_bytes))
+    def __init__(self, payload_bytes: int, capacity: int = 0) -> None:
+        """Room for a payload of `payload_bytes`, or `capacity` bytes if that is more."""
+        self.mem = _anonymous_memory(max(aligned_capacity(payload_bytes), capacity))
         self.view = memoryview(self.mem)
         self.length = HEADER_SIZE + payload_bytes
 

@@ -10,10 +10,14 @@ import uuid
 import pytest
 from replication_appliance.dataplane import frames as F
 from replication_appliance.process_server import commit as commit_module
-from replication_appliance.process_server.buffers import RecordBufferPool
+from replication_appliance.process_server.buffers import (
+    RecordBufferPool,
+    class_capacity,
+)
 from replication_appliance.process_server.commit import GroupCommit
 from replication_appliance.process_server.journal import (
     MachineJournal,
+    RecordBuffer,
     aligned_capacity,
 )
 
@@ -82,6 +86,35 @@ def test_spares_are_kept_only_up_to_the_limit(tmp_path):
     assert pool.spare_bytes == 3 * aligned_capacity(PAYLOAD)
     again = [pool.take(PAYLOAD) for _ in range(5)]
     assert pool.allocated == 7 and sum(any(r is t for t in taken) for r in again) == 3
+
+
+def test_size_classes_are_few_and_waste_at_most_an_eighth():
+    assert class_capacity(F.MAX_DATA) == aligned_capacity(F.MAX_DATA)  # the usual frame: an exact fit
+    sizes = range(4096, F.MAX_DATA + 1, 4096)  # every DATA payload the agent sends
+    for n in sizes:
+        assert aligned_capacity(n) <= class_capacity(n) <= aligned_capacity(n + n // 8)
+    assert len({class_capacity(n) for n in sizes}) <= 80
+
+
+def test_buffers_of_near_sizes_serve_each_other(tmp_path):
+    pool = RecordBufferPool(spare_bytes=64 << 20, queued_budget=64 << 20)
+    first = pool.take(97 * 1024)
+    pool.give_back([first])
+    assert pool.take(100 * 1024) is first and pool.allocated == 1
+    pool.give_back([RecordBuffer.of(bytes(F.HEADER_SIZE), bytes(100 * 1024))])  # not the pool's: not kept
+    assert pool.spare_bytes == 0
+
+
+def test_full_spares_let_go_of_the_ones_returned_longest_ago(tmp_path):
+    big = class_capacity(F.MAX_DATA)
+    pool = RecordBufferPool(spare_bytes=2 * big, queued_budget=64 << 20)
+    odd = [pool.take(n) for n in (300 * 1024, 500 * 1024, 700 * 1024, 900 * 1024)]
+    pool.give_back(odd)  # a delta cycle's odd sizes fill the spares
+    frames = [pool.take(F.MAX_DATA) for _ in range(2)]
+    pool.give_back(frames)  # then whole frames again: they are kept, the odd ones go
+    assert pool.spare_bytes <= 2 * big
+    made = pool.allocated
+    assert {id(pool.take(F.MAX_DATA)) for _ in range(2)} == {id(f) for f in frames} and pool.allocated == made
 
 
 def test_prefilled_buffers_serve_the_first_frames(tmp_path):
