@@ -90,7 +90,9 @@ def test_the_size_comes_from_the_ioctl(tmp_path, monkeypatch):
     assert source_path("\\\\?\\physicaldrive3") == DRIVE  # kept as a device, not made a folder by pathlib
     assert disk_size(DRIVE) == 8 * MiB  # not the file's 9 MiB
     [(handle, code, outsize)] = kernel.calls
-    assert code == 0x0007405C and outsize == 8 and handle >= HANDLE_BASE
+    # CTL_CODE(FILE_DEVICE_DISK 7, function 0x17, METHOD_BUFFERED 0, FILE_READ_ACCESS 1), as winioctl.h builds it
+    assert code == (7 << 16) | (1 << 14) | (0x17 << 2) | 0
+    assert outsize == 8 and handle >= HANDLE_BASE
 
 
 def test_ioctl_failures_name_the_disk_and_the_windows_error(tmp_path, monkeypatch):
