@@ -36,7 +36,7 @@ def _address(text: str) -> tuple[str, int]:
 
 
 def cmd_register(args) -> int:
-    disks = [DiskConfig(source_path(d), disk_size(source_path(d))) for d in args.disk]
+    disks = [DiskConfig(path, disk_size(path)) for path in map(source_path, args.disk)]
     passphrase = args.passphrase_file.read_text().strip()
     config = control_client.register(args.server, passphrase, args.ca_file, StateDir(args.state_dir), disks,
                                      args.hostname or socket.gethostname(), args.host_id or control_client.host_id())

@@ -20,12 +20,15 @@ class SourceError(ApplianceError):
     """A source disk cannot be read or has a size the replica cannot hold."""
 
 
+def _drive(path: str | Path) -> str | None:
+    """The physical drive `path` names (canonical form) on Windows; None otherwise."""
+    return windows_disk.physical_drive(str(path)) if windows_disk.ENABLED else None
+
+
 def source_path(path: str | Path) -> str:
     """How a disk is named in the agent's configuration: a physical drive in its canonical
     form, anything else as an absolute path."""
-    if windows_disk.ENABLED and (drive := windows_disk.physical_drive(str(path))):
-        return drive
-    return str(Path(path).absolute())
+    return _drive(path) or str(Path(path).absolute())
 
 
 def _open_disk(path: str | Path) -> int:
@@ -50,10 +53,8 @@ def _drive_size(path: str) -> int:
 
 
 def disk_size(path: str | Path) -> int:
-    if windows_disk.ENABLED and windows_disk.physical_drive(str(path)):
-        size = _drive_size(str(path))
-    else:
-        size = _file_size(path)
+    drive = _drive(path)
+    size = _drive_size(drive) if drive else _file_size(path)
     if size <= 0 or size % SECTOR:
         raise SourceError(f"disk {path} is {size} bytes: a replicated disk must be a positive multiple of {SECTOR} bytes")
     return size
