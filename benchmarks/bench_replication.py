@@ -148,6 +148,35 @@ def journal_write(directory: Path, total: int) -> float:
     return elapsed
 
 
+def check_free_space(work: Path, need_bytes: int) -> None:
+    """Refuse to start where the process server would throttle ingest: it slows agents down
+    while its cache's file system has under 20 % free, and these runs share that file system."""
+    fs = os.statvfs(work)
+    free, total = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
+    if free - need_bytes < 0.25 * total:
+        raise SystemExit(f"{work}: {free / 1e9:.1f} GB free of {total / 1e9:.1f} GB; this benchmark writes about "
+                         f"{need_bytes / 1e9:.1f} GB there and needs 25 % of the file system free after that (the process "
+                         "server throttles under 20 %); free some space or pass --workdir on another file system")
+
+
+def bench_pki(work: Path) -> Pki:
+    """A CA, the data port's certificate and agents' certificates on demand, under `work`."""
+    from replication_appliance.common.tls import (
+        CertificateAuthority,
+        cert_to_pem,
+        key_to_pem,
+    )
+
+    pdir = work / "pki"
+    pdir.mkdir()
+    ca = CertificateAuthority.create("bench")
+    (pdir / "ca.pem").write_bytes(cert_to_pem(ca.cert))
+    cert, key = ca.issue_server("127.0.0.1", ["127.0.0.1"])
+    (pdir / "data.pem").write_bytes(cert_to_pem(cert))
+    (pdir / "data-key.pem").write_bytes(key_to_pem(key))
+    return Pki(pdir, ca)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gib", type=float, default=2.0)
@@ -156,20 +185,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-repl-", dir=args.workdir))
     size = int(args.size_gib * 1024) * MiB
     try:
-        from replication_appliance.common.tls import (
-            CertificateAuthority,
-            cert_to_pem,
-            key_to_pem,
-        )
-
-        pdir = work / "pki"
-        pdir.mkdir()
-        ca = CertificateAuthority.create("bench")
-        (pdir / "ca.pem").write_bytes(cert_to_pem(ca.cert))
-        cert, key = ca.issue_server("127.0.0.1", ["127.0.0.1"])
-        (pdir / "data.pem").write_bytes(cert_to_pem(cert))
-        (pdir / "data-key.pem").write_bytes(key_to_pem(key))
-        pki = Pki(pdir, ca)
+        check_free_space(work, 4 * size)  # the image, rsync's copy, a journal and Azurite's blobs
+        pki = bench_pki(work)
 
         t = time.perf_counter()
         m = make_machine(work, "bench", [size], seed=1, ps_port=0)
