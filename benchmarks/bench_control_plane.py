@@ -30,9 +30,15 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from replication_appliance.common.tls import client_ssl_context, key_to_pem, make_csr, new_private_key  # noqa: E402
-from tests.fixtures.mariadb import start_mariadb, stop_mariadb  # noqa: E402
-from tests.fixtures.ports import free_port, wait_for_port  # noqa: E402
+from replication_appliance.common.tls import (
+    client_ssl_context,
+    key_to_pem,
+    make_csr,
+    new_private_key,
+)
+
+from tests.fixtures.mariadb import start_mariadb, stop_mariadb
+from tests.fixtures.ports import free_port, wait_for_port
 
 ADMIN_PASSWORD = "benchmark-operator-password"
 DISKS = [{"name": "/dev/sda", "size_bytes": 64 * 2**30}, {"name": "/dev/sdb", "size_bytes": 200 * 2**30}]

@@ -18,8 +18,8 @@ import http.client
 import json
 import os
 import resource
-import statistics
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,15 +30,20 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from appliance_build.deploy.connection import Credentials, vcenter_session  # noqa: E402
-from appliance_build.deploy.deployer import deploy, import_plan, remove_vm  # noqa: E402
-from appliance_build.deploy.lease import (CHUNK, STREAM_VMDK_TYPE, DeviceUrl, plan_uploads,  # noqa: E402
-                                          wait_until_ready)
-from appliance_build.deploy.options import Flags, options_from  # noqa: E402
-from appliance_build.deploy.placement import find_vm, resolve  # noqa: E402
-from appliance_build.ova.descriptor import parse_descriptor  # noqa: E402
-from appliance_build.ova.package import open_package  # noqa: E402
-from appliance_build.settings import load_settings  # noqa: E402
+from appliance_build.deploy.connection import Credentials, vcenter_session
+from appliance_build.deploy.deployer import deploy, import_plan, remove_vm
+from appliance_build.deploy.lease import (
+    CHUNK,
+    STREAM_VMDK_TYPE,
+    DeviceUrl,
+    plan_uploads,
+    wait_until_ready,
+)
+from appliance_build.deploy.options import Flags, options_from
+from appliance_build.deploy.placement import find_vm, resolve
+from appliance_build.ova.descriptor import parse_descriptor
+from appliance_build.ova.package import open_package
+from appliance_build.settings import load_settings
 
 MIB = 2**20
 

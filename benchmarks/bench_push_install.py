@@ -44,18 +44,19 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from appliance_build.packaging.agent_packages import build_agent_packages  # noqa: E402
-from appliance_build.packaging.wheels import DEFAULT_CACHE  # noqa: E402
-from replication_appliance.common.datadir import DataDir  # noqa: E402
-from replication_appliance.control.initialise import InitOptions, initialise  # noqa: E402
-from replication_appliance.db.engine import datadir_engine, session_factory  # noqa: E402
-from replication_appliance.db.models import Job, utcnow  # noqa: E402
-from replication_appliance.push_install import service  # noqa: E402
-from replication_appliance.push_install.credentials import Credential, CredentialStore  # noqa: E402
-from replication_appliance.push_install.plan import Target  # noqa: E402
-from tests.appliance.appliance_harness import calm_process_server  # noqa: E402
-from tests.fixtures.ports import free_port, wait_for_port  # noqa: E402
-from tests.fixtures.sshd import running_sshd  # noqa: E402
+from replication_appliance.common.datadir import DataDir
+from replication_appliance.control.initialise import InitOptions, initialise
+from replication_appliance.db.engine import datadir_engine, session_factory
+from replication_appliance.db.models import Job, utcnow
+from replication_appliance.push_install import service
+from replication_appliance.push_install.credentials import Credential, CredentialStore
+from replication_appliance.push_install.plan import Target
+
+from appliance_build.packaging.agent_packages import build_agent_packages
+from appliance_build.packaging.wheels import DEFAULT_CACHE
+from tests.appliance.appliance_harness import calm_process_server
+from tests.fixtures.ports import free_port, wait_for_port
+from tests.fixtures.sshd import running_sshd
 
 APPLIANCE = str(Path(sys.executable).with_name("appliance"))
 CGROUP_ROOT = Path("/sys/fs/cgroup")

@@ -20,9 +20,24 @@ from ..ova.package import OvaPackage, open_package
 from ..progress import byte_progress
 from ..settings import load_settings
 from .connection import Credentials, read_credentials, vcenter_session
-from .errors import DeployError, DuplicateVmError, GuestIpTimeout, ImportSpecError, UploadError
-from .lease import (DeviceUrl, FileItem, LeaseKeeper, ServerDigest, Upload, manifest_mismatches, plan_uploads,
-                    upload, wait_until_ready)
+from .errors import (
+    DeployError,
+    DuplicateVmError,
+    GuestIpTimeout,
+    ImportSpecError,
+    UploadError,
+)
+from .lease import (
+    DeviceUrl,
+    FileItem,
+    LeaseKeeper,
+    ServerDigest,
+    Upload,
+    manifest_mismatches,
+    plan_uploads,
+    upload,
+    wait_until_ready,
+)
 from .options import DeployOptions, Flags, options_from
 from .ovfenv import GUESTINFO_TRANSPORT, OVF_ENV_KEY, ovf_environment, plan_properties
 from .placement import Target, find_vm, resolve

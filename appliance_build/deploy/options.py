@@ -11,7 +11,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 # The inventory's own checks: a flag obeys the same rules as the setting it overrides.
-from ..settings import DISK_PROVISIONING, Settings, check_dns_list, check_hostname, check_ipv4
+from ..settings import (
+    DISK_PROVISIONING,
+    Settings,
+    check_dns_list,
+    check_hostname,
+    check_ipv4,
+)
 from ..version import REPO_ROOT
 from .errors import DeployOptionsError
 

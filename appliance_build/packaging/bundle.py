@@ -24,7 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PreflightError
-from ..settings import MIN_CACHE_GB, MIN_CPUS, MIN_MEMORY_MB, MIN_RETENTION_GB, Settings, load_settings
+from ..settings import (
+    MIN_CACHE_GB,
+    MIN_CPUS,
+    MIN_MEMORY_MB,
+    MIN_RETENTION_GB,
+    Settings,
+    load_settings,
+)
 from ..version import APPLIANCE_VERSION, REPO_ROOT
 from . import archive, wheels
 from .manifest import build_manifest, write_sha256sums
@@ -133,7 +140,9 @@ def build_bundle(dist: Path, inventory: str = "local", python_runtime: Path | No
         files: dict[str, Path] = {name: INSTALLER_DIR / name for name in INSTALLER_FILES}
         files.update({f"setup/{p.name}": p for p in setup_scripts(roles_dir)})
         files.update({f"wheels/{p.name}": p for p in [appliance_wheel, *deps]})
-        from .agent_packages import build_agent_packages  # it takes PYTHON_RUNTIME from this module
+        from .agent_packages import (
+            build_agent_packages,  # it takes PYTHON_RUNTIME from this module
+        )
 
         agents_dir = work / "agent-packages"
         build_agent_packages(agents_dir, cache_dir=cache_dir, version=version)

@@ -11,9 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
 from replication_appliance.common.datadir import DataDir
-from replication_appliance.common.tls import client_ssl_context, key_to_pem, make_csr, new_private_key
+from replication_appliance.common.tls import (
+    client_ssl_context,
+    key_to_pem,
+    make_csr,
+    new_private_key,
+    server_ssl_context,
+)
 from replication_appliance.control import schemas, service
 from replication_appliance.control.app import ControlContext, asgi_app
 from replication_appliance.control.auth import FailureLimiter
@@ -23,7 +28,6 @@ from replication_appliance.control.service import record_process_server_load
 from replication_appliance.db.engine import datadir_engine, session_factory
 from replication_appliance.db.models import ProcessServer, utcnow
 from replication_appliance.serve import ServeContext, ServerSpec, run_servers
-from replication_appliance.common.tls import server_ssl_context
 from sqlalchemy import select
 
 from tests.fixtures.ports import free_port, wait_for_port

@@ -10,7 +10,6 @@ import stat
 import subprocess
 from pathlib import Path
 
-
 from tests.fixtures.ports import free_port, wait_for_port
 
 ADMIN = "cli-operator-password"

@@ -5,7 +5,6 @@ import socket
 import ssl
 
 import pytest
-
 from replication_appliance.control.app import MAX_BODY_BYTES
 
 from .appliance_harness import DISKS
@@ -123,7 +122,7 @@ def test_tls_below_1_2_is_refused(appliance):
 
 def test_replication_lifecycle_with_operator_actions(appliance, tmp_path):
     agent = appliance.register_agent(tmp_path)
-    hb = lambda c, **b: c.post(HB.format(agent.machine_id), json=b)  # noqa: E731
+    hb = lambda c, **b: c.post(HB.format(agent.machine_id), json=b)
     with appliance.operator() as op, appliance.agent_client(agent) as c:
         assert op.post(f"/api/v1/machines/{agent.machine_id}/actions", json={"action": "enable"}).status_code == 200
         assert hb(c, state="not_enabled").json()["desired_state"] == "replicate"

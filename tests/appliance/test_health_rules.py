@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-
 from replication_appliance.health import rules
 from replication_appliance.health.rules import Health
 

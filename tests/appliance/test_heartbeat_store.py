@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
-
 from replication_appliance.control import heartbeats as hb_module
 from replication_appliance.control import schemas as s
 from replication_appliance.control.heartbeats import HeartbeatStore
 from replication_appliance.db.models import AuditEntry, Disk, Machine, utcnow
+from sqlalchemy import select
 
 from .appliance_harness import DISKS, running_appliance
 

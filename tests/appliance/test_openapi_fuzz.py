@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from cryptography.hazmat.primitives import serialization
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
-from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
-from starlette.testclient import TestClient
-
 from replication_appliance.common.tls import make_csr, new_private_key
 from replication_appliance.control.app import ControlContext, asgi_app
 from replication_appliance.control.auth import FailureLimiter
 from replication_appliance.db.engine import datadir_engine, session_factory
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from starlette.testclient import TestClient
 
 from .appliance_harness import ADMIN_PASSWORD, DISKS, init_appliance
 

@@ -8,8 +8,15 @@ import time
 from dataclasses import replace
 
 import pytest
-
-from replication_appliance.prereqs.checks import Facts, Status, evaluate, gather_facts, judge, ntp_offset, probe_tcp
+from replication_appliance.prereqs.checks import (
+    Facts,
+    Status,
+    evaluate,
+    gather_facts,
+    judge,
+    ntp_offset,
+    probe_tcp,
+)
 from replication_appliance.requirements import requirement_rows, url_allow_list
 
 GB = 10**9

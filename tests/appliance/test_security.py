@@ -9,12 +9,26 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from replication_appliance.common.errors import CertificateError, SecretError
-from replication_appliance.common.secrets import (PASSPHRASE_ALPHABET, MasterKey, generate_passphrase)
-from replication_appliance.common.tls import (ROLE_AGENT, CertificateAuthority, cert_fingerprint, identity_from_der,
-                                              make_csr, new_private_key)
-from replication_appliance.control.auth import FailureLimiter, TokenSigner, hash_password, verify_password
+from replication_appliance.common.secrets import (
+    PASSPHRASE_ALPHABET,
+    MasterKey,
+    generate_passphrase,
+)
+from replication_appliance.common.tls import (
+    ROLE_AGENT,
+    CertificateAuthority,
+    cert_fingerprint,
+    identity_from_der,
+    make_csr,
+    new_private_key,
+)
+from replication_appliance.control.auth import (
+    FailureLimiter,
+    TokenSigner,
+    hash_password,
+    verify_password,
+)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,18 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-
-from replication_appliance.health.state_machine import (NEXT, Action, Desired, Report, State, TransitionError,
-                                                        accept_report, apply_action, effective_state, settle_desired)
+from replication_appliance.health.state_machine import (
+    NEXT,
+    Action,
+    Desired,
+    Report,
+    State,
+    TransitionError,
+    accept_report,
+    apply_action,
+    effective_state,
+    settle_desired,
+)
 
 NOW = dt.datetime(2026, 1, 1, 12, 0, 0)
 

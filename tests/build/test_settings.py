@@ -7,7 +7,11 @@ import pytest
 import yaml
 
 from appliance_build.errors import SettingsError
-from appliance_build.settings import available_inventories, load_settings, settings_from_mapping
+from appliance_build.settings import (
+    available_inventories,
+    load_settings,
+    settings_from_mapping,
+)
 from appliance_build.version import APPLIANCE_VERSION, REPO_ROOT
 
 

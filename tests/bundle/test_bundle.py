@@ -10,14 +10,19 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from replication_appliance.requirements import requirement_rows
 
 from appliance_build.errors import PreflightError
 from appliance_build.packaging import wheels
 from appliance_build.packaging.agent_packages import AGENT_DEPENDENCIES, package_paths
-from appliance_build.packaging.bundle import PYTHON_RUNTIME, build_bundle, bundle_path, check_python_runtime
+from appliance_build.packaging.bundle import (
+    PYTHON_RUNTIME,
+    build_bundle,
+    bundle_path,
+    check_python_runtime,
+)
 from appliance_build.packaging.manifest import wheel_record
 from appliance_build.version import APPLIANCE_VERSION, REPO_ROOT
-from replication_appliance.requirements import requirement_rows
 
 TOP = f"replication-appliance-installer-{APPLIANCE_VERSION}"
 WINDOWS_TAGS = {"win_amd64", "any"}

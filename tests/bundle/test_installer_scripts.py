@@ -10,11 +10,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from appliance_build.version import REPO_ROOT
 from replication_appliance.requirements import requirement_rows
 
-from tests.fixtures.powershell import declared_parameters, parse, param_block, strip_strings_and_comments, syntax_errors
+from appliance_build.version import REPO_ROOT
+from tests.fixtures.powershell import (
+    declared_parameters,
+    param_block,
+    parse,
+    strip_strings_and_comments,
+    syntax_errors,
+)
 
 INSTALLER = REPO_ROOT / "installer"
 POWERSHELL = sorted(INSTALLER.rglob("*.ps1"))

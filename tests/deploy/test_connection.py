@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from appliance_build.deploy.connection import Credentials, read_credentials, vcenter_session
+from appliance_build.deploy.connection import (
+    Credentials,
+    read_credentials,
+    vcenter_session,
+)
 from appliance_build.deploy.errors import VcenterConnectionError
 from appliance_build.deploy.options import TlsOptions, VcenterAddress
 from appliance_build.errors import SecretError

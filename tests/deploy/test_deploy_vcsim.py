@@ -17,8 +17,13 @@ import pytest
 from pyVmomi import vim
 
 from appliance_build.deploy.deployer import deploy
-from appliance_build.deploy.errors import (DuplicateVmError, GuestIpTimeout, ImportSpecError, PlacementError,
-                                           UploadError)
+from appliance_build.deploy.errors import (
+    DuplicateVmError,
+    GuestIpTimeout,
+    ImportSpecError,
+    PlacementError,
+    UploadError,
+)
 from appliance_build.deploy.ovfenv import ENV_NS, OVF_ENV_KEY
 from appliance_build.errors import VerificationError
 from appliance_build.ova.package import open_package
@@ -134,7 +139,7 @@ def test_ovf_folder_without_a_property_warns_and_strict_refuses(settings, vcsim,
         tar.extractall(folder, filter="data")
     descriptor = next(folder.glob("*.ovf"))
     text, removed = re.subn(r'\s*<ovf:Property ovf:key="dns".*?</ovf:Property>', "", descriptor.read_text(),
-                            flags=re.S)
+                            flags=re.DOTALL)
     assert removed == 1
     descriptor.write_text(text)
     manifest = next(folder.glob("*.mf"))

@@ -10,8 +10,18 @@ from types import SimpleNamespace
 import pytest
 
 from appliance_build.deploy.errors import LeaseError, UploadError
-from appliance_build.deploy.lease import (DeviceUrl, FileItem, LeaseKeeper, ServerDigest, Upload, manifest_mismatches,
-                                          plan_uploads, rewrite_host, upload, wait_until_ready)
+from appliance_build.deploy.lease import (
+    DeviceUrl,
+    FileItem,
+    LeaseKeeper,
+    ServerDigest,
+    Upload,
+    manifest_mismatches,
+    plan_uploads,
+    rewrite_host,
+    upload,
+    wait_until_ready,
+)
 from appliance_build.deploy.options import TlsOptions, VcenterAddress
 from tests.fixtures.ports import free_port
 

@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 
 from appliance_build.deploy.errors import DeployOptionsError
-from appliance_build.deploy.options import Flags, VcenterAddress, options_from, parse_ip, parse_vcenter
+from appliance_build.deploy.options import (
+    Flags,
+    VcenterAddress,
+    options_from,
+    parse_ip,
+    parse_vcenter,
+)
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.roles.conftest import PLAYBOOK_DIR, REPO_ROOT, ROLES_DIR, VENV_BIN, load_yaml, run_tool, tool_env
+from tests.roles.conftest import (
+    PLAYBOOK_DIR,
+    REPO_ROOT,
+    ROLES_DIR,
+    VENV_BIN,
+    load_yaml,
+    run_tool,
+    tool_env,
+)
 
 PLAYBOOKS = sorted(PLAYBOOK_DIR.glob("*.yml"))
 OWN_YAML = ["roles", "playbooks", "molecule", "docs/traceability.yml", "requirements.yml", ".ansible-lint", ".yamllint"]

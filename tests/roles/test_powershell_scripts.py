@@ -12,8 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.powershell import declared_parameters, parse, strip_strings_and_comments, syntax_errors
-from tests.roles.conftest import PLAYBOOK_DIR, ROLES, ROLES_DIR, role_tasks, playbook_tasks
+from tests.fixtures.powershell import (
+    declared_parameters,
+    parse,
+    strip_strings_and_comments,
+    syntax_errors,
+)
+from tests.roles.conftest import (
+    PLAYBOOK_DIR,
+    ROLES,
+    ROLES_DIR,
+    playbook_tasks,
+    role_tasks,
+)
 
 SCRIPTS = sorted([*ROLES_DIR.glob("*/files/*.ps1"), *(PLAYBOOK_DIR / "files").glob("*.ps1")])
 # The files the brief names: the installer bundle takes these.

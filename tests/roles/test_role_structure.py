@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.roles.conftest import PLAYBOOK_DIR, ROLES, ROLES_DIR, Task, load_yaml, playbook_tasks, role_tasks
+from tests.roles.conftest import (
+    PLAYBOOK_DIR,
+    ROLES,
+    ROLES_DIR,
+    Task,
+    load_yaml,
+    playbook_tasks,
+    role_tasks,
+)
 
 EXPECTED_ROLES = {
     "windows_baseline", "tls", "dotnet", "powercli", "mysql",

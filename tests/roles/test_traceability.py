@@ -6,7 +6,14 @@ from typing import Any
 
 import pytest
 
-from tests.roles.conftest import PLAYBOOK_DIR, REPO_ROOT, ROLES, load_yaml, playbook_tasks, role_tasks
+from tests.roles.conftest import (
+    PLAYBOOK_DIR,
+    REPO_ROOT,
+    ROLES,
+    load_yaml,
+    playbook_tasks,
+    role_tasks,
+)
 
 TRACEABILITY = REPO_ROOT / "docs" / "traceability.yml"
 

@@ -142,4 +142,4 @@ class DataDir:
         os.chmod(self.private, 0o700)
 
 
-__all__ = ["ApplianceConfig", "DataDir", "write_private_file", "CLOUDS"]
+__all__ = ["CLOUDS", "ApplianceConfig", "DataDir", "write_private_file"]

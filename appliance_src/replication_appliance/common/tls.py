@@ -31,7 +31,7 @@ MAX_CSR_BYTES = 16 * 1024
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def new_private_key() -> ec.EllipticCurvePrivateKey:

@@ -27,7 +27,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..common.datadir import DataDir
 from ..common.errors import CertificateError
-from ..common.tls import ROLE_PROCESS_SERVER, CertificateAuthority, ClientIdentity, identity_from_der, server_ssl_context
+from ..common.tls import (
+    ROLE_PROCESS_SERVER,
+    CertificateAuthority,
+    ClientIdentity,
+    identity_from_der,
+    server_ssl_context,
+)
 from ..db.models import Operator, Policy, utcnow
 from . import schemas as s
 from . import service
@@ -299,7 +305,7 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
             raise StarletteHTTPException(401, "wrong username or password")
         ctx.login_limiter.succeeded(address)
         token, expires = ctx.signer.issue(req.username)
-        return s.TokenOut(token=token, expires_at=dt.datetime.fromtimestamp(expires, dt.timezone.utc))
+        return s.TokenOut(token=token, expires_at=dt.datetime.fromtimestamp(expires, dt.UTC))
 
     @app.get(f"{API}/status", response_model=s.StatusOut, tags=["operators"])
     def get_status(_actor: Actor):

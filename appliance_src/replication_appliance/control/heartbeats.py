@@ -29,12 +29,27 @@ from sqlalchemy.orm import Session, joinedload, selectinload, sessionmaker
 from ..common.tls import ROLE_AGENT
 from ..db.models import AuditEntry, Disk, Machine, ProcessServer
 from ..health import rules
-from ..health.state_machine import Desired, Report, State, TransitionError, accept_report, settle_desired
+from ..health.state_machine import (
+    Desired,
+    Report,
+    State,
+    TransitionError,
+    accept_report,
+    settle_desired,
+)
 from . import schemas as s
-from .service import (HEARTBEAT_INTERVAL_S, ConflictError, ForbiddenError, InvalidError, choose_process_server,
-                      load_machine, policy_out, ps_out)
+from .service import (
+    HEARTBEAT_INTERVAL_S,
+    ConflictError,
+    ForbiddenError,
+    InvalidError,
+    choose_process_server,
+    load_machine,
+    policy_out,
+    ps_out,
+)
 
-__all__ = ["HeartbeatStore", "ForbiddenError"]
+__all__ = ["ForbiddenError", "HeartbeatStore"]
 
 FLUSH_INTERVAL_S = 1.0
 TELEMETRY_WRITE_S = 30.0

@@ -25,7 +25,14 @@ from ..db.engine import make_engine, parse_db_url, session_factory, without_pass
 from ..db.migrate import alembic_config, upgrade
 from ..db.models import ProcessServer
 from ..storage.base import StorageError
-from ..storage.open import DIRECTORY, SEALED_CONNECTION_FILE, SEALED_PURPOSE, StorageSpec, judge_storage_spec, open_spec
+from ..storage.open import (
+    DIRECTORY,
+    SEALED_CONNECTION_FILE,
+    SEALED_PURPOSE,
+    StorageSpec,
+    judge_storage_spec,
+    open_spec,
+)
 from . import service
 from .auth import hash_password, validate_admin_password
 

@@ -23,7 +23,7 @@ def _printable(allowed_controls: str):
     return check
 
 
-def Text(max_length: int, min_length: int = 1, multiline: bool = False):  # noqa: N802 - a type factory
+def Text(max_length: int, min_length: int = 1, multiline: bool = False):
     return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length, strip_whitespace=False),
                      AfterValidator(_printable("\t\r\n" if multiline else ""))]
 

@@ -14,10 +14,33 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from ..common.errors import ApplianceError
-from ..common.tls import ROLE_AGENT, ROLE_PROCESS_SERVER, CertificateAuthority, cert_fingerprint, cert_to_pem
-from ..db.models import AuditEntry, Disk, Job, Machine, Operator, Policy, ProcessServer, Registration, utcnow
+from ..common.tls import (
+    ROLE_AGENT,
+    ROLE_PROCESS_SERVER,
+    CertificateAuthority,
+    cert_fingerprint,
+    cert_to_pem,
+)
+from ..db.models import (
+    AuditEntry,
+    Disk,
+    Job,
+    Machine,
+    Operator,
+    Policy,
+    ProcessServer,
+    Registration,
+    utcnow,
+)
 from ..health import rules
-from ..health.state_machine import Action, Desired, State, TransitionError, apply_action, effective_state
+from ..health.state_machine import (
+    Action,
+    Desired,
+    State,
+    TransitionError,
+    apply_action,
+    effective_state,
+)
 from . import schemas as s
 
 HEARTBEAT_INTERVAL_S = 30
@@ -251,7 +274,7 @@ class AgentView:
     disks: dict[str, tuple[int, int, int]]  # name -> total, replicated, backlog
 
     @classmethod
-    def of(cls, m: Machine) -> "AgentView":
+    def of(cls, m: Machine) -> AgentView:
         return cls(State(m.replication_state), m.initial_sync_percent, m.state_changed_at, m.last_heartbeat_at,
                    {d.name: (d.total_bytes, d.replicated_bytes, d.backlog_bytes) for d in m.disks})
 

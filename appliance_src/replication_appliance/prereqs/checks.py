@@ -206,7 +206,7 @@ def judge(row_id: str, f: Facts, cloud: str) -> tuple[Status, str]:
     windows = f.os_family == "Windows"
     if row_id in WINDOWS_ONLY and not windows:
         return Status.NOT_APPLICABLE, NOT_WINDOWS.format(os=f.os_name)
-    gib = lambda n: f"{n / GB:.0f} GB"  # noqa: E731
+    gib = lambda n: f"{n / GB:.0f} GB"
     match row_id:
         case "vmware.nic" | "net.nic":
             if not f.is_vmware:

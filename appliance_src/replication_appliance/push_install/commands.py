@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 from ..common.datadir import DataDir
-from ..db.engine import datadir_engine, session_factory
 from ..control import service as control_service
+from ..db.engine import datadir_engine, session_factory
+from . import service
 from .credentials import Credential, CredentialStore
 from .errors import CredentialError, PackageError, VersionRefused
 from .plan import AgentPackage, version_key
-from . import service
 
 PASSWORD_ENV = "APPLIANCE_PUSH_PASSWORD"
 SUDO_PASSWORD_ENV = "APPLIANCE_PUSH_SUDO_PASSWORD"

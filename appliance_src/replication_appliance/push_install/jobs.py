@@ -74,7 +74,7 @@ def heartbeat_probe(sessions: sessionmaker[Session]):
     """The agent version of a heartbeat from `machine_id` at or after `since` (epoch seconds), else None."""
 
     def probe(machine_id: str, since: float) -> str | None:
-        threshold = dt.datetime.fromtimestamp(since, dt.timezone.utc).replace(tzinfo=None, microsecond=0)
+        threshold = dt.datetime.fromtimestamp(since, dt.UTC).replace(tzinfo=None, microsecond=0)
         with sessions() as session:
             machine = session.get(Machine, machine_id)
             if machine is None or machine.last_heartbeat_at is None or machine.last_heartbeat_at < threshold:

@@ -51,7 +51,7 @@ class AgentPackage:
         return self.path.name.removesuffix(".tar.gz").removesuffix(".zip")
 
     @classmethod
-    def from_file(cls, path: Path) -> "AgentPackage":
+    def from_file(cls, path: Path) -> AgentPackage:
         match = PACKAGE_RE.match(path.name)
         if not match:
             raise ValueError(f"{path.name} is not named like an agent package "
@@ -163,7 +163,7 @@ class LinuxLayout:
     def discover_disks_command(self) -> str:
         return "lsblk -dnpo NAME,TYPE | awk '$2 == \"disk\" {print $1}'"
 
-    def register_command(self, request: "Registration") -> str:
+    def register_command(self, request: Registration) -> str:
         """The passphrase comes on stdin (/dev/stdin): nothing secret on the command line."""
         args = [self.agent, "register", "--server", request.control_server, "--passphrase-file", "/dev/stdin",
                 "--ca-file", self.ca_file, "--state-dir", self.state_dir]
@@ -261,7 +261,7 @@ class WindowsLayout:
     def discover_disks_command(self) -> str:
         return "Get-Disk | Sort-Object Number | ForEach-Object { '\\\\.\\PhysicalDrive' + $_.Number }"
 
-    def register_command(self, request: "Registration") -> str:
+    def register_command(self, request: Registration) -> str:
         # The passphrase arrives on stdin and goes to a file only the administrators and SYSTEM can
         # read (the staging folder), removed right after: never part of a command line.
         secret = f"{self.staging}\\passphrase.txt"

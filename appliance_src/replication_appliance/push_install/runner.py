@@ -16,8 +16,16 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import PushInstallError, StepFailed, VersionRefused
-from .plan import (STEPS, AgentPackage, LinuxLayout, Registration, Target, WindowsLayout, installed_version,
-                   version_key)
+from .plan import (
+    STEPS,
+    AgentPackage,
+    LinuxLayout,
+    Registration,
+    Target,
+    WindowsLayout,
+    installed_version,
+    version_key,
+)
 from .transport import Transport
 
 EXIT_PREREQUISITES = 3  # install.sh / Install-MobilityAgent.ps1: a prerequisite failed
@@ -129,12 +137,12 @@ class _Steps:
     def __init__(self, sink: ProgressSink) -> None:
         self.sink, self.name, self.message = sink, "", ""
 
-    def __call__(self, name: str) -> "_Steps":
+    def __call__(self, name: str) -> _Steps:
         assert name in STEPS, name
         self.name, self.message = name, ""
         return self
 
-    def __enter__(self) -> "_Steps":
+    def __enter__(self) -> _Steps:
         self.sink.step(self.name, "running")
         return self
 

@@ -6,7 +6,6 @@ import re
 import secrets
 import select
 import shlex
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import paramiko
 
 from .credentials import Credential
 from .errors import TargetAuthError, TargetUnreachableError
-from .plan import Target, encode_powershell, ps_quote, with_sudo, winrm_transfer_plan
+from .plan import Target, encode_powershell, ps_quote, winrm_transfer_plan, with_sudo
 
 CONNECT_TIMEOUT_S = 20.0
 _known_hosts_lock = threading.Lock()
@@ -66,7 +65,7 @@ class SshTransport:
         except paramiko.BadHostKeyException:
             raise TargetAuthError(f"{target.label} presented a different host key than on first contact; if the "
                                   f"machine was rebuilt, remove its line from {known_hosts}") from None
-        except (OSError, socket.timeout, paramiko.SSHException) as exc:
+        except (TimeoutError, OSError, paramiko.SSHException) as exc:
             raise TargetUnreachableError(f"cannot reach SSH on {target.label}: {exc}; check the address, "
                                          "port 22 and the firewall") from None
         with _known_hosts_lock:
@@ -95,7 +94,7 @@ class SshTransport:
         try:
             channel.sendall(script.encode())
             return _read_until_marker(channel, marker.encode(), time.monotonic() + timeout)
-        except (OSError, socket.timeout, paramiko.SSHException, TimeoutError) as exc:
+        except (OSError, paramiko.SSHException, TimeoutError) as exc:
             self._close_shell()
             raise TargetUnreachableError(f"the remote shell on {self.label} broke off: {exc}") from None
 

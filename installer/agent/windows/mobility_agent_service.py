@@ -34,11 +34,11 @@ class MobilityAgentService(win32serviceutil.ServiceFramework):
         self._stop = win32event.CreateEvent(None, 0, 0, None)
         self._child: subprocess.Popen[bytes] | None = None
 
-    def SvcStop(self) -> None:  # noqa: N802 (pywin32's name)
+    def SvcStop(self) -> None:
         self.ReportServiceStatus(win32service.SERVICE_STOP_PENDING)
         win32event.SetEvent(self._stop)
 
-    def SvcDoRun(self) -> None:  # noqa: N802
+    def SvcDoRun(self) -> None:
         state_dir = os.environ.get("MOBILITY_AGENT_STATE_DIR", r"C:\ProgramData\MobilityAgent\state")
         self._child = subprocess.Popen([str(AGENT), "run", "--state-dir", state_dir])
         servicemanager.LogInfoMsg(f"{self._svc_name_}: agent started (pid {self._child.pid})")

@@ -12,7 +12,12 @@ from replication_appliance.agent.source import DiskReader
 from replication_appliance.apply.applier import MachineApplier
 from replication_appliance.apply.recovery_points import export_disk, recovery_points
 from replication_appliance.common.secrets import MasterKey
-from replication_appliance.dataplane.digests import BLOCK, CHUNK, digest_blocks, digest_extents
+from replication_appliance.dataplane.digests import (
+    BLOCK,
+    CHUNK,
+    digest_blocks,
+    digest_extents,
+)
 from replication_appliance.storage import open_store
 from replication_appliance.storage.keyring import DataKeyring
 

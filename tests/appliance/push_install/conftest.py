@@ -13,15 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from appliance_build.packaging.agent_packages import build_agent_packages
 from replication_appliance.common.datadir import DataDir
 from replication_appliance.control.initialise import InitOptions, initialise
 from replication_appliance.db.engine import datadir_engine, session_factory
+
+from appliance_build.packaging.agent_packages import build_agent_packages
 from tests.appliance.appliance_harness import calm_process_server
 from tests.fixtures.ports import free_port, wait_for_port
-from tests.fixtures.sshd import SshServer, running_sshd
-from tests.fixtures.sshd import sshd  # noqa: F401 - re-exported fixture
+from tests.fixtures.sshd import (
+    SshServer,
+    running_sshd,
+    sshd,  # noqa: F401 - re-exported fixture
+)
 
 APPLIANCE = str(Path(sys.executable).with_name("appliance"))
 

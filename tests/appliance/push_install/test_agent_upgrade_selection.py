@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from replication_appliance.common.datadir import DataDir
 from replication_appliance.control.initialise import InitOptions, initialise
 from replication_appliance.control.service import default_policy
@@ -15,6 +14,7 @@ from replication_appliance.db.models import Machine
 from replication_appliance.push_install import jobs, service
 from replication_appliance.push_install.errors import PushInstallError, VersionRefused
 from replication_appliance.push_install.plan import Target
+
 from tests.fixtures.ports import free_port
 
 

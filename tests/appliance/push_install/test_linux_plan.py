@@ -4,8 +4,15 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from replication_appliance.push_install.plan import (AgentPackage, LinuxLayout, Registration, Target, installed_version,
-                                                     version_key, with_sudo)
+from replication_appliance.push_install.plan import (
+    AgentPackage,
+    LinuxLayout,
+    Registration,
+    Target,
+    installed_version,
+    version_key,
+    with_sudo,
+)
 
 
 def layout(tmp_path: Path, root: str = "/") -> LinuxLayout:

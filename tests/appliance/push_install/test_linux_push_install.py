@@ -10,10 +10,10 @@ import tarfile
 from pathlib import Path
 
 import httpx
-
-from appliance_build.packaging.agent_packages import build_agent_packages, package_paths
 from replication_appliance.common.tls import client_ssl_context
 from replication_appliance.db.models import Job, Machine
+
+from appliance_build.packaging.agent_packages import build_agent_packages, package_paths
 
 from .conftest import Appliance, LinuxTarget
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from replication_appliance.push_install.credentials import Credential
 from replication_appliance.push_install.plan import Target
 from replication_appliance.push_install.transport import SshTransport
+
 from tests.fixtures.sshd import SshServer
 
 

@@ -10,13 +10,19 @@ import re
 from pathlib import Path
 
 import pytest
-
 from replication_appliance.push_install.credentials import Credential
 from replication_appliance.push_install.errors import TargetAuthError
-from replication_appliance.push_install.plan import (AgentPackage, Registration, Target, WindowsLayout,
-                                                     encode_powershell, winrm_transfer_plan)
+from replication_appliance.push_install.plan import (
+    AgentPackage,
+    Registration,
+    Target,
+    WindowsLayout,
+    encode_powershell,
+    winrm_transfer_plan,
+)
 from replication_appliance.push_install.runner import PushRequest, run_push_install
 from replication_appliance.push_install.transport import WinRmTransport
+
 from tests.bundle.test_installer_scripts import powershell_syntax_errors
 from tests.fixtures.powershell import strip_strings_and_comments
 

@@ -144,7 +144,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_disks')),
     sa.UniqueConstraint('machine_id', 'name', name='uq_disks_machine_name')
     )
-    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     op.bulk_insert(sa.table("policies", sa.column("name", sa.String), sa.column("rpo_threshold_minutes", sa.Integer),
                             sa.column("retention_hours", sa.Integer), sa.column("crash_consistent_minutes", sa.Integer),
                             sa.column("app_consistent_minutes", sa.Integer), sa.column("created_at", sa.DateTime),
