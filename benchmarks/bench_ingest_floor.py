@@ -180,7 +180,8 @@ def minimal_pipeline(pki: Pki, data: Path, workdir: Path, work: bool) -> tuple[f
     for t in threads:
         t.start()
     for seq, offset in enumerate(range(0, size, FRAME), start=1):
-        window.acquire()
+        if not window.acquire(timeout=60):
+            raise RuntimeError("the minimal receiver stopped acknowledging for 60 s (see its traceback above)")
         buf = buffers[seq % len(buffers)]
         n = os.preadv(fd, [buf], offset) if work else min(FRAME, size - offset)
         payload = memoryview(buf)[:n]
