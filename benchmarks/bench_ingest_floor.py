@@ -45,7 +45,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_replication import (
-    bench_pki,
     check_free_space,
     cpu_seconds,
     nonzero_segments,
@@ -68,6 +67,7 @@ from tests.appliance.dataplane.conftest import (
     Pki,
     ServerProcess,
     make_machine,
+    make_pki,
     replicator,
 )
 
@@ -235,7 +235,7 @@ def main() -> int:
     size = int(args.size_gib * 1024) * MiB
     try:
         check_free_space(work, 3 * size)  # the image, its data and a journal
-        pki = bench_pki(work)
+        pki = make_pki(work / "pki", "bench")
         m = make_machine(work, "floor", [size], seed=1, ps_port=0)
         data = work / "data"  # the bytes ingest sends, without the zeros it skips
         with open(data, "wb") as f:

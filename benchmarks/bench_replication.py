@@ -46,6 +46,7 @@ from tests.appliance.dataplane.conftest import (
     Pki,
     ServerProcess,
     make_machine,
+    make_pki,
     replicator,
 )
 from tests.fixtures.azurite import running_azurite
@@ -159,24 +160,6 @@ def check_free_space(work: Path, need_bytes: int) -> None:
                          "server throttles under 20 %); free some space or pass --workdir on another file system")
 
 
-def bench_pki(work: Path) -> Pki:
-    """A CA, the data port's certificate and agents' certificates on demand, under `work`."""
-    from replication_appliance.common.tls import (
-        CertificateAuthority,
-        cert_to_pem,
-        key_to_pem,
-    )
-
-    pdir = work / "pki"
-    pdir.mkdir()
-    ca = CertificateAuthority.create("bench")
-    (pdir / "ca.pem").write_bytes(cert_to_pem(ca.cert))
-    cert, key = ca.issue_server("127.0.0.1", ["127.0.0.1"])
-    (pdir / "data.pem").write_bytes(cert_to_pem(cert))
-    (pdir / "data-key.pem").write_bytes(key_to_pem(key))
-    return Pki(pdir, ca)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gib", type=float, default=2.0)
@@ -186,7 +169,7 @@ def main() -> int:
     size = int(args.size_gib * 1024) * MiB
     try:
         check_free_space(work, 4 * size)  # the image, rsync's copy, a journal and Azurite's blobs
-        pki = bench_pki(work)
+        pki = make_pki(work / "pki", "bench")
 
         t = time.perf_counter()
         m = make_machine(work, "bench", [size], seed=1, ps_port=0)

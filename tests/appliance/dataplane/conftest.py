@@ -67,15 +67,20 @@ class Pki:
         return client_ssl_context(self.ca_pem, cert, key)
 
 
-@pytest.fixture(scope="session")
-def pki(tmp_path_factory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    ca = CertificateAuthority.create("dataplane-test")
+def make_pki(d: Path, ca_name: str) -> Pki:
+    """A new CA and the data port's certificate for 127.0.0.1, written to directory `d`."""
+    d.mkdir(parents=True, exist_ok=True)
+    ca = CertificateAuthority.create(ca_name)
     (d / "ca.pem").write_bytes(cert_to_pem(ca.cert))
     cert, key = ca.issue_server("127.0.0.1", ["127.0.0.1"])
     (d / "data.pem").write_bytes(cert_to_pem(cert))
     (d / "data-key.pem").write_bytes(key_to_pem(key))
     return Pki(d, ca)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"), "dataplane-test")
 
 
 TEXT = (REPO / "appliance_src" / "replication_appliance" / "agent" / "replicator.py").read_bytes()
