@@ -246,8 +246,9 @@ def main() -> int:
 
         def raw_tls() -> tuple[float, float]:
             os.sync()
-            scale, cpu = nbytes / ((nbytes // MiB) * MiB), cpu_seconds()
-            return tls_loopback(pki, (nbytes // MiB) * MiB) * scale, (cpu_seconds() - cpu) * scale
+            scale = nbytes / ((nbytes // MiB) * MiB)
+            run = tls_loopback(pki, (nbytes // MiB) * MiB)
+            return run.seconds * scale, (run.sender_cpu + run.receiver_cpu) * scale
 
         runs = {
             "ingest (agent -> process server)": lambda: product_ingest(pki, m, work, nbytes),

@@ -9,7 +9,11 @@ descriptor made with `dup` for fsync shares the position, but fsync does not mov
 Descriptors are opened in binary mode: on Windows `os.open` otherwise translates line ends,
 which would corrupt disk blocks, journal records and keys. A directory's entries are made
 durable with an fsync of the directory where the platform has it; NTFS journals its metadata
-and cannot open a directory as a file, so on Windows that step is skipped."""
+and cannot open a directory as a file, so on Windows that step is skipped.
+
+POSIX lets a file be renamed or deleted while a descriptor of it is open; Windows refuses
+(`os.open` does not ask for FILE_SHARE_DELETE), so code that renames a file another thread
+may still hold open must take another path there (`RENAME_OPEN`)."""
 from __future__ import annotations
 
 import errno
@@ -22,6 +26,7 @@ POSITIONAL = all(hasattr(os, name) for name in ("preadv", "pread", "pwrite"))
 DIRECTORY_FSYNC = os.name != "nt"
 BINARY = getattr(os, "O_BINARY", 0)
 SPARSE = hasattr(os, "SEEK_DATA") and hasattr(os, "SEEK_HOLE")
+RENAME_OPEN = os.name != "nt"
 
 
 def open_fd(path: str | Path, flags: int, mode: int = 0o777) -> int:

@@ -2,7 +2,8 @@
 them to the journal, and a sync thread fsyncs, so TLS decryption, copying into the page cache
 and the cache disk's flushes all proceed at the same time. One fsync covers every record
 written before it started; a record is durable (and may be acknowledged) only once such an
-fsync has returned, or once its segment was sealed (sealing fsyncs)."""
+fsync has returned, or once its segment was sealed (sealing fsyncs). On Windows, which cannot
+rename a file while a descriptor of it is open, the writer fsyncs itself instead."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from ..common import fileio
 from ..dataplane.frames import Header, Kind
 from .buffers import RecordBufferPool
 from .journal import MachineJournal, RecordBuffer, SealedSegment
@@ -143,11 +145,16 @@ class GroupCommit:
                 with self._journal.lock:
                     for h, rec in batch:
                         self._journal.append(h, rec)
-                    sealed = self._journal.sync() if self._journal.seal_due() else None
-                    fd = None if sealed else self._journal.sync_handle()
+                    if self._journal.seal_due() or not fileio.RENAME_OPEN:
+                        # sealing renames the segment, which Windows refuses while the sync
+                        # thread holds a descriptor of it: there every fsync is made here
+                        fd, sealed = None, self._journal.sync()
+                    else:
+                        fd, sealed = self._journal.sync_handle(), None
                 self._pool.give_back([rec for _, rec in batch])
-                if sealed is not None:
-                    self._on_sealed(sealed)
+                if fd is None:
+                    if sealed is not None:
+                        self._on_sealed(sealed)
                     self._durable(seq, nbytes)
                     continue
                 with self._cond:

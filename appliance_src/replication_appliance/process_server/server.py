@@ -4,8 +4,8 @@ stops reading (TCP flow control slows the agent; nothing is dropped) and says so
 from __future__ import annotations
 
 import logging
-import os
 import select
+import shutil
 import socket
 import ssl
 import threading
@@ -186,8 +186,10 @@ class ProcessServer:
                 used += size
                 backlog += size
                 segments += p.suffix == ".sealed"
-        fs = os.statvfs(cache)
-        fs_total, fs_free = fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize
+        # the file system's size as `df` counts it: what is used plus what this account may still
+        # use (blocks reserved for root are neither); shutil works on Windows too, os.statvfs does not
+        usage = shutil.disk_usage(cache)
+        fs_total, fs_free = usage.used + usage.free, usage.free
         cap = self.config.cache_capacity_bytes
         total = cap if cap else fs_total
         free = min(fs_free, max(total - used, 0)) if cap else fs_free

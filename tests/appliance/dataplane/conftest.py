@@ -240,3 +240,33 @@ def wait_until(pred, timeout: float, what: str, poll: float = 0.1) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(poll)
+
+
+def _open_here(path) -> bool:
+    """Whether this process holds a descriptor of the file at `path`."""
+    target = os.path.realpath(path)
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == target:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def refuse_renaming_open_files(monkeypatch, refused: list[str]) -> None:
+    """Make os.replace/rename/unlink/remove refuse a file this process holds open, as Windows
+    does (os.open there does not ask for FILE_SHARE_DELETE); each refusal is noted in `refused`."""
+    def refusing(real, name):
+        def call(path, *args, **kwargs):
+            # os.replace/rename(src, dst): neither may be open; unlink/remove(path)
+            for p in (path, *args[:1]):
+                if os.path.exists(p) and _open_here(p):
+                    refused.append(f"{name} of an open file {p}")
+                    raise PermissionError(13, "The process cannot access the file because it is being used by "
+                                              "another process (Windows' sharing rule, emulated)", str(p))
+            return real(path, *args, **kwargs)
+        return call
+
+    for name in ("replace", "rename", "unlink", "remove"):
+        monkeypatch.setattr(os, name, refusing(getattr(os, name), name))

@@ -8,11 +8,14 @@ import threading
 import time
 import uuid
 
+from replication_appliance.common import fileio
 from replication_appliance.dataplane import frames as F
 from replication_appliance.dataplane.segment import iter_records
 from replication_appliance.process_server import commit as commit_module
 from replication_appliance.process_server.commit import GroupCommit
 from replication_appliance.process_server.journal import MachineJournal
+
+from .conftest import refuse_renaming_open_files
 
 M = uuid.uuid4()
 
@@ -97,3 +100,34 @@ def test_marker_seals_and_close_commits_what_is_queued(tmp_path):
 
 def iter_seqs(path):
     return [(r.header.seq, bytes(r.payload)) for r in iter_records(path.read_bytes())]
+
+
+def test_on_windows_a_segment_is_sealed_with_no_descriptor_of_it_open(tmp_path, monkeypatch):
+    """Windows cannot rename an open file: there the writer fsyncs itself, so no descriptor held
+    for the sync thread keeps a full segment, or one ended by a marker, from being sealed."""
+    monkeypatch.setattr(fileio, "RENAME_OPEN", False)
+    refused: list[str] = []
+    refuse_renaming_open_files(monkeypatch, refused)
+    real_fsync = os.fsync
+
+    def slow_sync_thread(fd: int) -> None:  # a sync thread would still hold its descriptor at the seal
+        if threading.current_thread().name.startswith("ps-sync"):
+            time.sleep(0.5)
+        real_fsync(fd)
+
+    monkeypatch.setattr(commit_module.os, "fsync", slow_sync_thread)
+    j = MachineJournal(tmp_path, M, max_segment_bytes=64 << 10, max_segment_age=60)
+    sealed = []
+    c = GroupCommit(j, on_sealed=sealed.append, max_queued_bytes=8 << 20)
+    try:
+        put(c, F.Kind.DATA, 1, b"a" * 4096)
+        time.sleep(0.1)  # its own batch
+        put(c, F.Kind.MARKER, 2, b"m1")  # seals segment 0
+        put(c, F.Kind.DATA, 3, b"b" * (64 << 10))  # fills segment 1
+        time.sleep(0.1)
+        put(c, F.Kind.MARKER, 4, b"m2")
+        assert c.wait_durable() == 4
+    finally:
+        c.close()
+    assert refused == []
+    assert [seq for s in sealed for seq, _ in iter_seqs(s.path)] == [1, 2, 3, 4]

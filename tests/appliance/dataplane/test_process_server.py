@@ -1,12 +1,14 @@
 """The data port against real TLS: certificates, garbage, validation, back-pressure, health."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
 import threading
 import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 from replication_appliance.agent.link import Link, Outbox, RateLimit
@@ -15,9 +17,10 @@ from replication_appliance.common.tls import CertificateAuthority, client_ssl_co
 from replication_appliance.dataplane import frames as F
 from replication_appliance.dataplane.segment import SEGMENT_ALIGN, iter_records
 from replication_appliance.dataplane.session import MachineRecord
+from replication_appliance.process_server import server as server_module
 from replication_appliance.storage import open_store
 
-from .conftest import InProcessServer, wait_until
+from .conftest import InProcessServer, refuse_renaming_open_files, wait_until
 
 SIZE = 8 << 20
 
@@ -170,5 +173,43 @@ def test_back_pressure_when_cache_free_space_is_low(pki, tmp_path, machines):
         wait_until(drain, 20, "all 16 frames acknowledged")
         assert srv.server.journals.get(m).last_seq == 16
         link.close()
+    finally:
+        srv.stop()
+
+
+def test_free_space_is_counted_as_df_does(pki, tmp_path, machines, monkeypatch):
+    """Blocks reserved for root (or beyond a quota) are neither used nor free to the service: a
+    file system with 10 GB used and 90 GB available is 90 % free, however large its raw size."""
+    GB = 10**9
+    fake = SimpleNamespace(total=400 * GB, used=10 * GB, free=90 * GB)
+    monkeypatch.setattr(server_module.shutil, "disk_usage", lambda path: fake)
+    srv = InProcessServer(pki, tmp_path / "cache", machines, open_store(str(tmp_path / "storage")),
+                          MasterKey(os.urandom(32)))
+    try:
+        report = srv.server.health()
+        assert report.cache_total_bytes == 100 * GB
+        assert report.cache_free_fraction == 0.9 and not report.throttled
+        fake = SimpleNamespace(total=400 * GB, used=85 * GB, free=15 * GB)  # 15 % free: throttle
+        report = srv.server.health()
+        assert report.cache_free_fraction == 0.15 and report.throttled
+    finally:
+        srv.stop()
+
+
+def test_health_is_served_while_a_reader_holds_the_published_file(pki, tmp_path, machines, monkeypatch):
+    """On Windows the published health.json cannot be replaced while someone reads it: the
+    server skips that publication (and serves health all the same) and publishes again later."""
+    refused: list[str] = []
+    refuse_renaming_open_files(monkeypatch, refused)
+    srv = InProcessServer(pki, tmp_path / "cache", machines, open_store(str(tmp_path / "storage")),
+                          MasterKey(os.urandom(32)))
+    published = tmp_path / "cache" / "health.json"
+    try:
+        first = json.loads(published.read_text())["updated_at"]
+        with open(published) as reader:
+            assert srv.server.health().throttled is False
+            assert json.loads(reader.read())["updated_at"] == first and refused
+        wait_until(lambda: json.loads(published.read_text())["updated_at"] > first, 5, "health published again")
+        assert not list((tmp_path / "cache").glob("*.tmp"))
     finally:
         srv.stop()
