@@ -8,7 +8,8 @@
 2. ingest to the cache alone (uploads off) vs raw TLS loopback throughput, five rounds, each
    between two raw TLS runs (its baseline is their mean, so a machine whose speed drifts does
    not favour either side; the median ratio is printed), and the CPU seconds per GB each
-   spends (the agent + the process server vs both TLS ends).
+   end spends (the agent vs raw TLS's sender, the process server vs its receiver), with the
+   ratio the machine's CPUs allow at ingest's cost (both ends share them).
 3. delta: 5 % of 4 KiB blocks changed at random: bytes sent and time vs
    `rsync --inplace --no-whole-file` of the same change over ssh to a loopback sshd
    (with --ignore-times: the change happens within the same second as the copy, and
