@@ -20,6 +20,7 @@ from tests.fixtures.powershell import (
 )
 from tests.roles.conftest import (
     PLAYBOOK_DIR,
+    REPO_ROOT,
     ROLES,
     ROLES_DIR,
     playbook_tasks,
@@ -209,3 +210,32 @@ def test_the_ovf_environment_the_deployer_writes_is_the_one_the_script_reads() -
             found[key[len("appliance."):]] = value
     assert found == wanted
     assert set(found) == OVF_KEYS
+
+
+# Where keys and passwords are kept on Windows, the folder's variable, and the first command
+# that puts one there (None: the folder is restricted as it is created, in one function).
+KEY_FOLDERS = [
+    (ROLES_DIR / "appliance_software/files/Install-ApplianceSoftware.ps1", "$DataDir", "'init', '--data-dir'"),
+    (ROLES_DIR / "mysql/files/Install-MySql.ps1", "$SecretsDir", None),
+    (REPO_ROOT / "installer/agent/windows/Install-MobilityAgent.ps1", "$state", "mobility_agent_service.py') --startup"),
+]
+# SYSTEM and Administrators by SID (names differ on a localised Windows), nothing inherited,
+# and a failure stops the script rather than leaving the folder open
+RESTRICT = re.compile(r"&\s*icacls\.exe\s+(\$\w+)\s+/inheritance:r\s+/grant:r\s+'\*S-1-5-18:\(OI\)\(CI\)F'\s+"
+                      r"'\*S-1-5-32-544:\(OI\)\(CI\)F'\s*\|\s*Out-Null\s*\n\s*if \(\$LASTEXITCODE -ne 0\) \{ (?:throw|Write-Error)")
+
+
+@pytest.mark.parametrize(("script", "folder", "first_write"), KEY_FOLDERS, ids=lambda v: getattr(v, "name", None))
+def test_folders_holding_keys_are_closed_to_other_users_before_a_key_is_written(script, folder, first_write):
+    text = script.read_text(encoding="utf-8")
+    restrict = RESTRICT.search(text)
+    assert restrict, f"{script.name}: no icacls restricting a folder to SYSTEM and Administrators by SID, exit code checked"
+    restricted_at = restrict.start()
+    if restrict.group(1) != folder:  # done by a function of the script: where it is called on the folder
+        function = re.findall(r"^function ([\w-]+)\(\[string\]" + re.escape(restrict.group(1)) + r"\)", text[:restricted_at], re.M)
+        assert function, f"{script.name}: icacls restricts {restrict.group(1)}, not {folder}"
+        call = re.search(rf"^{re.escape(function[-1])} {re.escape(folder)}\b", text, re.M)
+        assert call, f"{script.name}: {function[-1]} is never called on {folder}"
+        restricted_at = call.start()
+    if first_write is not None:
+        assert restricted_at < text.index(first_write), f"{script.name}: {folder} is restricted only after a key is written"

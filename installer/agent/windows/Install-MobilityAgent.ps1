@@ -89,7 +89,10 @@ function Install-Agent {
     }
     $state = Join-Path $DataDir 'state'
     New-Item -ItemType Directory -Force -Path $state | Out-Null
-    & icacls.exe $state /inheritance:r /grant:r 'SYSTEM:(OI)(CI)F' 'Administrators:(OI)(CI)F' | Out-Null  # the agent's key lives here
+    # the agent's key lives here: SYSTEM (the service) and Administrators only, by SID (a
+    # localised Windows has other names for them)
+    & icacls.exe $state /inheritance:r /grant:r '*S-1-5-18:(OI)(CI)F' '*S-1-5-32-544:(OI)(CI)F' | Out-Null
+    if ($LASTEXITCODE -ne 0) { Write-Error "mobility-agent: could not restrict access to $state"; exit 1 }
     & (Join-Path $target 'Scripts\python.exe') (Join-Path $target 'mobility_agent_service.py') --startup auto install
     if ($LASTEXITCODE -ne 0) { Write-Error 'mobility-agent: registering the service failed'; exit 1 }
     $key = "HKLM:\SYSTEM\CurrentControlSet\Services\$ServiceName"

@@ -9,7 +9,10 @@
     3. A virtual environment in InstallDir\venv with replication-appliance==ApplianceVersion
        from WheelDir only (--no-index: no network). An installed newer version is refused
        unless AllowDowngrade; an older one is upgraded in place (service stopped first).
-    4. First install (DataDir has no config.json): `appliance init --data-dir DataDir
+    4. DataDir is made readable by SYSTEM (the service) and Administrators only, nothing
+       inherited: it holds the master key and the CA's private key (on every run, so an
+       install made by an older version is tightened too).
+       First install (DataDir has no config.json): `appliance init --data-dir DataDir
        --db DatabaseUrl --hostname Hostname --control-port ControlPort --data-port DataPort
        --cloud Cloud` (CA, certificates, master key, passphrase, database schema). After an
        upgrade: `appliance db upgrade --data-dir DataDir` (the migrations the new version
@@ -121,6 +124,13 @@ function Invoke-Checked([string]$FilePath, [string[]]$Arguments, [string]$What) 
     if ($LASTEXITCODE -ne 0) { throw "$What failed (exit code $LASTEXITCODE)" }
 }
 
+# SYSTEM and Administrators only, nothing inherited; by SID, which a localised Windows
+# resolves too.
+function Protect-Folder([string]$Path) {
+    & icacls.exe $Path /inheritance:r /grant:r '*S-1-5-18:(OI)(CI)F' '*S-1-5-32-544:(OI)(CI)F' | Out-Null
+    if ($LASTEXITCODE -ne 0) { throw "could not restrict access to $Path" }
+}
+
 # 1. Checks before any change.
 if (Get-Service -Name W3SVC -ErrorAction SilentlyContinue) {
     Import-Module WebAdministration -ErrorAction SilentlyContinue
@@ -187,9 +197,11 @@ if ($previous -ne $ApplianceVersion) {
 }
 
 # 4. Initialise the data folder and database (first install) or migrate them (upgrade).
+New-Item -ItemType Directory -Force -Path $DataDir | Out-Null
+Protect-Folder $DataDir  # before anything is written into it
 $deferred = $DeferInitialisation -and -not (Test-Path (Join-Path $DataDir 'config.json'))
 if ($deferred) {
-    New-Item -ItemType Directory -Force -Path $DataDir | Out-Null
+    # left to the deployed machine's first boot (Initialize-ApplianceIdentity.ps1)
 } elseif (-not (Test-Path (Join-Path $DataDir 'config.json'))) {
     $password = [Environment]::GetEnvironmentVariable('APPLIANCE_DB_PASSWORD')
     $passwordFile = Join-Path $SecretsDir 'appliance-db-password'
@@ -198,7 +210,6 @@ if ($deferred) {
     if (-not [Environment]::GetEnvironmentVariable('APPLIANCE_ADMIN_PASSWORD')) {
         throw 'no operator password for the first install: set APPLIANCE_ADMIN_PASSWORD (at least 12 characters)'
     }
-    New-Item -ItemType Directory -Force -Path $DataDir | Out-Null
     $env:APPLIANCE_DB_PASSWORD = $password
     try {
         Invoke-Checked $applianceExe @('init', '--data-dir', $DataDir, '--db', $DatabaseUrl, '--hostname', $Hostname,
