@@ -129,6 +129,7 @@ class ProcessServer:
         self._total_at_scan = 0
         self._written_since_scan = 0
         self._report: HealthReport | None = None
+        self._publishing = threading.Lock()  # the monitor and health() both publish, through one temporary file
         self.port = config.port
 
     def _machine(self, machine: uuid.UUID) -> MachineRecord:
@@ -200,7 +201,8 @@ class ProcessServer:
         self.stats.set_throttled(self._throttled)
         report = self.stats.report(total, used, fraction, backlog, segments)
         if publish:
-            write_report(cache / HEALTH_FILE, report)
+            with self._publishing:
+                write_report(cache / HEALTH_FILE, report)
         self._report = report
         return report
 

@@ -213,3 +213,30 @@ def test_health_is_served_while_a_reader_holds_the_published_file(pki, tmp_path,
         assert not list((tmp_path / "cache").glob("*.tmp"))
     finally:
         srv.stop()
+
+
+def test_health_asked_from_several_threads_at_once_is_published_whole(pki, tmp_path, machines):
+    """The monitor publishes health.json every 0.5 s and `health()` (the heartbeat) publishes
+    too: publications from two threads at once must neither fail nor leave a torn file."""
+    srv = InProcessServer(pki, tmp_path / "cache", machines, open_store(str(tmp_path / "storage")),
+                          MasterKey(os.urandom(32)))
+    errors: list[BaseException] = []
+    published = tmp_path / "cache" / "health.json"
+
+    def ask(n: int) -> None:
+        try:
+            for _ in range(n):
+                srv.server.health()
+                json.loads(published.read_text())
+        except BaseException as e:  # noqa: BLE001 - any failure is the finding
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=ask, args=(300,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+    finally:
+        srv.stop()
