@@ -1,7 +1,7 @@
 """A whole replication cycle, agent and process server in one process, on the file I/O paths
-Windows takes (no pread/pwrite/preadv, no SEEK_DATA,
-no directory fsync, no statvfs, no renaming or deleting a file that is open): the replica still
-equals the source after initial replication and a delta."""
+Windows takes (no pread/pwrite/preadv, no SEEK_DATA, no directory fsync, no statvfs, no
+renaming or deleting a file that is open): the replica still equals the source after initial
+replication and a delta."""
 from __future__ import annotations
 
 import os
