@@ -93,17 +93,15 @@ class Stats:
                                 self.upload_failures, self.last_upload_error, self.recovered_torn_bytes, time.time())
 
 
-def write_report(path: Path, report: HealthReport) -> bool:
-    """Publish `report` for readers outside the server; whether it was. Windows refuses to
-    replace a file someone has open: then this report is skipped, the next scan's takes its place."""
+def write_report(path: Path, report: HealthReport) -> None:
+    """Publish `report` for readers outside the server. Windows refuses to replace a file
+    someone has open: then this report is skipped, the next scan's takes its place."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(asdict(report), indent=1))
     try:
         os.replace(tmp, path)
     except PermissionError:
         tmp.unlink(missing_ok=True)
-        return False
-    return True
 
 
 def read_report(path: Path) -> HealthReport | None:
