@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ..common.errors import ApplianceError
 from ..dataplane.frames import (
     HEADER_SIZE,
+    ErrorCode,
     Flag,
     Frame,
     FrameError,
@@ -40,6 +41,13 @@ class LinkLost(ApplianceError):
 
 class ServerRefused(ApplianceError):
     """The process server answered with an ERROR frame: the message says why."""
+
+
+def refusal(what: str, error: Frame) -> ApplianceError:
+    """An ERROR frame as an exception: INTERNAL (the server cannot serve for now, e.g. its
+    database is restarting) is a lost link to reconnect after; any other code is final."""
+    text = f"{what}: {error_text(error)}"
+    return LinkLost(text) if error.offset == ErrorCode.INTERNAL else ServerRefused(text)
 
 
 class RateLimit:
@@ -170,12 +178,16 @@ class Link:
             raw.close()
             raise
         self.sock.settimeout(None)
-        self.sock.sendall(encode(Frame(Kind.HELLO, machine)))
-        welcome = self._read_frame()
-        if welcome.kind is Kind.ERROR:
-            raise ServerRefused(f"process server refused the session: {error_text(welcome)}")
-        if welcome.kind is not Kind.WELCOME:
-            raise ServerRefused(f"process server answered HELLO with {welcome.kind.name}")
+        try:
+            self.sock.sendall(encode(Frame(Kind.HELLO, machine)))
+            welcome = self._read_frame()
+            if welcome.kind is Kind.ERROR:
+                raise refusal("process server refused the session", welcome)
+            if welcome.kind is not Kind.WELCOME:
+                raise ServerRefused(f"process server answered HELLO with {welcome.kind.name}")
+        except BaseException:
+            self.sock.close()  # a reconnect loop would otherwise leave one socket per attempt to the collector
+            raise
         self.server_seq = welcome.seq
         self.resync_requested = bool(welcome.flags & Flag.RESYNC)
         outbox.ack(welcome.seq)
@@ -214,7 +226,7 @@ class Link:
                 elif f.kind is Kind.DIGESTS:
                     self._digests.put(f)
                 elif f.kind is Kind.ERROR:
-                    self.error = ServerRefused(f"process server refused a frame: {error_text(f)}")
+                    self.error = refusal("process server refused a frame", f)
                     break
         except (OSError, LinkLost, FrameError, IncompleteFrame) as e:
             self._lost(e)

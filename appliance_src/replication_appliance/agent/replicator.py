@@ -90,16 +90,16 @@ class Replicator:
             self.next_seq = server_seq + 1
         self.link.replay()
 
-    def _reconnect(self, why: Exception) -> None:
+    def _reconnect(self, why: Exception, fresh: bool = False) -> None:
         deadline = time.monotonic() + self._reconnect_for
         delay = 0.2
-        log.warning("link to the process server lost (%s); reconnecting", why)
+        log.warning("no session with the process server (%s); retrying for up to %.0fs", why, self._reconnect_for)
         if self.link is not None:
             self.report.throttle_events += self.link.throttle_events
             self.link.close()
         while True:
             try:
-                self._open()
+                self._open(fresh)
                 self.report.reconnects += 1
                 return
             except (OSError, LinkLost) as e:
@@ -234,7 +234,10 @@ class Replicator:
         started = time.monotonic()
         self.report = CycleReport()
         self.outbox = Outbox(self._window)
-        self._open(fresh=True)
+        try:
+            self._open(fresh=True)
+        except LinkLost as e:  # it answered but cannot serve yet (e.g. its database is restarting)
+            self._reconnect(e, fresh=True)
         try:
             states = [self.state.load_disk(d) for d in range(len(self.config.disks))]
             maps: list[DigestMap | None] = []

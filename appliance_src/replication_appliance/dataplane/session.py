@@ -18,7 +18,8 @@ class MachineRecord:
 
 
 class MachineDirectory(Protocol):
-    """Registered machines, as the configuration server knows them."""
+    """Registered machines, as the configuration server knows them. A lookup that cannot be
+    answered for now (the database is down) raises `common.errors.DatabaseError`."""
 
     def machine(self, machine_id: uuid.UUID) -> MachineRecord | None: ...
 

@@ -8,8 +8,10 @@ import logging
 import uuid
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import selectinload
 
+from ..common.errors import DatabaseError
 from ..common.tls import server_ssl_context
 from ..dataplane.session import MachineRecord
 from ..db.models import Machine, utcnow
@@ -27,18 +29,25 @@ def _record(m: Machine) -> MachineRecord:
 
 
 class DatabaseDirectory:
-    """Machines registered with this appliance and assigned to its built-in process server."""
+    """Machines registered with this appliance and assigned to its built-in process server.
+    While the database cannot answer (MySQL restarting), lookups raise `DatabaseError`: the
+    data port refuses sessions for the time being and uploads wait, rather than either
+    treating the machine as unregistered."""
 
     def __init__(self, sessions) -> None:
         self._sessions = sessions
 
     def _query(self, where):
-        with self._sessions() as session:
-            builtin = select(ProcessServerRow.id).where(ProcessServerRow.builtin.is_(True)).scalar_subquery()
-            rows = session.scalars(select(Machine).options(selectinload(Machine.disks))
-                                   .where(where, Machine.process_server_id == builtin,
-                                          Machine.cert_fingerprint.is_not(None))).all()
-            return [_record(m) for m in rows]
+        try:
+            with self._sessions() as session:
+                builtin = select(ProcessServerRow.id).where(ProcessServerRow.builtin.is_(True)).scalar_subquery()
+                rows = session.scalars(select(Machine).options(selectinload(Machine.disks))
+                                       .where(where, Machine.process_server_id == builtin,
+                                              Machine.cert_fingerprint.is_not(None))).all()
+                return [_record(m) for m in rows]
+        except SQLAlchemyError as e:
+            # The driver's own words (e.g. "Can't connect to MySQL server"), not the SQL text.
+            raise DatabaseError(f"the configuration database cannot be read: {getattr(e, 'orig', None) or type(e).__name__}") from None
 
     def machine(self, machine_id: uuid.UUID) -> MachineRecord | None:
         found = self._query(Machine.id == str(machine_id))

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..common.errors import DatabaseError
 from ..common.secrets import MasterKey
 from ..common.tls import ROLE_AGENT, identity_from_der
 from ..dataplane.frames import (
@@ -263,6 +264,9 @@ class ProcessServer:
             self._session(sock, addr)
         except (OSError, _PeerClosed) as e:
             log.info("connection from %s ended: %s", addr[0], e)
+        except Exception:  # a bug must not pass silently, nor leave the agent guessing why it was cut off
+            log.exception("session from %s failed", addr[0])
+            self._refuse(sock, NIL, FrameError(ErrorCode.INTERNAL, "internal error in the process server (see its log): retry later"))
         finally:
             self.stats.connection(-1)
             _shutdown(sock)
@@ -286,7 +290,12 @@ class ProcessServer:
                 machine_id = uuid.UUID(ident.subject_id)
             except ValueError:
                 machine_id = None
-        record = self._directory.machine(machine_id) if machine_id else None
+        try:
+            record = self._directory.machine(machine_id) if machine_id else None
+        except DatabaseError as e:
+            # INTERNAL tells the agent to come back later; refusing as unregistered would stop it.
+            return self._refuse(sock, NIL, FrameError(ErrorCode.INTERNAL, f"the process server cannot check this "
+                                                      f"machine's registration right now ({e}): retry later"))
         if record is not None and record.cert_fingerprint and ident is not None and ident.fingerprint != record.cert_fingerprint:
             return self._refuse(sock, NIL, FrameError(ErrorCode.NOT_AUTHORIZED,
                                 "this certificate was replaced by a newer registration of the machine: use the current one"))

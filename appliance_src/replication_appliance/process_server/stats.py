@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
@@ -28,6 +28,8 @@ class HealthReport:
     last_upload_error: str
     recovered_torn_bytes: int
     updated_at: float
+    # sealed segments that can never be uploaded (corrupt on the cache disk): kept for the operator
+    kept_segments: list[str] = field(default_factory=list)
 
 
 class _Rate:
@@ -58,6 +60,7 @@ class Stats:
         self.throttled = False
         self.connections = 0
         self.recovered_torn_bytes = 0
+        self.kept_segments: list[str] = []
 
     def ingest(self, n: int) -> None:
         with self._lock:
@@ -72,6 +75,12 @@ class Stats:
 
     def upload_failed(self, message: str) -> None:
         with self._lock:
+            self.upload_failures += 1
+            self.last_upload_error = message
+
+    def segment_kept(self, path: Path, message: str) -> None:
+        with self._lock:
+            self.kept_segments.append(str(path))
             self.upload_failures += 1
             self.last_upload_error = message
 
@@ -90,7 +99,8 @@ class Stats:
             return HealthReport(cache_total, cache_used, round(free_fraction, 4), backlog, segments,
                                 round(self._ingest.per_second(), 1), round(self._upload.per_second(), 1),
                                 self.ingested, self.uploaded, self.throttled, self.throttle_events, self.connections,
-                                self.upload_failures, self.last_upload_error, self.recovered_torn_bytes, time.time())
+                                self.upload_failures, self.last_upload_error, self.recovered_torn_bytes, time.time(),
+                                list(self.kept_segments))
 
 
 def write_report(path: Path, report: HealthReport) -> None:

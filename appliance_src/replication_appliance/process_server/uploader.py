@@ -11,8 +11,10 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from ..common.errors import DatabaseError
 from ..dataplane.segment import (
     FORMAT,
+    SegmentError,
     blob_name,
     manifest_bytes,
     manifest_name,
@@ -56,21 +58,29 @@ class Uploader:
         self._pool.submit(self._run, seg)
 
     def _run(self, seg: SealedSegment) -> None:
+        """Until the segment is stored, or can never be: storage, the database and the cache
+        disk come back, so every failure but a corrupt segment is retried with backoff."""
         delay = self._backoff[0]
+        unexpected = 0
         while not self._stopping.is_set():
             try:
                 self._upload(seg)
                 self._stats.upload_ok(seg.size)
                 break
-            except (StorageError, OSError) as e:
+            except SegmentError as e:  # retrying cannot mend it: keep it in the cache for the operator
+                log.error("segment %d of %s cannot be uploaded, kept at %s: %s", seg.segno, seg.machine, seg.path, e)
+                self._stats.segment_kept(seg.path, f"segment {seg.segno} of {seg.machine} kept in the cache: {e}")
+                break
+            except (StorageError, DatabaseError, OSError) as e:
                 self._stats.upload_failed(f"{type(e).__name__}: {e}")
                 log.warning("upload of %s segment %d failed (%s); retrying in %.1fs", seg.machine, seg.segno, e, delay)
-                self._stopping.wait(delay * (0.5 + random.random() / 2))
-                delay = min(delay * 2, self._backoff[1])
-            except Exception:  # keep the worker alive; the segment stays for the next restart
-                log.exception("upload of %s segment %d failed unexpectedly", seg.machine, seg.segno)
-                self._stats.upload_failed("internal error, see the process server log")
-                break
+            except Exception as e:  # noqa: BLE001 - a bug: say so once with its traceback, keep trying
+                unexpected += 1
+                if unexpected == 1:
+                    log.exception("upload of %s segment %d failed unexpectedly; retrying", seg.machine, seg.segno)
+                self._stats.upload_failed(f"internal error ({type(e).__name__}), see the process server log")
+            self._stopping.wait(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, self._backoff[1])
         with self._lock:
             self._queued.discard((seg.machine, seg.segno))
 

@@ -18,6 +18,8 @@ import pytest
 from replication_appliance.agent.link import Link, RateLimit
 from replication_appliance.agent.replicator import Replicator
 from replication_appliance.agent.state import AgentConfig, DiskConfig, StateDir
+from replication_appliance.apply.applier import MachineApplier, find_machine
+from replication_appliance.apply.recovery_points import export_disk, recovery_points
 from replication_appliance.common.secrets import MasterKey
 from replication_appliance.common.tls import (
     CertificateAuthority,
@@ -33,6 +35,7 @@ from replication_appliance.process_server.server import (
     ProcessServer,
     ProcessServerConfig,
 )
+from replication_appliance.storage.keyring import DataKeyring
 
 from tests.fixtures.ports import free_port, wait_for_port
 
@@ -270,3 +273,17 @@ def refuse_renaming_open_files(monkeypatch, refused: list[str]) -> None:
 
     for name in ("replace", "rename", "unlink", "remove"):
         monkeypatch.setattr(os, name, refusing(getattr(os, name), name))
+
+
+def verify_points(store, master, m, states: dict[int, list[str]], tmp: Path) -> None:
+    """Apply everything, then compare every recovery point (by marker seq) with the source states."""
+    applier = MachineApplier(store, DataKeyring(store, master), find_machine(store, str(m.id)))
+    applier.apply_until(max(states), timeout=120)
+    points = {p.seq: p for p in recovery_points(store, m.record)}
+    assert set(states) <= set(points), (sorted(states), sorted(points))
+    for seq, hashes in states.items():
+        for disk, expected in enumerate(hashes):
+            out = tmp / f"verify-{seq}-{disk}.img"
+            export_disk(store, m.record, disk, out, points[seq])
+            assert sha256(out) == expected, f"recovery point at seq {seq}, disk {disk} differs from the source"
+            out.unlink()

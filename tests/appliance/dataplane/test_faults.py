@@ -13,13 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from replication_appliance.apply.applier import (
-    MachineApplier,
-    find_machine,
-)
-from replication_appliance.apply.recovery_points import export_disk, recovery_points
 from replication_appliance.storage import open_store
-from replication_appliance.storage.keyring import DataKeyring
 
 from tests.fixtures.azurite import Azurite
 
@@ -29,6 +23,7 @@ from .conftest import (
     random_writes,
     replicator,
     sha256,
+    verify_points,
     wait_until,
 )
 
@@ -61,20 +56,6 @@ def run_cycle_with(rep, during, timeout: float = 120):
     assert not t.is_alive(), "cycle did not finish"
     assert t.error is None, f"cycle failed: {t.error!r}"
     return t.report
-
-
-def verify_points(store, master, m, states: dict[int, list[str]], tmp: Path) -> None:
-    """Apply everything, then compare every recovery point (by marker seq) with the source states."""
-    applier = MachineApplier(store, DataKeyring(store, master), find_machine(store, str(m.id)))
-    applier.apply_until(max(states), timeout=120)
-    points = {p.seq: p for p in recovery_points(store, m.record)}
-    assert set(states) <= set(points), (sorted(states), sorted(points))
-    for seq, hashes in states.items():
-        for disk, expected in enumerate(hashes):
-            out = tmp / f"verify-{seq}-{disk}.img"
-            export_disk(store, m.record, disk, out, points[seq])
-            assert sha256(out) == expected, f"recovery point at seq {seq}, disk {disk} differs from the source"
-            out.unlink()
 
 
 @pytest.fixture()

@@ -241,3 +241,41 @@ def test_health_asked_from_several_threads_at_once_is_published_whole(pki, tmp_p
         assert errors == []
     finally:
         srv.stop()
+
+
+def test_a_corrupt_sealed_segment_is_kept_and_reported_and_the_rest_uploaded(pki, tmp_path, machines, caplog):
+    """Retrying cannot mend a segment damaged on the cache disk: it stays there (for the
+    operator), health names it, and the uploader neither spins on it nor stops on it."""
+    web, db = machines[0].machine_id, machines[1].machine_id
+    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
+    srv = InProcessServer(pki, tmp_path / "cache", machines, store, master, upload_concurrency=0)
+    try:
+        for m in (web, db):
+            s = tls(pki, srv.port, m)
+            hello(s, m)
+            s.sendall(F.encode(F.Frame(F.Kind.DATA, m, seq=1, offset=0, payload=os.urandom(4096))))
+            assert read_frame(s).kind is F.Kind.ACK
+            s.close()
+    finally:
+        srv.stop()  # seals both segments, none uploaded
+    damaged = next((tmp_path / "cache" / str(web)).glob("*.sealed"))
+    with open(damaged, "r+b") as f:
+        f.seek(F.HEADER_SIZE + 100)  # inside the record's payload: its checksum no longer matches
+        f.write(b"\xff" * 8)
+    srv = InProcessServer(pki, tmp_path / "cache", machines, store, master, upload_backoff_max=0.5)
+    try:
+        wait_until(lambda: srv.server.health().kept_segments, 20, "the damaged segment reported")
+        wait_until(lambda: not list((tmp_path / "cache" / str(db)).glob("*.sealed")), 20, "the sound segment uploaded")
+        report = srv.server.health()
+        assert report.kept_segments == [str(damaged)] and damaged.exists()
+        assert any("cannot be uploaded" in r.message and "corrupt at byte" in r.message for r in caplog.records)
+        failures = report.upload_failures
+        time.sleep(1.5)  # three backoffs' time: not retried
+        assert srv.server.health().upload_failures == failures == 1
+        names = [b.name for b in store.list_blobs("logs/")]
+        assert not any(n.startswith(f"logs/{web}/") for n in names)
+        assert any(n.startswith(f"logs/{db}/") for n in names)
+        published = json.loads((tmp_path / "cache" / "health.json").read_text())
+        assert published["kept_segments"] == [str(damaged)]
+    finally:
+        srv.stop()
