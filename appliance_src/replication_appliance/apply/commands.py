@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -11,11 +12,14 @@ from pathlib import Path
 from ..common.datadir import DataDir
 from ..process_server.journal import read_state
 from ..storage import store_for_data_dir
+from ..storage.base import StorageError
 from ..storage.keyring import DataKeyring
 from .applier import ApplyError, MachineApplier, find_machine
 from .recovery_points import export_disk, find_point, prune, recovery_points
 
 DEFAULT_RETENTION_H = 24.0
+MAX_RETRY_S = 30.0
+log = logging.getLogger(__name__)
 
 
 def _open(args):
@@ -33,19 +37,27 @@ def newest_received_marker(dd: DataDir, machine: uuid.UUID) -> int:
 def cmd_apply(args) -> int:
     dd, store, machine = _open(args)
     applier = MachineApplier(store, DataKeyring(store, dd.master_key()), machine)
-    while True:
-        if args.once:
-            target = newest_received_marker(dd, machine.machine_id)
-            applier.apply_until(target, args.timeout)
-        else:
-            applier.apply_available()
+    if args.once:
+        applier.apply_until(newest_received_marker(dd, machine.machine_id), args.timeout)
         pruned = prune(store, machine, args.retention_hours * 3600)
-        if args.once:
-            points = recovery_points(store, machine)
-            print(f"{machine.hostname}: applied up to sequence {applier.applied_seq()}; "
-                  f"{len(points)} recovery point(s), {len(pruned)} pruned")
-            return 0
-        time.sleep(args.poll)
+        print(f"{machine.hostname}: applied up to sequence {applier.applied_seq()}; "
+              f"{len(recovery_points(store, machine))} recovery point(s), {len(pruned)} pruned")
+        return 0
+    delay = args.poll
+    while True:
+        try:
+            applied = applier.apply_available()
+            pruned = prune(store, machine, args.retention_hours * 3600)
+            if applied or pruned:
+                print(f"{machine.hostname}: applied {applied} log(s), up to sequence {applier.applied_seq()}; "
+                      f"{len(pruned)} recovery point(s) pruned", flush=True)
+            delay = args.poll
+        except StorageError as e:
+            # Running on, storage outages pass: what is applied is recorded in storage, and a log
+            # applied again after an interruption skips the sequences it already holds.
+            delay = min(max(delay, args.poll) * 2, MAX_RETRY_S)
+            log.warning("storage unavailable (%s); retrying in %.0fs", e, delay)
+        time.sleep(delay)
 
 
 def cmd_recovery_points(args) -> int:

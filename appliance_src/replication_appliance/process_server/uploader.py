@@ -74,7 +74,7 @@ class Uploader:
             except (StorageError, DatabaseError, OSError) as e:
                 self._stats.upload_failed(f"{type(e).__name__}: {e}")
                 log.warning("upload of %s segment %d failed (%s); retrying in %.1fs", seg.machine, seg.segno, e, delay)
-            except Exception as e:  # noqa: BLE001 - a bug: say so once with its traceback, keep trying
+            except Exception as e:  # a bug: say so once with its traceback, keep trying
                 unexpected += 1
                 if unexpected == 1:
                     log.exception("upload of %s segment %d failed unexpectedly; retrying", seg.machine, seg.segno)

@@ -3,6 +3,7 @@ storage taken away mid-upload while the cache fills, the connection cut mid-stre
 each, nothing acknowledged is lost and every recovery point equals the source at its marker."""
 from __future__ import annotations
 
+import os
 import random
 import signal
 import socket
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from replication_appliance.apply.recovery_points import recovery_points
 from replication_appliance.storage import open_store
 
 from tests.fixtures.azurite import Azurite
@@ -236,3 +238,51 @@ def test_connection_cut_mid_stream(tmp_path, pki, own_azurite):
     finally:
         proxy.close()
         ps.stop()
+
+
+@pytest.mark.slow
+def test_continuous_apply_rides_out_a_storage_outage(tmp_path, pki, own_azurite):
+    """`appliance apply` without --once runs as the cloud side's service: storage going away
+    for a while must not end it, and logs arriving after it comes back are applied."""
+    m = make_machine(tmp_path, "app01", [16 * MiB], seed=17, ps_port=0)
+    ps = ServerProcess(pki, tmp_path / "appliance", [m.record], own_azurite.connection_string,
+                       extra=["--upload-backoff-max", "1"])
+    ps.start()
+    store = open_store(own_azurite.connection_string)
+    apply = None
+    try:
+        rep = replicator(pki, m, ps.port, reconnect_for=60)
+        first = rep.run_cycle()
+        states = {first.marker_seq: [sha256(m.images[0])]}
+        wait_until(lambda: ps.health()["backlog_bytes"] == 0, 60, "the first cycle uploaded")
+        env = {**os.environ, "APPLIANCE_STORAGE_CONNECTION_STRING": own_azurite.connection_string}
+        with open(tmp_path / "apply.log", "wb") as out:
+            apply = subprocess.Popen([sys.executable, "-m", "replication_appliance.cli", "apply", "--data-dir",
+                                      str(ps.workdir), "--machine", "app01", "--poll", "0.2"],
+                                     stdout=out, stderr=subprocess.STDOUT, env=env)
+
+        def points() -> set[int]:
+            return {p.seq for p in recovery_points(store, m.record)}
+
+        wait_until(lambda: first.marker_seq in points(), 60, "the first recovery point applied")
+
+        own_azurite.stop()
+        wait_until(lambda: "storage unavailable" in (tmp_path / "apply.log").read_text(), 60,
+                   "apply to report the outage")
+        time.sleep(3)  # several failed polls
+        assert apply.poll() is None, (tmp_path / "apply.log").read_text()
+        random_writes(m.images[0], 300, seed=18)
+        own_azurite.start()
+
+        second = rep.run_cycle()
+        states[second.marker_seq] = [sha256(m.images[0])]
+        wait_until(lambda: second.marker_seq in points(), 90, "the second recovery point applied after the outage")
+        assert apply.poll() is None
+    finally:
+        if apply is not None:
+            apply.terminate()
+            apply.wait(timeout=30)
+        ps.stop()
+    log = (tmp_path / "apply.log").read_text()
+    assert "applied" in log and "Traceback" not in log
+    verify_points(store, ps.master(), m, states, tmp_path)
