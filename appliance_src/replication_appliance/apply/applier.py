@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from ..common.errors import ApplianceError
 from ..dataplane.frames import Kind
 from ..dataplane.segment import (
+    FORMAT,
+    SegmentError,
     blob_name,
     iter_records,
     parse_manifest,
@@ -113,8 +115,9 @@ class DiskApplier:
             blob, meta = self.store.get_blob(name)
         except BlobNotFound:
             return False
-        key = self.keyring.key(self.machine.machine_id, self.disk, meta["key_id"])
-        plain = unseal(blob, key, name, meta["key_id"])
+        key_id, blob_last_seq = _log_metadata(name, meta)
+        key = self.keyring.key(self.machine.machine_id, self.disk, key_id)
+        plain = unseal(blob, key, name, key_id, blob_last_seq)  # the metadata is authenticated with it
         out = _Coalescer(self.store, self.name)
         last = self.position.seq
         for rec in iter_records(plain):
@@ -131,7 +134,7 @@ class DiskApplier:
         out.flush()
         # The segment's last sequence (it may end with another disk's data): applied means
         # "everything the process server received up to there is in this replica".
-        self._save(AppliedPosition(segno, max(last, self.position.seq, int(meta.get("last_seq", 0)))))
+        self._save(AppliedPosition(segno, max(last, self.position.seq, blob_last_seq)))
         return True
 
     def _recovery_point(self, seq: int, marker_id: str, time_ns: int) -> None:
@@ -139,6 +142,17 @@ class DiskApplier:
             return
         self.store.snapshot(self.name, {"marker_seq": str(seq), "marker_id": marker_id, "marker_time_ns": str(time_ns)})
         self._snapshotted.add(str(seq))
+
+
+def _log_metadata(name: str, meta: dict[str, str]) -> tuple[str, int]:
+    """The key id and last sequence a log blob's metadata gives, checked for form (their
+    truth is checked by decryption: both are in the associated data)."""
+    if meta.get("format") != FORMAT:
+        raise SegmentError(f"log blob {name} has format {meta.get('format')!r}; this appliance reads {FORMAT!r}")
+    try:
+        return meta["key_id"], int(meta["last_seq"])
+    except (KeyError, ValueError):
+        raise SegmentError(f"log blob {name} lacks a key_id or a numeric last_seq in its metadata") from None
 
 
 class MachineApplier:

@@ -3,7 +3,8 @@ next SEGMENT_ALIGN boundary may follow a record (the journal's direct writes end
 boundaries; a record never starts with a zero byte). A sealed segment is split per
 disk (its DATA frames plus every MARKER, so each disk sees every consistency point), then
 compressed with zstd and encrypted with AES-256-GCM under that disk's data key. The blob's
-name and key id are the associated data, so a blob cannot be swapped or replayed elsewhere."""
+name, key id and last sequence (kept in its metadata: apply advances its position by it) are
+the associated data, so a blob cannot be swapped, replayed elsewhere, or told to skip records."""
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ from .frames import (
 )
 from .session import MachineRecord
 
-FORMAT = "zstd+aes256gcm/1"
+FORMAT = "zstd+aes256gcm/2"
 SEGMENT_ALIGN = 4096
 NONCE = 12
 ZSTD_LEVELS = (1, 2, 3)
@@ -87,6 +88,17 @@ def valid_prefix(buf: bytes | memoryview) -> tuple[int, int]:
     return _skip_padding(memoryview(buf), end), last
 
 
+def prefix_through(buf: bytes | memoryview, seq: int) -> int:
+    """Length of the prefix of valid records with sequence at most `seq` (records are in
+    sequence order), the padding after the last of them included."""
+    end = 0
+    for rec, _, e in _scan(buf):
+        if rec.header.seq > seq:
+            break
+        end = e
+    return _skip_padding(memoryview(buf), end)
+
+
 def split_by_disk(buf: bytes | memoryview, disk_count: int) -> list[bytes]:
     mv = memoryview(buf)
     parts: list[list[memoryview]] = [[] for _ in range(disk_count)]
@@ -130,25 +142,26 @@ def parse_manifest(data: bytes) -> MachineRecord:
         raise SegmentError(f"machine manifest in storage is malformed: {e}") from None
 
 
-def _aad(name: str, key_id: str) -> bytes:
-    return f"{FORMAT}|{name}|{key_id}".encode()
+def _aad(name: str, key_id: str, last_seq: int) -> bytes:
+    return f"{FORMAT}|{name}|{key_id}|{last_seq}".encode()
 
 
-def seal(plain: bytes | memoryview, key: bytes, name: str, key_id: str, level: int = 1) -> bytes:
+def seal(plain: bytes | memoryview, key: bytes, name: str, key_id: str, last_seq: int, level: int = 1) -> bytes:
     if level not in ZSTD_LEVELS:
         raise SegmentError(f"zstd level {level} is not allowed: use one of {ZSTD_LEVELS}")
     packed = zstandard.ZstdCompressor(level=level).compress(plain)
     nonce = os.urandom(NONCE)
-    return nonce + AESGCM(key).encrypt(nonce, packed, _aad(name, key_id))
+    return nonce + AESGCM(key).encrypt(nonce, packed, _aad(name, key_id, last_seq))
 
 
-def unseal(blob: bytes, key: bytes, name: str, key_id: str) -> bytes:
+def unseal(blob: bytes, key: bytes, name: str, key_id: str, last_seq: int) -> bytes:
     if len(blob) < NONCE + 16:
         raise SegmentError(f"log blob {name} is truncated ({len(blob)} bytes)")
     try:
-        packed = AESGCM(key).decrypt(blob[:NONCE], blob[NONCE:], _aad(name, key_id))
+        packed = AESGCM(key).decrypt(blob[:NONCE], blob[NONCE:], _aad(name, key_id, last_seq))
     except InvalidTag:
-        raise SegmentError(f"log blob {name} fails authentication: wrong data key or the blob was altered") from None
+        raise SegmentError(f"log blob {name} fails authentication: wrong data key, or the blob or its metadata "
+                           "was altered") from None
     try:
         return zstandard.ZstdDecompressor().decompress(packed, max_output_size=1 << 31)
     except zstandard.ZstdError as e:

@@ -6,6 +6,7 @@ fsync has returned, or once its segment was sealed (sealing fsyncs). On Windows,
 rename a file while a descriptor of it is open, the writer fsyncs itself instead."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -18,6 +19,7 @@ from .buffers import RecordBufferPool
 from .journal import MachineJournal, RecordBuffer, SealedSegment
 
 Record = tuple[Header, RecordBuffer]
+log = logging.getLogger(__name__)
 
 
 class GroupCommit:
@@ -91,9 +93,24 @@ class GroupCommit:
             t.join()
         with self._cond:  # what a failed journal left queued will never be durable
             left, self._queued_bytes = self._queued_bytes, 0
+            unsynced, self._syncs = list(self._syncs), deque()
         self._pool.release(left)
+        for fd, _, _ in unsynced:  # written after the sync thread failed
+            os.close(fd)
         self.wakeup.close()
         self._wake.close()
+        if self._error is not None:
+            # What was appended after the last durable record may be lost: the journal must
+            # end there again before anyone is told where it ends.
+            self._journal.mark_broken(self.durable_seq)
+            try:
+                sealed = self._journal.repair()
+            except OSError as e:
+                log.error("journal of machine %s could not be repaired (%s): the next session tries again",
+                          self._journal.machine, e)
+            else:
+                if sealed is not None:
+                    self._on_sealed(sealed)
 
     def drain_wakeups(self) -> None:
         try:
@@ -129,9 +146,11 @@ class GroupCommit:
 
     def _next_batch(self) -> list[Record]:
         with self._cond:
-            while not self._records and not self._closing:
+            while not self._records and not self._closing and self._error is None:
                 self._cond.wait()
             batch: list[Record] = []
+            if self._error is not None:
+                return batch  # after a failed fsync nothing more is written to this journal
             while self._records:
                 batch.append(self._records.popleft())
                 if batch[-1][0].kind is Kind.MARKER:

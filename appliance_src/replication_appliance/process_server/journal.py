@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..common import fileio
 from ..dataplane.frames import HEADER_SIZE, Header, Kind
-from ..dataplane.segment import SEGMENT_ALIGN, valid_prefix
+from ..dataplane.segment import SEGMENT_ALIGN, prefix_through, valid_prefix
 
 # Records at least this long are written from their own buffer; shorter ones are copied into
 # the staging buffer and written together.
@@ -112,6 +112,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fileio.fsync_dir(path.parent)  # the uploader deletes segments on the strength of this state
 
 
 def read_state(machine_dir: Path) -> JournalState:
@@ -139,33 +140,88 @@ class MachineJournal:
         self._unsynced = False
         self.last_seq = self.state.last_sealed_seq
         self.recovered_torn_bytes = 0
+        # After a failed write or fsync: the sequence up to which the journal is known durable;
+        # the rest must be cut away (repair()) before anyone is told where the journal ends.
+        self.broken_at: int | None = None
         self._recover()
 
     # -- recovery -------------------------------------------------------------------------
     def _recover(self) -> None:
+        # A crash between a seal's rename and its state.json leaves the state behind the
+        # sealed segments: they are the truth (so state.json, written below, catches up).
         for p in sorted(self.dir.glob("*.sealed")):
             segno = int(p.stem)
             self.state.next_segno = max(self.state.next_segno, segno + 1)
-            _, last = valid_prefix(p.read_bytes())
+            data = p.read_bytes()
+            end, last = valid_prefix(data)
             self.last_seq = max(self.last_seq, last)
+            self.state.last_sealed_seq = max(self.state.last_sealed_seq, last)
+            self._note_markers(data[:end])
         for p in sorted(self.dir.glob("*.open")):
             data = p.read_bytes()
             end, last = valid_prefix(data)
-            if end < len(data):
-                self.recovered_torn_bytes += len(data) - end
-                with open(p, "r+b") as f:
-                    f.truncate(end)
-                    os.fsync(f.fileno())
+            self.recovered_torn_bytes += len(data) - end
+            self._seal_cut(p, end)
             segno = int(p.stem)
             self.state.next_segno = max(self.state.next_segno, segno + 1)
             # Even with no whole record in it the segment is sealed (and uploaded, empty): the
             # cloud side applies segments by consecutive number and must not wait for a gap.
             self.last_seq = max(self.last_seq, last)
             self._note_markers(data[:end])
-            os.replace(p, p.with_suffix(".sealed"))
             self.state.last_sealed_seq = max(self.state.last_sealed_seq, last)
         fileio.fsync_dir(self.dir)
         _write_json_atomic(self.dir / "state.json", asdict(self.state))
+
+    def _seal_cut(self, open_path: Path, end: int) -> Path:
+        """Cut an open segment (not open here) back to `end`, make it durable, seal it: its
+        whole records may never have been fsynced (a crash of the process, not the machine)."""
+        with open(open_path, "r+b") as f:
+            if os.fstat(f.fileno()).st_size != end:
+                f.truncate(end)
+            os.fsync(f.fileno())
+        sealed = open_path.with_suffix(".sealed")
+        os.replace(open_path, sealed)
+        return sealed
+
+    def mark_broken(self, durable_seq: int) -> None:
+        """A write or fsync of this journal failed: only records up to `durable_seq` (made
+        durable before the failure) may be trusted; what was appended after may be lost."""
+        with self.lock:
+            self.broken_at = durable_seq if self.broken_at is None else min(self.broken_at, durable_seq)
+
+    def repair(self) -> SealedSegment | None:
+        """After a failure: cut the open segment back to the last durable record, make that
+        durable and seal it, so the journal ends where its acknowledgements did and the agent
+        resends the rest (from the WELCOME's sequence). Raises OSError while the disk fails."""
+        with self.lock:
+            if self.broken_at is None:
+                return None
+            keep = max(self.broken_at, self.state.last_sealed_seq)  # a sealed segment was fsynced whole
+            sealed: SealedSegment | None = None
+            if self._fd is not None:
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
+                self._fd = None
+                self._staged = 0
+                self._unsynced = False
+                open_path = self.dir / f"{self._segno:012d}.open"
+                data = open_path.read_bytes()
+                end = prefix_through(data, keep)
+                path = self._seal_cut(open_path, end)
+                sealed = SealedSegment(self.machine, self._segno, path, end)
+            # markers appended after `keep` never happened: start again from the stored state
+            persisted = read_state(self.dir)
+            for field in ("last_marker_seq", "last_marker_id", "last_marker_time_ns"):
+                setattr(self.state, field, getattr(persisted, field))
+            if sealed is not None:
+                self._note_markers(data[:end])
+            self.last_seq = self.state.last_sealed_seq = keep
+            fileio.fsync_dir(self.dir)
+            _write_json_atomic(self.dir / "state.json", asdict(self.state))
+            self.broken_at = None
+            return sealed
 
     def _note_markers(self, data: bytes) -> None:
         from ..dataplane.segment import iter_records
@@ -175,6 +231,8 @@ class MachineJournal:
                 self._marker(rec.header, rec.payload)
 
     def _marker(self, h: Header, payload) -> None:
+        if h.seq < self.state.last_marker_seq:
+            return  # an older segment still waiting for upload
         self.state.last_marker_seq = h.seq
         self.state.last_marker_id = bytes(payload).decode("ascii", "replace")
         self.state.last_marker_time_ns = h.offset
@@ -198,15 +256,16 @@ class MachineJournal:
             self._marker(h, record.payload())
 
     def _open_segment(self) -> None:
-        self._segno = self.state.next_segno
-        self.state.next_segno += 1
-        path = self.dir / f"{self._segno:012d}.open"
+        segno = self.state.next_segno
+        path = self.dir / f"{segno:012d}.open"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
             self._fd = fileio.open_fd(path, flags | O_DIRECT, 0o600)
         except OSError:  # no direct I/O on this file system (tmpfs, say): through the page cache
             path.unlink(missing_ok=True)
             self._fd = fileio.open_fd(path, flags, 0o600)
+        # Only now is the number taken: one skipped would stall apply, which goes by number.
+        self._segno, self.state.next_segno = segno, segno + 1
         self._file_bytes = self._staged = 0
         self._opened_at = time.monotonic()
         fileio.fsync_dir(self.dir)
@@ -229,8 +288,9 @@ class MachineJournal:
 
     def _flush_staging(self) -> None:
         if self._staged:
-            self._staging.length, self._staged = self._staged, 0
+            self._staging.length = self._staged
             self._write(self._staging.padded())
+            self._staged = 0
 
     def sync(self) -> SealedSegment | None:
         """Make everything appended durable; seal the segment when it is full or ends with a

@@ -237,10 +237,19 @@ class ProcessServer:
                 raw, addr = self._listener.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                return
-            t = threading.Thread(target=self._serve, args=(raw, addr), name=f"ps-conn-{addr[1]}", daemon=True)
-            t.start()
+            except OSError as e:
+                if self._stop.is_set():
+                    return  # stop() closed the listener
+                # Out of descriptors, or a connection that failed before it was accepted: the
+                # port must stay open for everyone else.
+                log.warning("accepting a connection failed (%s); going on", e)
+                time.sleep(0.1)
+                continue
+            try:
+                threading.Thread(target=self._serve, args=(raw, addr), name=f"ps-conn-{addr[1]}", daemon=True).start()
+            except RuntimeError as e:  # no thread to be had: this connection, not the port, is lost
+                log.warning("cannot serve the connection from %s (%s)", addr[0], e)
+                raw.close()
 
     def _serve(self, raw: socket.socket, addr) -> None:
         raw.settimeout(30)
@@ -308,7 +317,9 @@ class ProcessServer:
         if old is not None:
             _shutdown(old)  # a reconnecting agent takes over from its dead connection
         if not lock.acquire(timeout=30):
-            return self._refuse(sock, record.machine_id, FrameError(ErrorCode.PROTOCOL, "another session of this machine is still active"))
+            # INTERNAL, not PROTOCOL: the old session is on its way out and the agent should come back
+            return self._refuse(sock, record.machine_id, FrameError(ErrorCode.INTERNAL, "another session of this "
+                                                                    "machine is still ending: retry later"))
         try:
             with self._lock:
                 self._sessions[record.machine_id] = sock
@@ -320,6 +331,16 @@ class ProcessServer:
             lock.release()
 
     def _run_session(self, sock: ssl.SSLSocket, record, journal: MachineJournal) -> None:
+        if journal.broken_at is not None:  # the last session's write or fsync failed
+            try:
+                sealed = journal.repair()
+            except OSError as e:
+                return self._refuse(sock, record.machine_id, FrameError(
+                    ErrorCode.INTERNAL, f"the process server's cache disk is failing ({e}): retry later"))
+            if sealed is not None:
+                self.uploader.submit(sealed)
+            for seg in journal.pending():  # one sealed just before the failure may not have been handed over
+                self.uploader.submit(seg)
         reader = _Reader(sock)
         session = Session(record, journal.last_seq)
         commit = GroupCommit(journal, self.uploader.submit, self.config.queue_bytes, self.buffers)
@@ -338,9 +359,10 @@ class ProcessServer:
 
         try:
             while not self._stop.is_set():
-                if self._throttled:
+                if self._throttled and session.greeted:  # a newcomer gets its WELCOME first
                     ack_all()
-                    while self._throttled and not self._stop.is_set():
+                    # sock.fileno() < 0: a reconnect of this machine closed this session
+                    while self._throttled and not self._stop.is_set() and sock.fileno() >= 0:
                         time.sleep(0.2)
                 commit.raise_error()
                 if commit.durable_seq > acked:

@@ -96,7 +96,7 @@ class Uploader:
         for disk, plain in enumerate(parts):
             key_id, key = self._keyring.current(seg.machine, disk)
             name = blob_name(seg.machine, disk, seg.segno)
-            self._store.put_blob(name, seal(plain, key, name, key_id, self._level), {
+            self._store.put_blob(name, seal(plain, key, name, key_id, last_seq, self._level), {
                 "key_id": key_id, "format": FORMAT, "segno": str(seg.segno),
                 "last_seq": str(last_seq), "plain_bytes": str(len(plain))})
         seg.path.unlink()

@@ -108,17 +108,18 @@ def test_split_by_disk_keeps_markers_everywhere():
 def test_sealed_blob_is_compressed_encrypted_and_bound_to_its_name():
     key, other = os.urandom(32), os.urandom(32)
     plain = b"the quick brown fox jumps over the lazy dog. " * 2000
-    blob = seal(plain, key, "logs/m/0/000000000001.log", "k1", level=3)
+    blob = seal(plain, key, "logs/m/0/000000000001.log", "k1", 7, level=3)
     assert len(blob) < len(plain) // 10 and b"quick brown" not in blob
-    assert unseal(blob, key, "logs/m/0/000000000001.log", "k1") == plain
-    for args, why in (((blob, other, "logs/m/0/000000000001.log", "k1"), "wrong key"),
-                      ((blob, key, "logs/m/0/000000000002.log", "k1"), "moved to another name"),
-                      ((blob, key, "logs/m/0/000000000001.log", "k2"), "other key id"),
-                      ((blob[:-1] + bytes([blob[-1] ^ 1]), key, "logs/m/0/000000000001.log", "k1"), "altered")):
+    assert unseal(blob, key, "logs/m/0/000000000001.log", "k1", 7) == plain
+    for args, why in (((blob, other, "logs/m/0/000000000001.log", "k1", 7), "wrong key"),
+                      ((blob, key, "logs/m/0/000000000002.log", "k1", 7), "moved to another name"),
+                      ((blob, key, "logs/m/0/000000000001.log", "k2", 7), "other key id"),
+                      ((blob, key, "logs/m/0/000000000001.log", "k1", 10**18), "metadata's last sequence altered"),
+                      ((blob[:-1] + bytes([blob[-1] ^ 1]), key, "logs/m/0/000000000001.log", "k1", 7), "altered")):
         with pytest.raises(SegmentError, match="fails authentication"):
             unseal(*args)
     with pytest.raises(SegmentError, match="zstd level 9 is not allowed"):
-        seal(plain, key, "n", "k", level=9)
+        seal(plain, key, "n", "k", 1, level=9)
 
 
 def padded(raw: bytes) -> bytes:
@@ -193,3 +194,70 @@ def test_a_segment_killed_before_its_first_write_is_sealed_empty_so_numbers_stay
     append(j2, rec(F.Kind.DATA, 3, payload=b"c" * 4096), rec(F.Kind.MARKER, 4, payload=b"n"))
     assert [s.segno for s in j2.pending()] == [0, 1, 2]
     assert split_by_disk(j2.pending()[1].path.read_bytes(), 2) == [b"", b""]  # uploads as empty blobs
+
+
+def test_a_crash_between_a_seal_and_its_state_is_caught_up_at_restart(tmp_path):
+    """Sealing renames the segment, then writes state.json: a crash in between leaves the state
+    behind. The sealed segment is the truth; if the restart did not write that down, the
+    sequence would go back once the segment is uploaded and deleted (and apply would then skip
+    the agent's next frames as already applied)."""
+    j = MachineJournal(tmp_path, M, 1 << 20, 60)
+    append(j, rec(F.Kind.DATA, 1, payload=b"a" * 4096), rec(F.Kind.MARKER, 2, offset=7, payload=b"m2"))
+    stale = (j.dir / "state.json").read_bytes()
+    append(j, rec(F.Kind.DATA, 3, payload=b"b" * 4096), rec(F.Kind.MARKER, 4, offset=9, payload=b"m4"))
+    (j.dir / "state.json").write_bytes(stale)  # as if the crash came before the second state write
+    restarted = MachineJournal(tmp_path, M, 1 << 20, 60)
+    assert restarted.last_seq == 4
+    state = read_state(j.dir)
+    assert (state.last_sealed_seq, state.last_marker_seq, state.last_marker_id, state.next_segno) == (4, 4, "m4", 2)
+    for s in restarted.pending():  # uploaded
+        s.path.unlink()
+    assert MachineJournal(tmp_path, M, 1 << 20, 60).last_seq == 4
+
+
+def test_an_older_pending_segment_does_not_turn_the_last_marker_back(tmp_path):
+    j = MachineJournal(tmp_path, M, 1 << 20, 60)
+    append(j, rec(F.Kind.MARKER, 1, offset=5, payload=b"m1"))
+    append(j, rec(F.Kind.MARKER, 2, offset=6, payload=b"m2"))
+    next(p for p in j.pending() if p.segno == 1).path.unlink()  # the newer one uploaded, the older not yet
+    MachineJournal(tmp_path, M, 1 << 20, 60)
+    assert read_state(j.dir).last_marker_id == "m2"
+
+
+def test_a_failed_segment_open_takes_no_segment_number(tmp_path, monkeypatch):
+    """Apply goes by consecutive segment numbers: one taken by a failed open would stall it."""
+    j = MachineJournal(tmp_path, M, 1 << 20, 60)
+    real, failures = journal_module.fileio.open_fd, [errno.EMFILE, errno.EMFILE]  # direct I/O, then without
+
+    def open_fd(*args, **kwargs):
+        if failures:
+            raise OSError(failures.pop(), "Too many open files")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(journal_module.fileio, "open_fd", open_fd)
+    with pytest.raises(OSError):
+        append(j, rec(F.Kind.DATA, 1, payload=b"a" * 4096))
+    sealed = append(j, rec(F.Kind.DATA, 1, payload=b"a" * 4096), rec(F.Kind.MARKER, 2, payload=b"m"))
+    assert sealed is not None and sealed.segno == 0
+
+
+def test_after_a_failure_the_journal_is_cut_back_to_its_last_durable_record(tmp_path):
+    """Records appended after the last fsync may not be on the disk when a write or fsync
+    fails: repair cuts them away, so the sequence the next session announces is one that is
+    durable, and the agent resends the rest."""
+    j = MachineJournal(tmp_path, M, 1 << 20, 60)
+    append(j, rec(F.Kind.DATA, 1, payload=b"a" * 4096), rec(F.Kind.MARKER, 2, offset=3, payload=b"m2"))
+    append(j, rec(F.Kind.DATA, 3, payload=b"b" * 4096))  # durable (fsynced), segment 1 open
+    with j.lock:
+        for r in (rec(F.Kind.DATA, 4, payload=b"c" * 512), rec(F.Kind.MARKER, 5, offset=4, payload=b"m5"),
+                  rec(F.Kind.DATA, 6, payload=b"d" * 65536)):
+            j.append(r[0], RecordBuffer.of(r[1], r[2]))  # appended, never fsynced
+    assert j.last_seq == 6
+    j.mark_broken(3)
+    sealed = j.repair()
+    assert j.last_seq == 3 and j.broken_at is None
+    assert sealed is not None and sealed.segno == 1 and [r.header.seq for r in iter_records(sealed.path.read_bytes())] == [3]
+    state = read_state(j.dir)
+    assert (state.last_sealed_seq, state.last_marker_seq, state.last_marker_id, state.next_segno) == (3, 2, "m2", 2)
+    assert MachineJournal(tmp_path, M, 1 << 20, 60).last_seq == 3  # and so after a restart
+    assert append(j, rec(F.Kind.DATA, 4, payload=b"c" * 512)) is None and j.last_seq == 4

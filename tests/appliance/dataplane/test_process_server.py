@@ -1,6 +1,7 @@
 """The data port against real TLS: certificates, garbage, validation, back-pressure, health."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ from replication_appliance.common.tls import CertificateAuthority, client_ssl_co
 from replication_appliance.dataplane import frames as F
 from replication_appliance.dataplane.segment import SEGMENT_ALIGN, iter_records
 from replication_appliance.dataplane.session import MachineRecord
+from replication_appliance.process_server import journal as journal_module
 from replication_appliance.process_server import server as server_module
 from replication_appliance.storage import open_store
 
@@ -279,3 +281,129 @@ def test_a_corrupt_sealed_segment_is_kept_and_reported_and_the_rest_uploaded(pki
         assert published["kept_segments"] == [str(damaged)]
     finally:
         srv.stop()
+
+
+def journal_seqs(cache, machine) -> list[int]:
+    seqs = []
+    for p in sorted((cache / str(machine)).glob("*.*")):
+        if p.suffix in (".open", ".sealed"):
+            seqs += [r.header.seq for r in iter_records(p.read_bytes())]
+    return seqs
+
+
+def test_after_a_failed_journal_write_the_next_session_starts_from_what_is_on_disk(pki, tmp_path, machines,
+                                                                                   monkeypatch):
+    """A small record waits in the staging buffer until the next write; when that write fails
+    (the cache disk full or failing), the record is not on disk. The next WELCOME must not
+    count it: the agent drops whatever the WELCOME covers from its outbox and would never
+    send it again."""
+    m = machines[0].machine_id
+    failing = [True]
+    real_pwrite = journal_module.fileio.pwrite
+
+    def pwrite(fd, data, offset):
+        if failing and failing.pop():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(journal_module.fileio, "pwrite", pwrite)
+    cache = tmp_path / "cache"
+    srv = InProcessServer(pki, cache, machines, open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32)),
+                          upload_concurrency=0)
+    frames = [F.Frame(F.Kind.DATA, m, seq=1, offset=0, payload=b"s" * 4096),  # staged
+              F.Frame(F.Kind.DATA, m, seq=2, offset=1 << 20, payload=os.urandom(256 << 10))]
+    try:
+        s = tls(pki, srv.port, m)
+        assert hello(s, m).seq == 0
+        s.sendall(b"".join(F.encode(f) for f in frames))
+        with pytest.raises((ConnectionError, OSError)):
+            while True:
+                assert read_frame(s).kind is not F.Kind.ACK  # nothing was durable: nothing acknowledged
+        s.close()
+        s = tls(pki, srv.port, m)
+        welcome = hello(s, m)
+        assert welcome.seq == 0 and journal_seqs(cache, m) == []
+        s.sendall(b"".join(F.encode(f) for f in frames))  # the agent resends from the WELCOME's sequence
+        assert read_frame(s).seq in (1, 2)
+        wait_until(lambda: srv.server.journals.get(m).last_seq == 2, 10, "both records journaled")
+        s.close()
+    finally:
+        srv.stop()
+    assert journal_seqs(cache, m) == [1, 2]
+
+
+def test_the_port_stays_open_after_accept_fails(pki, server, machines):
+    """Out of descriptors (EMFILE), or a connection reset before it was accepted: accept()
+    fails for that one connection, and the server must go on accepting the others."""
+    real = server.server._listener
+
+    class Failing:
+        failed = False
+
+        def accept(self):
+            if not Failing.failed:
+                Failing.failed = True
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real.accept()
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    server.server._listener = Failing()
+    wait_until(lambda: Failing.failed, 5, "the failing accept")
+    assert_still_serving(pki, server, machines[0].machine_id)
+
+
+def test_a_reconnecting_agent_gets_in_while_the_cache_is_throttled(pki, tmp_path, machines):
+    """While throttled the old session waits for space; an agent that reconnects (its old
+    connection dropped) must take over at once, not be told after 30 s that a session is
+    still active (a final error to it)."""
+    m = machines[0].machine_id
+    capacity = 4 << 20
+    srv = InProcessServer(pki, tmp_path / "cache", machines, open_store(str(tmp_path / "storage")),
+                          MasterKey(os.urandom(32)), cache_capacity_bytes=capacity, segment_max_bytes=1 << 20,
+                          upload_concurrency=0)
+    try:
+        old = tls(pki, srv.port, m)
+        hello(old, m)
+        for seq in range(1, 5):  # 4 MiB into a 4 MiB cache: throttled
+            old.sendall(F.encode(F.Frame(F.Kind.DATA, m, seq=seq, offset=(seq - 1) << 20, payload=os.urandom(1 << 20))))
+        wait_until(lambda: srv.server.health().throttled, 20, "throttling")
+        started = time.monotonic()
+        new = tls(pki, srv.port, m)
+        welcome = hello(new, m)
+        assert welcome.kind is F.Kind.WELCOME, F.error_text(welcome)
+        assert time.monotonic() - started < 10
+        new.close()
+        old.close()
+    finally:
+        srv.stop()
+
+
+def test_apply_refuses_a_log_whose_metadata_was_altered(pki, machines, tmp_path):
+    """A log blob's last sequence moves apply's position: someone able to write metadata (but
+    without the keys) could otherwise make apply skip every record after it."""
+    from replication_appliance.apply.applier import MachineApplier, find_machine
+    from replication_appliance.dataplane.segment import SegmentError, blob_name
+    from replication_appliance.storage.keyring import DataKeyring
+
+    m = machines[0].machine_id
+    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
+    srv = InProcessServer(pki, tmp_path / "cache", machines, store, master)
+    try:
+        s = tls(pki, srv.port, m)
+        hello(s, m)
+        s.sendall(F.encode(F.Frame(F.Kind.DATA, m, seq=1, offset=0, payload=os.urandom(4096))))
+        s.sendall(F.encode(F.Frame(F.Kind.MARKER, m, seq=2, offset=time.time_ns(), payload=b"m2")))
+        assert read_frame(s).kind is F.Kind.ACK
+        s.close()
+        name = blob_name(m, 0, 0)
+        wait_until(lambda: any(b.name == name for b in store.list_blobs("logs/")), 20, "the log uploaded")
+    finally:
+        srv.stop()
+    blob, meta = store.get_blob(name)
+    store.put_blob(name, blob, {**meta, "last_seq": str(10**18)})  # same bytes, altered metadata
+    applier = MachineApplier(store, DataKeyring(store, master), find_machine(store, str(m)))
+    with pytest.raises(SegmentError, match="fails authentication"):
+        applier.apply_available()
+    assert applier.applied_seq() == 0
