@@ -1,11 +1,23 @@
 """The control server over real TLS on a free port, against SQLite and a real MariaDB."""
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import socket
 import ssl
+import threading
 
+import httpx
 import pytest
+from replication_appliance.common.tls import (
+    client_ssl_context,
+    key_to_pem,
+    make_csr,
+    new_private_key,
+)
+from replication_appliance.control import app as control_app
 from replication_appliance.control.app import MAX_BODY_BYTES
+from replication_appliance.db.models import Machine
 
 from .appliance_harness import DISKS
 
@@ -331,3 +343,137 @@ def test_rpo_and_disconnection_alerts_per_machine(appliance, tmp_path):
         silent = set_times(10, heartbeat_minutes_ago=6)
         assert silent["replication_state"] == "disconnected"
         assert "disconnected" in [a["code"] for a in silent["alerts"]] and silent["health"] == "critical"
+
+
+def _wrong_logins(appliance, per_address: int, addresses=("127.0.0.1",)) -> list:
+    """`per_address` wrong-password logins from each address, all sent at once."""
+    async def burst():
+        clients = [httpx.AsyncClient(base_url=appliance.url, timeout=120, limits=httpx.Limits(max_connections=per_address),
+                                     transport=httpx.AsyncHTTPTransport(
+                                         local_address=a, verify=client_ssl_context(appliance.data_dir.ca_cert)))
+                   for a in addresses]
+        try:
+            return await asyncio.gather(*(c.post("/api/v1/auth/login", json={"username": "admin", "password": "wrong-password-123"})
+                                          for c in clients for _ in range(per_address)))
+        finally:
+            for c in clients:
+                await c.aclose()
+    return asyncio.run(burst())
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # DB-independent: SQLite only, to keep the suite fast
+def test_concurrent_wrong_logins_get_no_more_tries_than_sequential_ones(appliance):
+    appliance.audit_actions()  # the operator's token first: the burst locks 127.0.0.1 out of logging in
+    limiter = appliance.ctx.login_limiter
+    limiter.base_lockout_s = 300.0  # outlasts the burst on a busy machine, so no lockout ends during it
+    responses = _wrong_logins(appliance, 20)
+    codes = [r.status_code for r in responses]
+    assert codes.count(401) == limiter.max_failures and codes.count(429) == 20 - limiter.max_failures, codes
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["Retry-After"]) >= 1 and "retry in" in r.json()["error"]
+    assert appliance.audit_actions().count("operator.login_refused") == limiter.max_failures  # one per password check
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # DB-independent: SQLite only, to keep the suite fast
+def test_password_checks_at_once_are_bounded_across_addresses(appliance, monkeypatch):
+    running, peak, lock = 0, 0, threading.Lock()
+    real = control_app.verify_password
+
+    def counted(password_hash: str, password: str) -> bool:  # the real check, counting how many run at once
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            return real(password_hash, password)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(control_app, "verify_password", counted)
+    addresses = [f"127.0.0.{i}" for i in range(2, 6)]  # each under its own failure limit
+    responses = _wrong_logins(appliance, 4, addresses)
+    assert [r.status_code for r in responses] == [401] * 16
+    assert 1 <= peak <= control_app.MAX_PASSWORD_CHECKS
+
+
+def test_process_server_name_cannot_be_taken_over_with_the_passphrase(appliance, tmp_path):
+    def register(name: str, address: str, cert=None, key_file=None):
+        key = new_private_key()
+        body = {"passphrase": appliance.data_dir.passphrase(), "name": name, "address": address,
+                "csr": make_csr(key, name).decode()}
+        with appliance.client(cert, key_file) as c:
+            resp = c.post("/api/v1/process-servers/register", json=body)
+        if resp.status_code == 200:
+            folder = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}"
+            folder.mkdir()
+            (folder / "cert.pem").write_text(resp.json()["certificate"])
+            (folder / "key.pem").write_bytes(key_to_pem(key))
+            return resp, folder / "cert.pem", folder / "key.pem"
+        return resp, None, None
+
+    def addresses() -> dict[str, str]:
+        with appliance.operator() as op:
+            return {p["name"]: p["address"] for p in op.get("/api/v1/process-servers").json()}
+
+    def heartbeat(ps_id: str, cert, key_file) -> int:
+        with appliance.client(cert, key_file) as c:
+            return c.post(f"/api/v1/process-servers/{ps_id}/heartbeat",
+                          json={"cpu_percent": 5, "memory_percent": 10, "cache_free_percent": 95}).status_code
+
+    before = addresses()
+    builtin, _, _ = register("builtin", "10.6.6.6:9443")
+    assert builtin.status_code == 409 and "built-in process server" in builtin.json()["error"]
+
+    first, cert, key_file = register("ps2", "10.0.0.9:9443")
+    assert first.status_code == 200
+    ps_id = first.json()["process_server_id"]
+    _, other_cert, other_key = register("ps3", "10.0.0.10:9443")
+    stolen, _, _ = register("ps2", "10.6.6.6:9443")
+    assert stolen.status_code == 409 and "current client certificate" in stolen.json()["error"]
+    wrong, _, _ = register("ps2", "10.6.6.6:9443", other_cert, other_key)
+    assert wrong.status_code == 403 and "not the current one of process server 'ps2'" in wrong.json()["error"]
+    assert addresses() == {**before, "ps2": "10.0.0.9:9443", "ps3": "10.0.0.10:9443"}
+    assert heartbeat(ps_id, cert, key_file) == 200  # the real one's certificate still works
+
+    # the process server itself, with its current certificate, may move and renew it
+    moved, new_cert, new_key = register("ps2", "10.0.0.11:9443", cert, key_file)
+    assert moved.status_code == 200 and moved.json()["process_server_id"] == ps_id
+    assert addresses()["ps2"] == "10.0.0.11:9443"
+    assert heartbeat(ps_id, new_cert, new_key) == 200 and heartbeat(ps_id, cert, key_file) == 403
+    assert "process_server.reregistered" in appliance.audit_actions()
+
+
+def test_reregistered_agent_can_report_again(appliance, tmp_path):
+    agent = appliance.register_agent(tmp_path)
+    with appliance.operator() as op:
+        op.post(f"/api/v1/machines/{agent.machine_id}/actions", json={"action": "enable"})
+        with appliance.agent_client(agent) as c:
+            for body in ({"state": "initiating"}, {"state": "initial_sync", "initial_sync_percent": 100}, {"state": "continuous"}):
+                assert c.post(HB.format(agent.machine_id), json=body).status_code == 200
+        seen = op.get(f"/api/v1/machines/{agent.machine_id}").json()["last_heartbeat_at"]
+        # the agent lost its state: it registers again and starts replicating from the start
+        again = appliance.register_agent(tmp_path)
+        assert again.machine_id == agent.machine_id
+        restarted = op.get(f"/api/v1/machines/{agent.machine_id}").json()
+        assert restarted["replication_state"] == "initiating" and restarted["desired_state"] == "replicate"
+        with appliance.agent_client(again) as c:
+            first = c.post(HB.format(agent.machine_id), json={"state": "initial_sync", "initial_sync_percent": 0,
+                                                              "disks": counters()})
+            assert first.status_code == 200, first.text
+            assert first.json()["desired_state"] == "replicate"
+            assert c.post(HB.format(agent.machine_id), json={"state": "initial_sync", "initial_sync_percent": 20}).status_code == 200
+            back = c.post(HB.format(agent.machine_id), json={"state": "initial_sync", "initial_sync_percent": 10})
+            assert back.status_code == 409 and "cannot go back" in back.json()["error"]  # still refused
+        machine = op.get(f"/api/v1/machines/{agent.machine_id}").json()
+    assert machine["replication_state"] == "initial_sync" and machine["initial_sync_percent"] == 20
+    assert dt.datetime.fromisoformat(machine["last_heartbeat_at"]) > dt.datetime.fromisoformat(seen)
+    # the restart is on record, and the row a restarted server reads holds the new agent's state
+    with appliance.operator() as op:
+        entries = op.get("/api/v1/audit", params={"limit": 1000}).json()
+    reregistered = next(e for e in entries if e["action"] == "agent.reregistered")
+    assert reregistered["details"]["replication_state"] == {"from": "continuous", "to": "initiating"}
+    appliance.ctx.heartbeats.flush()
+    with appliance.serve_ctx.sessions() as session:
+        assert session.get(Machine, agent.machine_id).replication_state == "initial_sync"

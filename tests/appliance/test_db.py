@@ -86,10 +86,23 @@ def test_unreachable_database_is_a_clear_error(backend):
 
 @pytest.mark.parametrize("backend", ["sqlite"])
 @pytest.mark.parametrize("url, message", [("postgresql://x@y/z", "not supported"), ("mysql+pymysql://u@h", "names no database"),
-                                          ("::::", "not a URL")])
+                                          ("::::", "not a URL"), ("mysql+pymysql://u@h:notaport/db", "port that is not a number"),
+                                          ("mysql+pymysql://u@h:70000/db", "port 70000: a TCP port is 1-65535")])
 def test_bad_database_urls(backend, url, message):
     with pytest.raises(DatabaseError, match=message):
         parse_db_url(url)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest.mark.parametrize("url", ["mysql+pymysql//app:S3cretPw@db/appliance", "mysql+pymysql://app:S3cretPw@db:notaport/appliance",
+                                 "mysql+pymysql://app:S3cretPw@db:0/appliance", "mysql+pymysql://app:S3cretPw@db",
+                                 "postgresql://app:S3cretPw@db/appliance"])
+def test_bad_database_url_errors_never_show_the_password(backend, url):
+    with pytest.raises(DatabaseError) as caught:
+        parse_db_url(url)
+    assert "S3cretPw" not in str(caught.value)
+    # no chained error that repeats the URL in a traceback
+    assert caught.value.__context__ is None or caught.value.__suppress_context__
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])

@@ -137,3 +137,22 @@ def test_failure_limiter_locks_out_and_doubles():
     assert limiter.retry_after("10.0.0.1") == 0
     limiter.failed("10.0.0.1")  # old failures left the window
     assert limiter.retry_after("10.0.0.1") == 0
+
+
+def test_failure_limiter_counts_attempts_in_flight():
+    t = [0.0]
+    limiter = FailureLimiter(max_failures=3, window_s=60, base_lockout_s=5, max_lockout_s=40, busy_retry_s=1,
+                             clock=lambda: t[0])
+    assert [limiter.reserve("10.0.0.1") for _ in range(4)] == [0, 0, 0, 1]  # 3 checks at once, the 4th waits
+    assert limiter.reserve("10.0.0.2") == 0  # per address
+    limiter.succeeded("10.0.0.1")
+    limiter.release("10.0.0.1")  # a check that could not be made (database down) gives its attempt back
+    limiter.failed("10.0.0.1")
+    assert [limiter.reserve("10.0.0.1") for _ in range(3)] == [0, 0, 1]  # one failure: 2 left
+    limiter.failed("10.0.0.1")
+    limiter.failed("10.0.0.1")
+    assert limiter.reserve("10.0.0.1") == 5  # 3 failures: locked out
+    t[0] = 6.0
+    assert [limiter.reserve("10.0.0.1") for _ in range(2)] == [0, 1]  # after a lockout: one attempt at a time
+    limiter.failed("10.0.0.1")
+    assert limiter.reserve("10.0.0.1") == 10  # and each failure doubles the lockout, as one by one

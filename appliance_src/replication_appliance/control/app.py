@@ -43,6 +43,7 @@ from .service import ConflictError, ControlError, ForbiddenError
 
 log = logging.getLogger("replication_appliance.control")
 MAX_BODY_BYTES = 64 * 1024
+MAX_PASSWORD_CHECKS = 2  # operator logins verified at once (argon2, 64 MiB each); more wait their turn
 API = "/api/v1"
 
 
@@ -54,6 +55,7 @@ class ControlContext:
     signer: TokenSigner
     passphrase_limiter: FailureLimiter = field(default_factory=FailureLimiter)
     login_limiter: FailureLimiter = field(default_factory=FailureLimiter)
+    password_checks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_PASSWORD_CHECKS))
     max_body_bytes: int = MAX_BODY_BYTES
     heartbeats: HeartbeatStore = None  # type: ignore[assignment] - set in __post_init__
     _passphrase: tuple[int, str] | None = None
@@ -179,12 +181,16 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
         return problem(500, "internal error (logged on the appliance)")
 
     # --- who is calling -------------------------------------------------------------------
-    def peer(request: Request) -> ClientIdentity:
+    def presented(request: Request) -> ClientIdentity | None:
+        """The client certificate's identity, if the caller sent one (optional on this port)."""
         tls = request.scope.get("extensions", {}).get("tls") or {}
         if "identity" not in tls:
             der = tls.get("client_cert_der")
             tls["identity"] = identity_from_der(der) if der else None
-        identity = tls.get("identity")
+        return tls.get("identity")
+
+    def peer(request: Request) -> ClientIdentity:
+        identity = presented(request)
         if identity is None:
             raise ForbiddenError("this call needs the client certificate issued at registration (mutual TLS)")
         return identity
@@ -205,12 +211,20 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
     ServerId = Annotated[str, Path(min_length=1, max_length=36)]
     PolicyId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
-    async def check_passphrase(address: str, given: str) -> None:
-        wait = ctx.passphrase_limiter.retry_after(address)
+    def reserve_attempt(limiter: FailureLimiter, address: str, what: str) -> None:
+        wait = limiter.reserve(address)
         if wait > 0:
-            raise StarletteHTTPException(429, f"too many wrong passphrases from {address}: retry in {wait:.0f} s",
+            raise StarletteHTTPException(429, f"too many {what} from {address}: retry in {max(1, round(wait))} s",
                                          headers={"Retry-After": str(max(1, round(wait)))})
-        if not service.passphrase_matches(given, ctx.passphrase()):
+
+    async def check_passphrase(address: str, given: str) -> None:
+        reserve_attempt(ctx.passphrase_limiter, address, "wrong passphrases")
+        try:
+            ok = service.passphrase_matches(given, ctx.passphrase())
+        except BaseException:
+            ctx.passphrase_limiter.release(address)
+            raise
+        if not ok:
             ctx.passphrase_limiter.failed(address)
             await run_in_threadpool(_audit_refusal, address)
             await asyncio.sleep(0.2)  # every wrong guess costs the caller time
@@ -230,9 +244,10 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
         await check_passphrase(address, req.passphrase)
 
         def work():
-            with ctx.transaction() as session:
-                out = service.register_agent(session, ctx.ca, req, address, utcnow())
-            ctx.heartbeats.invalidate(out.machine_id)
+            with ctx.heartbeats.registering() as replaced:
+                with ctx.transaction() as session:
+                    out = service.register_agent(session, ctx.ca, req, address, utcnow())
+                replaced(out.machine_id)
             ctx.heartbeats.load(out.machine_id, utcnow())  # ready for its first heartbeat
             return out
         return await run_in_threadpool(work)
@@ -252,13 +267,14 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
     # --- process servers ----------------------------------------------------------------
     @app.post(f"{API}/process-servers/register", response_model=s.ProcessServerRegistered, tags=["process servers"])
     async def register_process_server(req: s.ProcessServerRegistration, request: Request):
-        """Register a scale-out process server (same passphrase as agents)."""
-        address = remote(request)
+        """Register a scale-out process server (same passphrase as agents); an already registered
+        name only with that process server's current client certificate."""
+        address, caller = remote(request), presented(request)
         await check_passphrase(address, req.passphrase)
 
         def work():
             with ctx.transaction() as session:
-                return service.register_process_server(session, ctx.ca, req, address)
+                return service.register_process_server(session, ctx.ca, req, address, caller)
         return await run_in_threadpool(work)
 
     def own_process_server(session: Session, ps_id: str, who: ClientIdentity):
@@ -288,10 +304,7 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
     @app.post(f"{API}/auth/login", response_model=s.TokenOut, tags=["operators"])
     async def login(req: s.Login, request: Request):
         address = remote(request)
-        wait = ctx.login_limiter.retry_after(address)
-        if wait > 0:
-            raise StarletteHTTPException(429, f"too many failed logins from {address}: retry in {wait:.0f} s",
-                                         headers={"Retry-After": str(max(1, round(wait)))})
+        reserve_attempt(ctx.login_limiter, address, "failed or pending logins")
 
         def check() -> bool:
             with ctx.transaction() as session:
@@ -300,7 +313,13 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
                 service.audit(session, f"operator:{req.username}", "operator.login" if ok else "operator.login_refused",
                               "operator", req.username, remote=address)
                 return ok
-        if not await run_in_threadpool(check):
+        try:
+            async with ctx.password_checks:  # each is argon2 with 64 MiB: bound them across addresses too
+                ok = await run_in_threadpool(check)
+        except BaseException:
+            ctx.login_limiter.release(address)
+            raise
+        if not ok:
             ctx.login_limiter.failed(address)
             raise StarletteHTTPException(401, "wrong username or password")
         ctx.login_limiter.succeeded(address)

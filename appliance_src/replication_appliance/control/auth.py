@@ -79,14 +79,20 @@ class TokenSigner:
 @dataclass
 class FailureLimiter:
     """After `max_failures` failures from one address within `window_s`, that address is
-    refused for a lockout that doubles with every further failure (capped at `max_lockout_s`)."""
+    refused for a lockout that doubles with every further failure (capped at `max_lockout_s`).
+
+    Callers `reserve` an attempt before checking the secret and end it with `failed` or
+    `succeeded` (or `release` when the check could not be made): attempts still being checked
+    count as failures-to-be, so parallel requests get no more tries than sequential ones."""
     max_failures: int = 5
     window_s: float = 300.0
     base_lockout_s: float = 5.0
     max_lockout_s: float = 300.0
+    busy_retry_s: float = 1.0  # what a caller refused for attempts in flight is told to wait
     clock: Callable[[], float] = time.monotonic
     _failures: dict[str, list[float]] = field(default_factory=dict)
     _locked_until: dict[str, float] = field(default_factory=dict)
+    _in_flight: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def retry_after(self, address: str) -> float:
@@ -94,9 +100,35 @@ class FailureLimiter:
         with self._lock:
             return max(0.0, self._locked_until.get(address, 0.0) - self.clock())
 
+    def reserve(self, address: str) -> float:
+        """Take an attempt for `address`: 0 if taken, else the seconds to wait. Up to the
+        failures left before a lockout may be in flight at once; after a lockout ends, one."""
+        now = self.clock()
+        with self._lock:
+            locked = self._locked_until.get(address, 0.0) - now
+            if locked > 0:
+                return locked
+            recent = sum(1 for t in self._failures.get(address, []) if now - t < self.window_s)
+            in_flight = self._in_flight.get(address, 0)
+            if in_flight >= max(1, self.max_failures - recent):
+                return self.busy_retry_s
+            self._in_flight[address] = in_flight + 1
+            return 0.0
+
+    def release(self, address: str) -> None:
+        """End a reserved attempt that neither failed nor succeeded (the check itself failed)."""
+        with self._lock:
+            self._release(address)
+
+    def _release(self, address: str) -> None:
+        left = self._in_flight.pop(address, 0) - 1
+        if left > 0:
+            self._in_flight[address] = left
+
     def failed(self, address: str) -> None:
         now = self.clock()
         with self._lock:
+            self._release(address)
             recent = [t for t in self._failures.get(address, []) if now - t < self.window_s] + [now]
             self._failures[address] = recent
             excess = len(recent) - self.max_failures
@@ -107,6 +139,7 @@ class FailureLimiter:
 
     def succeeded(self, address: str) -> None:
         with self._lock:
+            self._release(address)
             self._failures.pop(address, None)
 
     def _forget_old(self, now: float) -> None:

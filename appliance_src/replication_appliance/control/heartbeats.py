@@ -20,6 +20,8 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from sqlalchemy import case, select, update
@@ -208,26 +210,45 @@ class HeartbeatStore:
         flush (`everything=False`) writes state changes at once but plain telemetry of a machine
         at most every TELEMETRY_WRITE_S, so the database and the GIL see a trickle, not a burst;
         operator reads flush everything first."""
-        now = time.monotonic()
         with self._flush_lock:
-            with self._lock:
-                due = [m for m in self._dirty if everything or self._figures[m].urgent()
-                       or now - self._figures[m].written_at >= TELEMETRY_WRITE_S]
-                batch = {m: self._take(m, now) for m in due}
-                self._dirty.difference_update(due)
-            if not batch:
-                return 0
-            try:
-                self._write(batch)
-            except SQLAlchemyError:
-                with self._lock:  # keep them for the next flush; newer heartbeats win
-                    for m, snap in batch.items():
-                        self._figures[m].audits[:0] = snap["audits"]
-                        self._figures[m].resync_settled |= snap["resync_settled"]
-                        self._figures[m].returned |= snap["returned"]
-                        self._dirty.add(m)
-                raise
-            return len(batch)
+            return self._flush(everything)
+
+    def _flush(self, everything: bool) -> int:
+        now = time.monotonic()
+        with self._lock:
+            due = [m for m in self._dirty if everything or self._figures[m].urgent()
+                   or now - self._figures[m].written_at >= TELEMETRY_WRITE_S]
+            batch = {m: self._take(m, now) for m in due}
+            self._dirty.difference_update(due)
+        if not batch:
+            return 0
+        try:
+            self._write(batch)
+        except SQLAlchemyError:
+            with self._lock:  # keep them for the next flush; newer heartbeats win
+                for m, snap in batch.items():
+                    self._figures[m].audits[:0] = snap["audits"]
+                    self._figures[m].resync_settled |= snap["resync_settled"]
+                    self._figures[m].returned |= snap["returned"]
+                    self._dirty.add(m)
+            raise
+        return len(batch)
+
+    @contextmanager
+    def registering(self) -> Iterator[Callable[[str], None]]:
+        """Around an agent registration: pending state changes are written first and no flush
+        runs until it ends. Call the yielded function with the machine id once the registration
+        committed: the replaced agent's figures are dropped, so the next load takes the new
+        agent's from the row the registration wrote, and no flush of old figures lands on it."""
+        with self._flush_lock:
+            self._flush(everything=False)
+            yield self._forget
+
+    def _forget(self, machine_id: str) -> None:
+        with self._lock:
+            self._views.pop(machine_id, None)
+            self._figures.pop(machine_id, None)
+            self._dirty.discard(machine_id)
 
     def _take(self, machine_id: str, now: float) -> dict:
         f = self._figures[machine_id]

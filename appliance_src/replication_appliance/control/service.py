@@ -18,6 +18,7 @@ from ..common.tls import (
     ROLE_AGENT,
     ROLE_PROCESS_SERVER,
     CertificateAuthority,
+    ClientIdentity,
     cert_fingerprint,
     cert_to_pem,
 )
@@ -140,19 +141,33 @@ def alert_out(a: rules.Alert) -> s.AlertOut:
 
 
 def register_process_server(session: Session, ca: CertificateAuthority, req: s.ProcessServerRegistration,
-                            remote: str) -> s.ProcessServerRegistered:
+                            remote: str, caller: ClientIdentity | None = None) -> s.ProcessServerRegistered:
+    """A new name registers a new process server. An existing one is re-registered (new address,
+    new certificate) only over mutual TLS with its current certificate: the passphrase alone
+    would let anyone who has it redirect the machines of that process server to itself."""
     ps = session.scalars(select(ProcessServer).where(ProcessServer.name == req.name)).one_or_none()
+    created = ps is None
     if ps is None:
         ps = ProcessServer(name=req.name, address=req.address, builtin=False, capacity_machines=req.capacity_machines)
         session.add(ps)
         session.flush()
+    elif ps.builtin:
+        raise ConflictError(f"process server name {req.name!r} is the appliance's built-in process server, which is "
+                            "not registered through the API: register this process server under another name")
+    elif caller is None:
+        raise ConflictError(f"a process server named {req.name!r} is already registered (id {ps.id}): re-register it "
+                            "with its current client certificate (mutual TLS), or register this one under another name")
+    elif (caller.role, caller.subject_id, caller.fingerprint) != (ROLE_PROCESS_SERVER, ps.id, ps.cert_fingerprint):
+        raise ForbiddenError(f"this client certificate is not the current one of process server {req.name!r} "
+                             f"(id {ps.id}): re-register it with its current certificate, or register under another name")
     else:
         ps.address, ps.capacity_machines = req.address, req.capacity_machines
     cert = ca.sign_client_csr(req.csr, ROLE_PROCESS_SERVER, ps.id)
     ps.cert_fingerprint = cert_fingerprint(cert)
     session.add(Registration(kind=ROLE_PROCESS_SERVER, subject_id=ps.id, remote_address=remote,
                              cert_serial=format(cert.serial_number, "x"), cert_fingerprint=ps.cert_fingerprint))
-    audit(session, f"{ROLE_PROCESS_SERVER}:{ps.id}", "process_server.registered", "process_server", ps.id,
+    audit(session, f"{ROLE_PROCESS_SERVER}:{ps.id}",
+          "process_server.registered" if created else "process_server.reregistered", "process_server", ps.id,
           {"name": ps.name, "address": ps.address}, remote)
     return s.ProcessServerRegistered(process_server_id=ps.id, certificate=cert_to_pem(cert).decode(),
                                      ca_certificate=cert_to_pem(ca.cert).decode())
@@ -181,8 +196,8 @@ def default_policy(session: Session) -> Policy:
 
 def register_agent(session: Session, ca: CertificateAuthority, req: s.AgentRegistration, remote: str,
                    now: dt.datetime) -> s.AgentRegistered:
-    """Idempotent per host_id: the same machine keeps its id, policy, state and process server;
-    a new certificate replaces the old one (which stops working)."""
+    """Idempotent per host_id: the same machine keeps its id, policy, desired state, process
+    server and replica; a new certificate replaces the old one (which stops working)."""
     names = [d.name for d in req.disks]
     if len(set(names)) != len(names):
         raise InvalidError(f"disk names must be unique, got {', '.join(names)}")
@@ -194,6 +209,15 @@ def register_agent(session: Session, ca: CertificateAuthority, req: s.AgentRegis
                           replication_state=State.NOT_ENABLED.value, state_changed_at=now, registered_at=now)
         machine.process_server = choose_process_server(session, now)
         session.add(machine)
+    state_before = State(machine.replication_state)
+    if not created:
+        # An agent registers again when it lost its state (or was reinstalled): what the old one
+        # reported no longer holds, the new one replicates from the start (the replica and its
+        # recovery points stay), so its reports are judged from the start as well.
+        restart = State.NOT_ENABLED if machine.desired_state == Desired.STOP.value else State.INITIATING
+        machine.replication_state, machine.initial_sync_percent = restart.value, None
+        if restart != state_before:
+            machine.state_changed_at = now
     machine.hostname, machine.os_family, machine.os_name = req.hostname, req.os_family, req.os_name
     machine.agent_version, machine.addresses = req.agent_version, json.dumps(req.addresses)
     _register_disks(session, machine, req.disks)
@@ -202,8 +226,8 @@ def register_agent(session: Session, ca: CertificateAuthority, req: s.AgentRegis
     session.add(Registration(kind=ROLE_AGENT, subject_id=machine.id, remote_address=remote,
                              cert_serial=format(cert.serial_number, "x"), cert_fingerprint=machine.cert_fingerprint))
     audit(session, f"{ROLE_AGENT}:{machine.id}", "agent.registered" if created else "agent.reregistered", "machine",
-          machine.id, {"hostname": machine.hostname, "disks": names,
-                       "process_server_id": machine.process_server_id}, remote)
+          machine.id, {"hostname": machine.hostname, "disks": names, "process_server_id": machine.process_server_id,
+                       "replication_state": {"from": state_before.value, "to": machine.replication_state}}, remote)
     return s.AgentRegistered(machine_id=machine.id, certificate=cert_to_pem(cert).decode(),
                              ca_certificate=cert_to_pem(ca.cert).decode(), process_server=ps_out(machine.process_server),
                              heartbeat_interval_s=HEARTBEAT_INTERVAL_S,

@@ -13,10 +13,19 @@ SUPPORTED_DRIVERS = ("sqlite", "mysql+pymysql")
 
 
 def parse_db_url(text: str) -> URL:
+    """The URL in `text`. Errors show it with its password masked, or not at all when it
+    cannot be parsed (then nothing tells the password apart from the rest)."""
+    usage = "use mysql+pymysql://USER@HOST[:PORT]/DATABASE"
     try:
         url = make_url(text)
     except ArgumentError:
-        raise DatabaseError(f"database URL {text!r} is not a URL: use mysql+pymysql://USER@HOST[:PORT]/DATABASE") from None
+        raise DatabaseError(f"the database URL (not shown: it may hold a password) is not a URL: {usage}") from None
+    except ValueError:  # SQLAlchemy's int() of the port
+        raise DatabaseError(f"the database URL (not shown: it may hold a password) has a port that is not a number: "
+                            f"{usage} with PORT 1-65535") from None
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise DatabaseError(f"database URL {url.render_as_string(hide_password=True)} has port {url.port}: "
+                            f"a TCP port is 1-65535")
     if url.drivername not in SUPPORTED_DRIVERS:
         raise DatabaseError(f"database driver {url.drivername!r} is not supported: use one of {', '.join(SUPPORTED_DRIVERS)}")
     if url.drivername.startswith("mysql") and not url.database:
