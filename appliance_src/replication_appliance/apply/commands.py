@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 import uuid
 from pathlib import Path
 
+from ..common import fileio
 from ..common.datadir import DataDir
 from ..process_server.journal import read_state
 from ..storage import store_for_data_dir
@@ -34,8 +36,24 @@ def newest_received_marker(dd: DataDir, machine: uuid.UUID) -> int:
     return read_state(dd.cache_dir / str(machine)).last_marker_seq
 
 
+def _hold_apply_lock(dd: DataDir, machine) -> int:
+    """One apply per machine at a time: two would write the same replica out of order, and a
+    recovery point snapshotted by one could hold the other's older data."""
+    path = dd.root / f"apply-{machine.machine_id}.lock"
+    fd = fileio.open_fd(path, os.O_RDWR | os.O_CREAT, 0o600)
+    if not fileio.try_lock(fd):
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() if hasattr(os, "pread") else "?"
+        os.close(fd)
+        raise ApplyError(f"another `appliance apply` for {machine.hostname} is running (process {holder or '?'}): "
+                         "stop it first, or let it do the work")
+    os.ftruncate(fd, 0)
+    fileio.pwrite_all(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd  # held open (locked) until this process ends
+
+
 def cmd_apply(args) -> int:
     dd, store, machine = _open(args)
+    _hold_apply_lock(dd, machine)
     applier = MachineApplier(store, DataKeyring(store, dd.master_key()), machine)
     if args.once:
         applier.apply_until(newest_received_marker(dd, machine.machine_id), args.timeout)

@@ -265,6 +265,11 @@ def test_continuous_apply_rides_out_a_storage_outage(tmp_path, pki, own_azurite)
             return {p.seq for p in recovery_points(store, m.record)}
 
         wait_until(lambda: first.marker_seq in points(), 60, "the first recovery point applied")
+        second_apply = subprocess.run([sys.executable, "-m", "replication_appliance.cli", "apply", "--data-dir",
+                                       str(ps.workdir), "--machine", "app01", "--once"],
+                                      capture_output=True, text=True, env=env, timeout=60)
+        assert second_apply.returncode == 1 and "another `appliance apply` for app01 is running" in second_apply.stderr
+        assert f"process {apply.pid}" in second_apply.stderr
 
         own_azurite.stop()
         wait_until(lambda: "storage unavailable" in (tmp_path / "apply.log").read_text(), 60,
