@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import socket
@@ -13,7 +14,7 @@ from pathlib import Path
 from ..common.errors import ApplianceError
 from ..common.tls import client_ssl_context
 from . import control_client
-from .link import Link, RateLimit
+from .link import Link, LinkLost, RateLimit
 from .replicator import Replicator
 from .source import disk_size, source_path
 from .state import PHASE_INITIAL, AgentStateError, DiskConfig, StateDir
@@ -28,6 +29,16 @@ def parse_rate(text: str) -> float:
     if not m or float(m.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"--max-rate {text!r} is not a rate: use bytes per second, e.g. 500K, 100M, 1G")
     return float(m.group(1)) * {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}[m.group(2).upper()]
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -103,6 +114,18 @@ class Reporter:
         return self.send("initial_sync" if initial else "continuous")
 
 
+def next_desired(answer: control_client.Desired | None,
+                 last: control_client.Desired | None) -> control_client.Desired | None:
+    """The desired state after a cycle: the configuration server's answer or, if the heartbeat
+    failed, the last one known, but not a resync: the cycle did it, and repeating it would
+    delete the digest maps and resync again for as long as heartbeats fail."""
+    if answer is not None:
+        return answer
+    if last is not None and last.state == "resync":
+        return dataclasses.replace(last, state="replicate")
+    return last
+
+
 def cmd_run(args) -> int:
     state = StateDir(args.state_dir)
     config = state.load_config()
@@ -140,12 +163,19 @@ def cmd_run(args) -> int:
             for i in range(len(config.disks)):
                 state.digests(i).unlink(missing_ok=True)
         desired = reporter.current(resync) or desired
-        report = Replicator(config, state, connect).run_cycle()
-        print(f"cycle done: marker {report.marker_id} (seq {report.marker_seq}); read {report.bytes_read} bytes "
-              f"(skipped {report.bytes_skipped} bytes of holes), "
-              f"sent {report.bytes_sent} bytes in {report.frames} frames, {report.seconds:.1f}s, "
-              f"{report.reconnects} reconnects, {report.throttle_events} throttle events", flush=True)
-        desired = reporter.current() or desired
+        try:
+            report = Replicator(config, state, connect, reconnect_for=args.reconnect_for).run_cycle()
+        except LinkLost as e:
+            if args.once:
+                raise
+            # e.g. the process server is down for maintenance: a failed cycle is simply repeated
+            log.error("cycle failed: %s; next attempt in %.0fs", e, interval)
+        else:
+            print(f"cycle done: marker {report.marker_id} (seq {report.marker_seq}); read {report.bytes_read} bytes "
+                  f"(skipped {report.bytes_skipped} bytes of holes), "
+                  f"sent {report.bytes_sent} bytes in {report.frames} frames, {report.seconds:.1f}s, "
+                  f"{report.reconnects} reconnects, {report.throttle_events} throttle events", flush=True)
+        desired = next_desired(reporter.current(), desired)
         if args.once:
             return 0
         time.sleep(interval)
@@ -170,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rate", type=parse_rate, help="bandwidth limit in bytes per second (500K, 100M, 1G)")
     p.add_argument("--interval", type=float, help="seconds between cycles (default: the policy's crash-consistent interval)")
     p.add_argument("--no-heartbeat", dest="heartbeat", action="store_false", help="do not call the configuration server")
+    p.add_argument("--reconnect-for", type=_seconds, default=300.0, metavar="SECONDS",
+                   help="how long a cycle keeps trying to reach the process server before it fails (default 300); "
+                   "without --once the next cycle tries again")
     p.set_defaults(handler=cmd_run)
     return parser
 

@@ -33,6 +33,10 @@ from ..dataplane.frames import (
 
 # Above this, a frame's header and payload go out as two writes rather than one joined copy.
 SEPARATE_PAYLOAD_BYTES = 64 * 1024
+# TCP keepalive: a peer silent for KEEPALIVE_IDLE s is probed every KEEPALIVE_INTERVAL s and the
+# connection given up after KEEPALIVE_PROBES unanswered probes (about 2 minutes). ACKs themselves
+# have no deadline: a throttled process server may withhold them for long.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES = 60, 10, 6
 
 
 class LinkLost(ApplianceError):
@@ -48,6 +52,19 @@ def refusal(what: str, error: Frame) -> ApplianceError:
     database is restarting) is a lost link to reconnect after; any other code is final."""
     text = f"{what}: {error_text(error)}"
     return LinkLost(text) if error.offset == ErrorCode.INTERNAL else ServerRefused(text)
+
+
+def keep_alive(sock: socket.socket) -> None:
+    """Turn on TCP keepalive, so a silently dead peer (host gone, NAT entry dropped) ends in an
+    error on the connection rather than a wait for ever."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "SIO_KEEPALIVE_VALS") and hasattr(sock, "ioctl"):  # Windows (probes: 10, fixed)
+        sock.ioctl(socket.SIO_KEEPALIVE_VALS, (1, KEEPALIVE_IDLE * 1000, KEEPALIVE_INTERVAL * 1000))
+        return
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                        ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 class RateLimit:
@@ -161,7 +178,7 @@ class Outbox:
 
 class Link:
     def __init__(self, address: tuple[str, int], ctx: ssl.SSLContext, machine: uuid.UUID, outbox: Outbox,
-                 rate: RateLimit, connect_timeout: float = 15.0) -> None:
+                 rate: RateLimit, connect_timeout: float = 15.0, handshake_timeout: float = 60.0) -> None:
         self.machine = machine
         self.outbox = outbox
         self.rate = rate
@@ -170,14 +187,20 @@ class Link:
         self.error: ApplianceError | None = None
         self._closed = threading.Event()
         self._digests: queue.Queue[Frame] = queue.Queue()
-        raw = socket.create_connection(address, timeout=connect_timeout)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are written whole anyway
+        where = f"{address[0]}:{address[1]}"
         try:
+            raw = socket.create_connection(address, timeout=connect_timeout)
+        except OSError as e:
+            raise LinkLost(f"cannot connect to the process server at {where}: {e}") from None
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are written whole anyway
+            keep_alive(raw)
+            # a peer that accepts connections but never answers must not hold the agent for ever
+            raw.settimeout(handshake_timeout)
             self.sock = ctx.wrap_socket(raw, server_hostname=address[0])
-        except (ssl.SSLError, OSError):
+        except OSError as e:  # ssl.SSLError included
             raw.close()
-            raise
-        self.sock.settimeout(None)
+            raise LinkLost(f"no TLS session with the process server at {where}: {e}") from None
         try:
             self.sock.sendall(encode(Frame(Kind.HELLO, machine)))
             welcome = self._read_frame()
@@ -185,9 +208,16 @@ class Link:
                 raise refusal("process server refused the session", welcome)
             if welcome.kind is not Kind.WELCOME:
                 raise ServerRefused(f"process server answered HELLO with {welcome.kind.name}")
+        except TimeoutError:
+            self.sock.close()
+            raise LinkLost(f"the process server at {where} did not answer HELLO within {handshake_timeout:.0f}s") from None
+        except OSError as e:
+            self.sock.close()
+            raise LinkLost(f"connection to the process server at {where} lost before the session began: {e}") from None
         except BaseException:
             self.sock.close()  # a reconnect loop would otherwise leave one socket per attempt to the collector
             raise
+        self.sock.settimeout(None)  # from here a dead peer is found by keepalive; ACKs may come late
         self.server_seq = welcome.seq
         self.resync_requested = bool(welcome.flags & Flag.RESYNC)
         outbox.ack(welcome.seq)

@@ -1,7 +1,8 @@
 """One replication cycle of every disk: initial replication where it is not finished (resumed
-from the last acknowledged checkpoint), a delta pass elsewhere, then a consistency marker.
-The cycle returns once the process server has durably acknowledged the marker; only then
-are the digest maps saved, so a failed cycle is simply repeated."""
+from the last acknowledged checkpoint), a delta pass elsewhere, a resync where the digest map
+is lost, then a consistency marker. The cycle returns once the process server has durably
+acknowledged the marker; only then are the digest maps saved, so a failed cycle is simply
+repeated."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..common.errors import ApplianceError
 from ..dataplane.digests import (
     BLOCK,
     CHUNK,
@@ -21,15 +23,23 @@ from ..dataplane.digests import (
     chunk_digest,
     digest_blocks,
     digest_extents,
+    every_run,
 )
 from ..dataplane.frames import MAX_DATA, Frame, Kind
 from ..dataplane.session import MAX_DIGEST_BLOCKS
 from .link import Link, LinkLost, Outbox, ReadBuffer
 from .source import DiskReader, SourceError, disk_size
-from .state import PHASE_DELTA, PHASE_INITIAL, AgentConfig, StateDir
+from .state import PHASE_DELTA, PHASE_INITIAL, AgentConfig, DiskState, StateDir
 
 log = logging.getLogger(__name__)
 FRAME_BYTES = CHUNK  # a chunk with nothing to skip goes out as one frame
+# How far beyond the current chunk initial replication may send before it records a new sent
+# limit: one small state write per budget; a resumed pass sends up to a budget again in full.
+SENT_BUDGET = 256 * 1024 * 1024
+
+
+class AcknowledgedDataLost(ApplianceError):
+    """The process server no longer holds frames it acknowledged: only a resync repairs the replica."""
 
 
 @dataclass
@@ -56,12 +66,46 @@ class _Acked:
         self.offset = max(self.offset, offset)
 
 
+class _Initial:
+    """What an initial pass records in the disk state for a restarted agent: the acknowledged
+    offset (with the digest map) and the sent limit."""
+
+    def __init__(self, state: StateDir, disk: int, st: DiskState, dmap: DigestMap, size: int, budget: int) -> None:
+        self.state, self.disk, self.st, self.dmap, self.size, self.budget = state, disk, st, dmap, size, budget
+
+    def checkpoint(self, acked: int) -> None:
+        self.st.initial_offset = acked
+        self.dmap.save(self.state.digests(self.disk))
+        self.state.save_disk(self.disk, self.st)
+
+    def raise_limit(self, pos: int) -> int:
+        """Durably allow sending up to a budget beyond `pos` (a chunk's start); the new limit."""
+        self.st.sent_limit = min(self.size, pos + self.budget)
+        self.state.save_disk(self.disk, self.st)
+        return self.st.sent_limit
+
+
+def _needs_resync(st: DiskState, dmap: DigestMap | None) -> bool:
+    """Whether the replica may hold data that no digest map describes: the map is missing (lost,
+    or deleted for a resync) after a delta cycle or after initial replication recorded progress;
+    or a delta cycle sent frames and never finished (the map predates them: a block that went
+    back to what the map says would not be sent again, and the replica would keep the newer
+    data). An initial replication without recorded progress restarts instead, sending
+    everything below its sent limit in full."""
+    if st.phase == PHASE_DELTA:
+        return dmap is None or st.sent_limit > 0
+    return dmap is None and st.initial_offset > 0
+
+
 class Replicator:
     def __init__(self, config: AgentConfig, state: StateDir, connect: Callable[[Outbox], Link],
                  window_bytes: int = 64 * 1024 * 1024, checkpoint_every: float = 2.0,
-                 reconnect_for: float = 300.0, frame_bytes: int = FRAME_BYTES, resync_wait: float = 600.0) -> None:
+                 reconnect_for: float = 300.0, frame_bytes: int = FRAME_BYTES, resync_wait: float = 600.0,
+                 sent_budget: int = SENT_BUDGET) -> None:
         if frame_bytes % BLOCK or not 0 < frame_bytes <= MAX_DATA:
             raise ValueError(f"frame size {frame_bytes} must be a multiple of {BLOCK} up to {MAX_DATA}")
+        if sent_budget % CHUNK or sent_budget <= 0:
+            raise ValueError(f"sent budget {sent_budget} must be a positive multiple of {CHUNK}")
         self.config = config
         self.state = state
         self._connect = connect
@@ -70,6 +114,7 @@ class Replicator:
         self._reconnect_for = reconnect_for
         self._frame_blocks = frame_bytes // BLOCK
         self._resync_wait = resync_wait
+        self._sent_budget = sent_budget
         self.link: Link | None = None
         self.outbox = Outbox(window_bytes)
         self.next_seq = 1
@@ -79,16 +124,22 @@ class Replicator:
     def _open(self, fresh: bool = False) -> None:
         """Connect; a fresh cycle continues the machine's sequence from the server's, a
         reconnect replays the outbox (frames not yet queued keep the numbers they were given)."""
-        self.link = self._connect(self.outbox)
-        server_seq = self.link.server_seq
-        with self.outbox.cond:
-            first = self.outbox.items[0].seq if self.outbox.items else None
-        if first is not None and server_seq < first - 1:
-            raise LinkLost(f"process server reports sequence {server_seq} but acknowledged {first - 1}: "
-                           "its cache lost acknowledged data; a resync is needed")
-        if fresh:
-            self.next_seq = server_seq + 1
-        self.link.replay()
+        acked = self.outbox.acked  # before this connection's WELCOME (the outbox keeps the highest)
+        link = self._connect(self.outbox)
+        try:
+            if link.server_seq < acked:  # retrying cannot bring those frames back
+                raise AcknowledgedDataLost(
+                    f"the process server reports sequence {link.server_seq} but had acknowledged {acked}: it lost "
+                    "data it had made durable (was its cache disk replaced or restored?). Request a resync of "
+                    f"{self.config.hostname} on the appliance (action `resync`), or without a configuration server "
+                    f"delete {self.state.root / 'disk-*.digests'}, then run the agent again")
+            if fresh:
+                self.next_seq = link.server_seq + 1
+            link.replay()
+        except BaseException:
+            link.close()  # a retry must not leave this connection and its two threads behind
+            raise
+        self.link = link
 
     def _reconnect(self, why: Exception, fresh: bool = False) -> None:
         deadline = time.monotonic() + self._reconnect_for
@@ -97,6 +148,7 @@ class Replicator:
         if self.link is not None:
             self.report.throttle_events += self.link.throttle_events
             self.link.close()
+            self.link = None
         while True:
             try:
                 self._open(fresh)
@@ -139,16 +191,24 @@ class Replicator:
                 self._reconnect(e)
 
     # -- passes ---------------------------------------------------------------------------
-    def _pass(self, disk: int, reader: DiskReader, dmap: DigestMap, start: int, initial: bool,
-              checkpoint: Callable[[int], None] | None) -> None:
+    def _pass(self, disk: int, reader: DiskReader, dmap: DigestMap, start: int, initial: _Initial | None,
+              before_sending: Callable[[], None] | None = None) -> None:
+        """A delta pass, or with `initial` initial replication from `start` (a chunk boundary).
+        `before_sending` runs once, before the pass's first frame goes out."""
         pos = start
         last_save = time.monotonic()
         progress = _Acked(start)
+        # Below the recorded sent limit, a resumed initial pass cannot tell what reached the process
+        # server after the last checkpoint: it sends every block, zeros and holes included.
+        limit = initial.st.sent_limit if initial else 0
+        resend_to = limit
 
         while pos < reader.size:
             want = min(CHUNK, reader.size - pos)
+            resend = pos < resend_to
             extents = reader.data_extents(pos, want, BLOCK)
-            if not extents and want == CHUNK and (initial or dmap.chunk_matches(pos, ZERO_CHUNK_DIGEST)):
+            if (not extents and want == CHUNK and not resend
+                    and (initial or dmap.chunk_matches(pos, ZERO_CHUNK_DIGEST))):
                 # an image file's unallocated chunk that the replica holds as zeros already (initial
                 # replication starts from an all-zero replica): nothing to read, hash or send
                 self.report.bytes_skipped += CHUNK
@@ -173,8 +233,16 @@ class Replicator:
                 continue
             digests = digest_extents(chunk, [(lo - pos, hi - pos) for lo, hi in extents])
             first_block = pos // BLOCK
-            runs = changed_runs(b"" if initial else bytes(dmap.slice(first_block, len(digests) // DIGEST)),
-                                digests, self._frame_blocks, skip_zero=initial)
+            if resend:
+                runs = every_run(len(digests) // DIGEST, self._frame_blocks)
+            else:
+                runs = changed_runs(b"" if initial else bytes(dmap.slice(first_block, len(digests) // DIGEST)),
+                                    digests, self._frame_blocks, skip_zero=initial is not None)
+            if initial and runs and end > limit:
+                limit = initial.raise_limit(pos)  # durable before any of these frames goes out
+            if runs and before_sending is not None:
+                before_sending()
+                before_sending = None
             for i, run in enumerate(runs):
                 lo, hi = run.first * BLOCK, min((run.first + run.count) * BLOCK, len(chunk))
                 # the chunk's last frame, once acknowledged, covers the whole chunk
@@ -185,13 +253,13 @@ class Replicator:
                 progress.advance(end)  # nothing to send and nothing outstanding
             dmap.update(pos, digests, whole)
             pos = end
-            if checkpoint and time.monotonic() - last_save > self._checkpoint_every:
-                checkpoint(progress.offset)
+            if initial and time.monotonic() - last_save > self._checkpoint_every:
+                initial.checkpoint(progress.offset)
                 last_save = time.monotonic()
-        if checkpoint:
+        if initial:
             # the whole disk is read and queued; checkpoints go on while the rest is acknowledged
             while not self._wait(self.next_seq - 1, last_save + self._checkpoint_every - time.monotonic()):
-                checkpoint(progress.offset)
+                initial.checkpoint(progress.offset)
                 last_save = time.monotonic()
 
     def _remote_digests(self, disk: int, offset: int, blocks: int) -> bytes:
@@ -236,7 +304,7 @@ class Replicator:
         self.outbox = Outbox(self._window)
         try:
             self._open(fresh=True)
-        except LinkLost as e:  # it answered but cannot serve yet (e.g. its database is restarting)
+        except (OSError, LinkLost) as e:  # unreachable, or it cannot serve yet (e.g. its database is restarting)
             self._reconnect(e, fresh=True)
         try:
             states = [self.state.load_disk(d) for d in range(len(self.config.disks))]
@@ -249,28 +317,28 @@ class Replicator:
                 maps.append(DigestMap.load(self.state.digests(disk), size))
             # Resyncs first: the replica's digests are only served once everything received
             # is applied, so nothing of this cycle may be in flight yet.
-            order = sorted(range(len(states)), key=lambda d: not (states[d].phase == PHASE_DELTA and maps[d] is None))
+            order = sorted(range(len(states)), key=lambda d: not _needs_resync(states[d], maps[d]))
             for disk in order:
                 st, dmap = states[disk], maps[disk]
                 with DiskReader(self.config.disks[disk].path, CHUNK) as reader:
-                    if st.phase == PHASE_INITIAL:
-                        self.report.phases.append(f"disk {disk}: initial from {st.initial_offset}")
-                        dmap = dmap if (dmap and st.initial_offset) else DigestMap(reader.size)
-
-                        def checkpoint(acked: int, disk=disk, st=st, dmap=dmap) -> None:
-                            st.initial_offset = acked
-                            dmap.save(self.state.digests(disk))
-                            self.state.save_disk(disk, st)
-
-                        self._pass(disk, reader, dmap, st.initial_offset - st.initial_offset % CHUNK, True, checkpoint)
-                    elif dmap is None:
+                    if _needs_resync(st, dmap):
                         self.report.phases.append(f"disk {disk}: resync")
                         dmap = DigestMap(reader.size)
                         self._resync_pass(disk, reader, dmap)
                         st.resyncs += 1
+                    elif st.phase == PHASE_INITIAL:
+                        self.report.phases.append(f"disk {disk}: initial from {st.initial_offset}")
+                        dmap = dmap if (dmap and st.initial_offset) else DigestMap(reader.size)
+                        self._pass(disk, reader, dmap, st.initial_offset - st.initial_offset % CHUNK,
+                                   _Initial(self.state, disk, st, dmap, reader.size, self._sent_budget))
                     else:
                         self.report.phases.append(f"disk {disk}: delta")
-                        self._pass(disk, reader, dmap, 0, False, None)
+
+                        def sending(disk=disk, st=st, size=reader.size) -> None:
+                            st.sent_limit = size  # cleared when the cycle's marker is acknowledged
+                            self.state.save_disk(disk, st)
+
+                        self._pass(disk, reader, dmap, 0, None, sending)
                 maps[disk] = dmap
             marker_id = uuid.uuid4().hex
             seq = self._send(Kind.MARKER, 0, time.time_ns(), marker_id.encode())
@@ -280,6 +348,7 @@ class Replicator:
                 if dmap.dirty:
                     dmap.save(self.state.digests(disk))
                 st.phase, st.initial_offset = PHASE_DELTA, self.config.disks[disk].size
+                st.sent_limit = 0  # everything sent is in the map now
                 st.cycles += 1
                 st.last_marker_id = marker_id
                 self.state.save_disk(disk, st)

@@ -2,7 +2,7 @@
 
     S/agent.json          identity, servers, disks (written by `register`)
     S/agent.pem, S/agent-key.pem, S/ca.pem   client certificate, its key (0600), appliance CA
-    S/disk-<n>.json       phase (initial / delta), initial replication checkpoint, cycles
+    S/disk-<n>.json       phase (initial / delta), initial replication checkpoint and sent limit, cycles
     S/disk-<n>.digests    digest map of what the replica holds (see digests.py)
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..common import fileio
 from ..common.errors import ApplianceError
 
 PHASE_INITIAL = "initial"
@@ -30,6 +31,7 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fileio.fsync_dir(path.parent)  # else power loss can bring the old file back
 
 
 @dataclass
@@ -56,6 +58,11 @@ class AgentConfig:
 class DiskState:
     phase: str = PHASE_INITIAL
     initial_offset: int = 0  # initial replication acknowledged up to here
+    # Initial replication sends nothing at or beyond this offset before recording a larger one:
+    # frames up to here may have reached the process server without being acknowledged yet. A
+    # delta cycle sets it to the disk's size before its first frame; every finished cycle
+    # clears it, so a delta phase with a limit means a cycle broke off after sending (resync).
+    sent_limit: int = 0
     cycles: int = 0
     last_marker_id: str = ""
     resyncs: int = 0

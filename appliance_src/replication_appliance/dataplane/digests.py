@@ -11,6 +11,8 @@ from pathlib import Path
 
 import xxhash
 
+from ..common import fileio
+
 BLOCK = 4096
 DIGEST = 16
 ZERO_BLOCK = bytes(BLOCK)
@@ -80,6 +82,11 @@ def changed_runs(old: bytes | memoryview, new: bytes | memoryview, max_blocks: i
     return runs
 
 
+def every_run(blocks: int, max_blocks: int) -> list[Run]:
+    """All of `blocks` blocks, in runs of at most `max_blocks`."""
+    return [Run(first, min(max_blocks, blocks - first)) for first in range(0, blocks, max_blocks)]
+
+
 def _zero_digest_indices(digests: bytes) -> list[int]:
     """Indices of the all-zero blocks' digests, found by bytes.find (no per-block Python loop
     when a chunk has no zero block, the usual case for data)."""
@@ -133,6 +140,7 @@ class DigestMap:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fileio.fsync_dir(path.parent)  # else power loss can bring the old map back
         self.dirty = False
 
     @classmethod
