@@ -47,7 +47,8 @@ def register(subparsers) -> None:
     add.add_argument("--key-file", type=Path, help="private key file (SSH); else a password is used")
     add.add_argument("--password-file", type=Path, help=f"file holding the password (else {PASSWORD_ENV} or a prompt)")
     add.add_argument("--sudo-password-file", type=Path,
-                     help=f"sudo password for a key login as a non-root user (else {SUDO_PASSWORD_ENV})")
+                     help=f"sudo password for a key login as a non-root user (else {SUDO_PASSWORD_ENV}; "
+                          "not needed where sudo asks for none)")
     add.add_argument("--replace", action="store_true", help="replace a credential of the same name")
     listing = actions.add_parser("list", help="names, users and kinds (never the secrets)")
     _data_dir(listing)

@@ -20,6 +20,10 @@ class TargetUnreachableError(PushInstallError):
     """The target's SSH or WinRM port cannot be reached."""
 
 
+class TransferFailed(PushInstallError):
+    """A file could not be copied to the target (disk full, permissions, a dropped connection)."""
+
+
 class StepFailed(PushInstallError):
     """A step ran on the target and failed; the message carries the target's own words."""
 

@@ -10,8 +10,9 @@ import base64
 import hashlib
 import json
 import re
+import secrets
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 OS_FAMILIES = ("linux", "windows")
@@ -20,6 +21,9 @@ PACKAGE_RE = re.compile(r"^mobility-agent-(?P<version>\d+(?:\.\d+)*(?:[.-][A-Za-
 # Bytes per stdin message over WinRM: base64 (4/3) stays well under the 150 KB default
 # MaxEnvelopeSize of Windows Server 2008 R2 (500 KB from 2012 on).
 WINRM_CHUNK_BYTES = 96 * 1024
+# Staging folders: a new one per job, under a random name (mktemp's on Linux).
+LINUX_STAGING_PREFIX = "mobility-agent-push-"
+WINDOWS_STAGING_PARENT = r"C:\Windows\Temp"
 
 
 @dataclass(frozen=True)
@@ -99,10 +103,17 @@ class Registration:
 class LinuxLayout:
     target: Target
     package: AgentPackage
+    folder: str = ""  # the job's staging folder, once prepare_staging has made it (see staged)
+
+    @property
+    def staging_parent(self) -> str:
+        return f"{self.target.prefix}/var/tmp"
 
     @property
     def staging(self) -> str:
-        return f"{self.target.prefix}/var/tmp/mobility-agent-push-{self.package.version}"
+        if not self.folder:
+            raise RuntimeError("no staging folder yet: run prepare_staging() and pass what it prints to staged()")
+        return self.folder
 
     @property
     def archive(self) -> str:
@@ -128,8 +139,23 @@ class LinuxLayout:
         return f" --prefix {shlex.quote(self.target.prefix)}" if self.target.prefix else ""
 
     def prepare_staging(self, owner: str) -> str:
-        q = shlex.quote(self.staging)
-        return f"mkdir -p {q} && chown {shlex.quote(owner)} {q} && chmod 700 {q}"
+        """Make the job's staging folder and print its path.
+
+        /var/tmp is writable by every user: `mktemp -d` only ever creates a new folder under an
+        unguessable name (never one, or a link, that someone made there beforehand), 0700 and
+        then the login user's, who copies into it over SFTP. Half-made, it is removed again.
+        """
+        parent = shlex.quote(self.staging_parent)
+        return (f"mkdir -p {parent} && d=$(mktemp -d {parent}/{LINUX_STAGING_PREFIX}XXXXXXXXXX) || exit 1\n"
+                f"chmod 700 \"$d\" && chown {shlex.quote(owner)} \"$d\" || {{ rm -rf \"$d\"; exit 1; }}\n"
+                "printf '%s\\n' \"$d\"")
+
+    def staged(self, printed: str) -> LinuxLayout:
+        """This layout with the folder prepare_staging printed; anything else is refused (it is removed as root later)."""
+        folder = printed.strip()
+        if not re.fullmatch(re.escape(f"{self.staging_parent}/{LINUX_STAGING_PREFIX}") + r"[A-Za-z0-9]{10}", folder):
+            raise ValueError(f"making the staging folder printed {folder!r}, not a new folder in {self.staging_parent}")
+        return replace(self, folder=folder)
 
     def verify_and_unpack(self) -> str:
         """Check the uploaded archive's SHA-256, then unpack it afresh (a re-run replaces a half-unpacked one)."""
@@ -181,18 +207,32 @@ class LinuxLayout:
         return f"rm -rf {shlex.quote(self.staging)}"
 
 
-def with_sudo(command: str) -> str:
-    """Run `command` as root through sudo, the password read from stdin (-S) with no prompt text."""
-    return f"sudo -S -p '' sh -c {shlex.quote(command)}"
+def with_sudo(command: str, password: bool) -> str:
+    """Run `command` as root through sudo.
+
+    -k: sudo ignores any cached credentials (they are per parent process, and every command is a
+    child of the one remote shell), so it asks for the password every time or never, and a
+    password line sent along is always the one it reads. With `password`, the first line of
+    stdin is the password (-S, no prompt text) and the rest is the command's; `cat` hands it on
+    through a pipe, so a command that opens /dev/stdin cannot read it from the start again (a
+    shell may keep a here-document in a file). Without: -n, sudo fails rather than asks.
+    """
+    if password:
+        return f"cat | sudo -S -k -p '' sh -c {shlex.quote(command)}"
+    return f"sudo -n -k sh -c {shlex.quote(command)}"
 
 
 # --- Windows ----------------------------------------------------------------------------------
+
+def new_windows_staging() -> str:
+    return f"{WINDOWS_STAGING_PARENT}\\MobilityAgentPush-{secrets.token_hex(16)}"
+
 
 @dataclass(frozen=True)
 class WindowsLayout:
     target: Target
     package: AgentPackage
-    staging: str = r"C:\Windows\Temp\MobilityAgentPush"
+    staging: str = field(default_factory=new_windows_staging)  # one per job: see prepare_staging
 
     @property
     def archive(self) -> str:
@@ -227,8 +267,25 @@ class WindowsLayout:
         return self.part
 
     def prepare_staging(self, _owner: str = "") -> str:
-        return (f"New-Item -ItemType Directory -Force -Path {ps_quote(self.staging)} | Out-Null; "
-                f"Remove-Item -LiteralPath {ps_quote(self.part)} -Force -ErrorAction SilentlyContinue")
+        """Make the job's staging folder, for SYSTEM and the Administrators only.
+
+        Any user can make folders in C:\\Windows\\Temp (and own them): New-Item without -Force
+        fails if the name exists, so only a folder made here is used. Inheritance is cut and
+        the ACL set by SID (names are localised) before anything is written into it; it must
+        then be empty, or someone wrote into it while it still had the parent's ACL.
+        """
+        q = ps_quote(self.staging)
+        return (f"New-Item -ItemType Directory -Path {q} -ErrorAction Stop | Out-Null; "
+                f"& icacls.exe {q} /inheritance:r /grant:r '*S-1-5-18:(OI)(CI)F' '*S-1-5-32-544:(OI)(CI)F' | Out-Null; "
+                f"if ($LASTEXITCODE -ne 0) {{ Remove-Item -LiteralPath {q} -Force; "
+                f"throw ('icacls could not restrict the staging folder to SYSTEM and Administrators: exit code ' + "
+                f"$LASTEXITCODE) }}; "
+                f"if (Get-ChildItem -LiteralPath {q} -Force) {{ "
+                f"throw ('the new staging folder ' + {q} + ' is not empty: something wrote into it; look at it') }}")
+
+    def staged(self, _printed: str) -> WindowsLayout:
+        """The folder's name was chosen here: prepare_staging made that one or failed."""
+        return self
 
     def verify_and_unpack(self) -> str:
         return (f"$h = (Get-FileHash -LiteralPath {ps_quote(self.part)} -Algorithm SHA256).Hash.ToLowerInvariant(); "

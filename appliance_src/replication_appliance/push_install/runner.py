@@ -8,12 +8,13 @@ the target is as before and the job can simply be run again.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self
 
 from .errors import PushInstallError, StepFailed, VersionRefused
 from .plan import (
@@ -79,15 +80,19 @@ def run_push_install(request: PushRequest, transport: Transport, sink: ProgressS
     registered = identity is not None and identity.get("control_server") == request.control_server
     up_to_date = current == request.package.version and registered
     step = _Steps(sink)
-    staged = False  # a staging folder may exist on the target and is to be removed
+    staged = False  # the job's staging folder exists on the target and is to be removed
     try:
         if up_to_date:
             for name in ("copy", "check", "install", "register"):
                 sink.step(name, "skipped", f"agent {current} installed and registered")
         else:
-            staged = True
             with step("copy"):
-                _run(transport, "copy", layout.prepare_staging(request.credential_owner))
+                made = _run(transport, "copy", layout.prepare_staging(request.credential_owner))
+                try:
+                    layout = layout.staged(made.stdout)
+                except ValueError as exc:
+                    raise StepFailed("copy", str(exc)) from None
+                staged = True
                 transport.put(request.package.path, layout.upload_path)
                 transport.put(request.ca_cert, layout.ca_file)
                 step.message = f"{request.package.path.name} and the appliance CA copied"
@@ -142,7 +147,7 @@ class _Steps:
         self.name, self.message = name, ""
         return self
 
-    def __enter__(self) -> _Steps:
+    def __enter__(self) -> Self:
         self.sink.step(self.name, "running")
         return self
 
@@ -165,10 +170,8 @@ def _run(transport: Transport, step: str, command: str, stdin: str | None = None
 
 def _cleanup(transport: Transport, command: str) -> None:
     """Best effort: the staging folder goes, but a lost connection must not hide the step's own error."""
-    try:
+    with contextlib.suppress(Exception):  # whatever the transport raises, the original outcome stands
         transport.run(command)
-    except Exception:  # noqa: BLE001 - whatever the transport raises, the original outcome stands
-        pass
 
 
 def _identity(text: str | None) -> dict | None:

@@ -90,6 +90,10 @@ def run_job(data_dir: DataDir, sessions: sessionmaker[Session], job: PushJob, ki
     except PushInstallError as exc:
         recorder.finish(str(exc))
         return job_id, None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - whatever it was, the job ends failed, not "running" forever
+        error = f"unexpected {type(exc).__name__}: {exc}"
+        recorder.finish(error)
+        return job_id, None, error
     jobs.record_agent_version(sessions, outcome.machine_id, outcome.version)
     recorder.finish(None, outcome.machine_id)
     return job_id, outcome, None

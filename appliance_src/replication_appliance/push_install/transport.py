@@ -1,6 +1,7 @@
 """Transports: how commands and files reach a target. SSH/SFTP (paramiko) and WinRM (pywinrm)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import secrets
@@ -15,10 +16,11 @@ from typing import Protocol
 import paramiko
 
 from .credentials import Credential
-from .errors import TargetAuthError, TargetUnreachableError
+from .errors import TargetAuthError, TargetUnreachableError, TransferFailed
 from .plan import Target, encode_powershell, ps_quote, winrm_transfer_plan, with_sudo
 
 CONNECT_TIMEOUT_S = 20.0
+SUDO_CHECK_TIMEOUT_S = 60.0  # sudo waits a few seconds after a wrong password
 _known_hosts_lock = threading.Lock()
 
 
@@ -74,9 +76,11 @@ class SshTransport:
         self.label = target.label
         self._sftp: paramiko.SFTPClient | None = None
         self._channel: paramiko.Channel | None = None
+        self._sudo_checked = False
+        self._sudo_password: str | None = None  # None: sudo lets the user in without one
 
     def run(self, command: str, stdin: str | None = None, as_root: bool = True, timeout: float = 900) -> CommandResult:
-        """Run `command` in a subshell of the connection's one remote shell.
+        """Run `command` in a subshell of the connection's one remote shell (through sudo unless root).
 
         The login shell (and whatever the account's startup files do) starts once per target,
         not once per command. The command's input is a here-document (the passphrase or sudo
@@ -85,8 +89,13 @@ class SshTransport:
         """
         feed = stdin or ""
         if as_root and self.sudo:
-            command = with_sudo(command)
-            feed = (self.credential.sudo_password or self.credential.secret) + "\n" + feed
+            password = self._sudo()
+            command = with_sudo(command, password is not None)
+            if password is not None:
+                feed = password + "\n" + feed
+        return self._run_in_shell(command, feed, timeout)
+
+    def _run_in_shell(self, command: str, feed: str, timeout: float) -> CommandResult:
         marker = f"__push_install_{secrets.token_hex(8)}__"
         script = f"( {command}\n) " + (f"<<'{marker}'\n{feed.rstrip(chr(10))}\n{marker}\n" if feed else "</dev/null\n")
         script += f"code=$?; printf '\\n%s %s\\n' {marker} \"$code\"; printf '\\n%s\\n' {marker} >&2\n"
@@ -97,6 +106,41 @@ class SshTransport:
         except (OSError, paramiko.SSHException, TimeoutError) as exc:
             self._close_shell()
             raise TargetUnreachableError(f"the remote shell on {self.label} broke off: {exc}") from None
+
+    def _sudo(self) -> str | None:
+        """The password to send to sudo, None if sudo asks for none; found out once per connection.
+
+        A key's private part is never sent: a key login without a stored sudo password needs
+        sudo without a password (NOPASSWD). A password is sent only when sudo asks for one,
+        and only after it was accepted on its own, so sudo never reads further into the
+        command's input for another try.
+        """
+        if self._sudo_checked:
+            return self._sudo_password
+        user, name = self.credential.username, self.credential.name
+        probe = self._run_in_shell(with_sudo(":", password=False), "", SUDO_CHECK_TIMEOUT_S)
+        if probe.exit_code == 127:
+            raise TargetAuthError(f"{self.label} has no sudo, and {user!r} is not root: use a root credential, or "
+                                  f"install sudo there and allow {user!r} to use it")
+        password = None
+        if probe.exit_code != 0:
+            password = self.credential.sudo_password or (
+                self.credential.secret if self.credential.kind == "password" else None)
+            if password is None:
+                raise TargetAuthError(
+                    f"sudo on {self.label} asks {user!r} for a password and credential {name!r} holds none (it is a "
+                    "key, which is never sent to sudo): add the credential again with --sudo-password-file, or "
+                    f"allow {user!r} sudo without a password (NOPASSWD)")
+            if "\n" in password or "\r" in password:
+                raise TargetAuthError(f"the sudo password of credential {name!r} contains a line break: sudo reads "
+                                      "one line; store the credential again with the password alone")
+            check = self._run_in_shell(with_sudo(":", password=True), password + "\n", SUDO_CHECK_TIMEOUT_S)
+            if check.exit_code != 0:
+                raise TargetAuthError(f"sudo on {self.label} refused {user!r} with the password of credential "
+                                      f"{name!r} ({check.last_words()}): check the password and that {user!r} "
+                                      "may use sudo there")
+        self._sudo_checked, self._sudo_password = True, password
+        return password
 
     def _shell(self) -> paramiko.Channel:
         if self._channel is None or self._channel.closed or self._channel.exit_status_ready():
@@ -116,7 +160,11 @@ class SshTransport:
         return self._sftp
 
     def put(self, local: Path, remote: str) -> None:
-        self.sftp.put(str(local), remote)
+        try:
+            self.sftp.put(str(local), remote)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise TransferFailed(f"copying {local.name} to {remote} on {self.label} failed: {_cause(exc)}; check the "
+                                 "free space and permissions there") from None
 
     def read_text(self, remote: str) -> str | None:
         """Root reads over the SFTP session (no remote shell to start); a sudoer through `sudo cat`."""
@@ -126,8 +174,8 @@ class SshTransport:
                     return fh.read().decode(errors="replace") or None
             except FileNotFoundError:
                 return None
-            except OSError:
-                pass  # not readable over SFTP (permissions): as root through the shell below
+            except (OSError, EOFError, paramiko.SSHException):
+                pass  # not readable over SFTP (permissions, SFTP gone): through the shell below
         result = self.run(f"cat {shlex.quote(remote)} 2>/dev/null || true")
         return result.stdout or None
 
@@ -159,6 +207,11 @@ def _read_until_marker(channel: paramiko.Channel, marker: bytes, deadline: float
         if left <= 0:
             raise TimeoutError("the command did not finish in time")
         select.select([channel], [], [], min(left, 1.0))
+
+
+def _cause(exc: BaseException) -> str:
+    """An error's own words (paramiko's can be empty), for a message."""
+    return (getattr(exc, "strerror", None) or str(exc)).strip().rstrip(":") or type(exc).__name__
 
 
 def _private_key(credential: Credential) -> paramiko.PKey:
@@ -193,20 +246,24 @@ class WinRmTransport:
             raise TargetAuthError(f"{target.label} refused the login of {credential.username!r} with credential "
                                   f"{credential.name!r}: check the user name and password (local accounts also need "
                                   "LocalAccountTokenFilterPolicy=1)") from None
-        except Exception as exc:  # requests' connection errors: one message for the user
+        except Exception as exc:  # noqa: BLE001 - requests' connection errors: one message for the user
             raise TargetUnreachableError(f"cannot reach WinRM on {target.label}: {exc}; check WinRM, the port "
                                          "and the firewall") from None
 
     def _powershell(self, script: str, stdin_chunks: list[bytes]) -> CommandResult:
-        command_id = self.protocol.run_command(self.shell, "powershell.exe",
-                                               ["-NoProfile", "-NonInteractive", "-EncodedCommand",
-                                                encode_powershell(script)])
-        for i, chunk in enumerate(stdin_chunks):
-            self.protocol.send_command_input(self.shell, command_id, chunk, end=i == len(stdin_chunks) - 1)
-        if not stdin_chunks:
-            self.protocol.send_command_input(self.shell, command_id, b"", end=True)
-        out, err, code = self.protocol.get_command_output(self.shell, command_id)
-        self.protocol.cleanup_command(self.shell, command_id)
+        try:
+            command_id = self.protocol.run_command(self.shell, "powershell.exe",
+                                                   ["-NoProfile", "-NonInteractive", "-EncodedCommand",
+                                                    encode_powershell(script)])
+            for i, chunk in enumerate(stdin_chunks):
+                self.protocol.send_command_input(self.shell, command_id, chunk, end=i == len(stdin_chunks) - 1)
+            if not stdin_chunks:
+                self.protocol.send_command_input(self.shell, command_id, b"", end=True)
+            out, err, code = self.protocol.get_command_output(self.shell, command_id)
+            self.protocol.cleanup_command(self.shell, command_id)
+        except Exception as exc:  # noqa: BLE001 - requests' and pywinrm's many error types: one message for the user
+            raise TargetUnreachableError(f"WinRM to {self.target.label} broke off: {type(exc).__name__}: "
+                                         f"{_cause(exc)[:300]}; check WinRM, the network and the target") from None
         return CommandResult(code, out.decode(errors="replace"), err.decode(errors="replace"))
 
     def run(self, command: str, stdin: str | None = None, as_root: bool = True, timeout: float = 900) -> CommandResult:
@@ -216,11 +273,14 @@ class WinRmTransport:
         plan = winrm_transfer_plan(remote)
         result = self._powershell(plan.receiver, plan.stdin_chunks(local.read_bytes()))
         if result.exit_code != 0:
-            raise TargetUnreachableError(f"copying {local.name} to {self.target.label} failed: {result.last_words()}")
+            raise TransferFailed(f"copying {local.name} to {remote} on {self.target.label} failed: "
+                                 f"{result.last_words()}")
 
     def read_text(self, remote: str) -> str | None:
         result = self._powershell(f"Get-Content -Raw -LiteralPath {ps_quote(remote)} -ErrorAction SilentlyContinue", [])
         return result.stdout or None
 
     def close(self) -> None:
-        self.protocol.close_shell(self.shell)
+        # After a broken connection this fails too; the shell then ends on the target by itself (idle timeout).
+        with contextlib.suppress(Exception):
+            self.protocol.close_shell(self.shell)

@@ -1,9 +1,11 @@
-"""The Linux commands of a push install, as built (pure): quoting, sudo, no secret in argv."""
+"""The Linux commands of a push install, as built (pure): quoting, sudo, no secret in argv.
+What they do on a target is tested over a real sshd (test_ssh_transport.py, test_linux_push_install.py)."""
 from __future__ import annotations
 
 import shlex
 from pathlib import Path
 
+import pytest
 from replication_appliance.push_install.plan import (
     AgentPackage,
     LinuxLayout,
@@ -14,21 +16,41 @@ from replication_appliance.push_install.plan import (
     with_sudo,
 )
 
+FOLDER = "mobility-agent-push-Ab3dE5gH9k"  # as mktemp would name it
+
 
 def layout(tmp_path: Path, root: str = "/") -> LinuxLayout:
+    """A layout whose staging folder was made (as prepare_staging's output gives it)."""
     path = tmp_path / "mobility-agent-2.0.1-linux.tar.gz"
     path.write_bytes(b"package")
-    return LinuxLayout(Target("db01", "linux", 22, root), AgentPackage.from_file(path))
+    plan = LinuxLayout(Target("db01", "linux", 22, root), AgentPackage.from_file(path))
+    return plan.staged(f"{plan.staging_parent}/{FOLDER}\n")
 
 
 def test_paths_follow_the_install_root(tmp_path: Path):
     real = layout(tmp_path)
-    assert real.staging == "/var/tmp/mobility-agent-push-2.0.1"
+    assert real.staging == f"/var/tmp/{FOLDER}"
     assert real.agent == "/opt/mobility-agent/current/bin/mobility-agent"
-    assert real.installer_command("install") == "sh /var/tmp/mobility-agent-push-2.0.1/mobility-agent-2.0.1-linux/install.sh install"
+    assert real.installer_command("install") == f"sh /var/tmp/{FOLDER}/mobility-agent-2.0.1-linux/install.sh install"
     test_root = layout(tmp_path, "/srv/target one/")
-    assert test_root.staging == "/srv/target one/var/tmp/mobility-agent-push-2.0.1"
+    assert test_root.staging == f"/srv/target one/var/tmp/{FOLDER}"
     assert test_root.installer_command("check").endswith("check --prefix '/srv/target one'")
+
+
+def test_the_staging_folder_is_made_fresh_and_only_what_mktemp_printed_is_used(tmp_path: Path):
+    plan = layout(tmp_path, "/srv/target one/")
+    command = plan.prepare_staging("deploy")
+    assert "mktemp -d '/srv/target one/var/tmp'/mobility-agent-push-XXXXXXXXXX" in command
+    assert "mkdir -p '/srv/target one/var/tmp'" in command and "chown deploy" in command
+    unstaged = LinuxLayout(plan.target, plan.package)
+    with pytest.raises(RuntimeError, match="no staging folder yet"):
+        _ = unstaged.archive
+    # Its output decides the folder; anything but a new folder in the right place is refused.
+    for printed in ("", "/srv/target one/var/tmp", "/var/tmp/mobility-agent-push-Ab3dE5gH9k",
+                    "/srv/target one/var/tmp/mobility-agent-push-2.0.1", "/srv/target one/var/tmp/x/../../etc",
+                    "/srv/target one/var/tmp/mobility-agent-push-Ab3dE5gH9k\n/etc"):
+        with pytest.raises(ValueError, match="not a new folder in /srv/target one/var/tmp"):
+            unstaged.staged(printed)
 
 
 def test_register_reads_the_passphrase_on_stdin(tmp_path: Path):
@@ -36,14 +58,17 @@ def test_register_reads_the_passphrase_on_stdin(tmp_path: Path):
     argv = shlex.split(command)
     assert argv[argv.index("--passphrase-file") + 1] == "/dev/stdin"
     assert argv.count("--disk") == 2 and argv[argv.index("--host-id") + 1] == "id-1"
-    assert argv[argv.index("--ca-file") + 1] == "/var/tmp/mobility-agent-push-2.0.1/ca.pem"
+    assert argv[argv.index("--ca-file") + 1] == f"/var/tmp/{FOLDER}/ca.pem"
 
 
-def test_sudo_takes_the_password_on_stdin_and_keeps_the_command_whole(tmp_path: Path):
+def test_sudo_never_uses_cached_credentials_and_keeps_the_command_whole(tmp_path: Path):
     inner = layout(tmp_path).verify_and_unpack()
-    wrapped = with_sudo(inner)
-    argv = shlex.split(wrapped)
-    assert argv[:5] == ["sudo", "-S", "-p", "", "sh"] and argv[5:7] == ["-c", inner]
+    with_password = shlex.split(with_sudo(inner, password=True))
+    # The password is the first line of stdin, handed on through a pipe with the command's input.
+    assert with_password[:2] == ["cat", "|"]
+    assert with_password[2:7] == ["sudo", "-S", "-k", "-p", ""] and with_password[7:] == ["sh", "-c", inner]
+    without = shlex.split(with_sudo(inner, password=False))
+    assert without == ["sudo", "-n", "-k", "sh", "-c", inner]
 
 
 def test_checksum_and_unpack_are_one_guarded_command(tmp_path: Path):

@@ -1,10 +1,15 @@
 """Linux push install for real: sshd on loopback as the target, the agent package copied over
 SFTP, installed under a temporary prefix, registered with a running appliance, first heartbeat
 confirmed; a second run changes nothing; wrong credentials fail clearly; a failed install leaves
-the target clean; upgrades keep the registration."""
+the target clean; upgrades keep the registration; each job stages in a new private folder; a
+failed upload fails its job clearly."""
 from __future__ import annotations
 
 import json
+import pwd
+import re
+import resource
+import stat
 import subprocess
 import tarfile
 from pathlib import Path
@@ -12,8 +17,13 @@ from pathlib import Path
 import httpx
 from replication_appliance.common.tls import client_ssl_context
 from replication_appliance.db.models import Job, Machine
+from replication_appliance.push_install import service
+from replication_appliance.push_install.credentials import Credential
+from replication_appliance.push_install.plan import AgentPackage, LinuxLayout, Target
+from replication_appliance.push_install.transport import SshTransport
 
 from appliance_build.packaging.agent_packages import build_agent_packages, package_paths
+from tests.fixtures.ports import free_port
 
 from .conftest import Appliance, LinuxTarget
 
@@ -240,3 +250,80 @@ def test_a_changed_host_key_is_refused(appliance: Appliance, linux_target: Linux
     assert result.returncode == 1
     assert "presented a different host key than on first contact" in result.stderr
     assert sorted(p.name for p in linux_target.root.iterdir()) == ["disk0.img"]
+
+
+def test_each_job_stages_in_a_new_folder_only_the_login_user_may_enter(linux_target: LinuxTarget, tmp_path: Path):
+    package = tmp_path / "mobility-agent-1.0.0-linux.tar.gz"
+    package.write_bytes(b"package")
+    target = Target(linux_target.ssh.host, "linux", linux_target.ssh.port, str(linux_target.root))
+    layout = LinuxLayout(target, AgentPackage.from_file(package))
+    transport = SshTransport(target, Credential("root-key", "root", "key", linux_target.ssh.key_path.read_text()),
+                             tmp_path / "known-hosts")
+    login_user = pwd.getpwnam("nobody")  # sshd lets only root in here: another owner shows the chown
+    try:
+        made = [layout.staged(transport.run(layout.prepare_staging(login_user.pw_name)).stdout) for _ in range(2)]
+        folders = [Path(job.staging) for job in made]
+        assert folders[0] != folders[1] and {f.parent for f in folders} == {linux_target.root / "var" / "tmp"}
+        for folder in folders:
+            info = folder.lstat()
+            assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700
+            assert info.st_uid == login_user.pw_uid and list(folder.iterdir()) == []
+        for job in made:
+            assert transport.run(job.cleanup()).exit_code == 0
+        assert not any(f.exists() for f in folders)
+    finally:
+        transport.close()
+
+
+def test_a_staging_folder_someone_made_beforehand_is_not_used(appliance: Appliance, linux_target: LinuxTarget,
+                                                             tmp_path: Path):
+    """/var/tmp is every user's: a folder under the old, predictable name, with links planted in
+    it, must not be written through (the copy runs as root)."""
+    planted = linux_target.root / "var" / "tmp" / "mobility-agent-push-1.0.0"
+    planted.mkdir(parents=True)
+    names = ["ca.pem", "mobility-agent-1.0.0-linux.tar.gz"]
+    for name in names:
+        victim = tmp_path / f"root-only-{name}"
+        victim.write_bytes(b"root's own file\n")
+        (planted / name).symlink_to(victim)
+    add_key_credential(appliance, linux_target)
+    result = push(appliance, linux_target)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [(tmp_path / f"root-only-{name}").read_bytes() for name in names] == [b"root's own file\n"] * 2
+    assert sorted(p.name for p in planted.iterdir()) == names and all(p.is_symlink() for p in planted.iterdir())
+    # The job's own folder is gone: only the planted one is left.
+    assert list((linux_target.root / "var" / "tmp").iterdir()) == [planted]
+
+
+def test_an_upload_failing_on_the_target_fails_the_job_clearly(appliance: Appliance, linux_target: LinuxTarget):
+    """A write that fails on the target ends the job `failed`, with the cause and an end time, not
+    `running` forever; the CLI reports it without a traceback, and many targets at once (`agents
+    upgrade`) are all reported. The failure is real: the target's sshd gets a file-size limit,
+    so its SFTP server dies writing the package, as on a full disk it would fail."""
+    resource.prlimit(linux_target.ssh.pid, resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    add_key_credential(appliance, linux_target)
+    result = push(appliance, linux_target)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    copying = (r"copying mobility-agent-1\.0\.0-linux\.tar\.gz to \S+/var/tmp/mobility-agent-push-\w{10}/"
+               rf"mobility-agent-1\.0\.0-linux\.tar\.gz on 127\.0\.0\.1:{linux_target.ssh.port} \(\S+\) failed: "
+               "[^;]+; check the free space and permissions there")  # the cause in paramiko's words
+    assert re.search(copying, result.stderr), result.stderr
+    job = jobs(appliance)[-1]
+    assert job.status == "failed" and job.finished_at is not None and re.search(copying, job.error or "")
+    assert steps(job) == {"copy": "failed", **{name: "pending" for name in ("check", "install", "register", "start",
+                                                                           "heartbeat")}}
+    assert not (linux_target.root / "var" / "tmp").exists() or not list((linux_target.root / "var" / "tmp").iterdir())
+
+    # Many targets at once: every one is reported and recorded, whatever failed on the others.
+    package = service.find_package(service.packages_dir(appliance.data_dir), "linux", "1.0.0")
+    limited = Target(linux_target.ssh.host, "linux", linux_target.ssh.port, str(linux_target.root))
+    nothing_there = Target("127.0.0.1", "linux", free_port(), str(linux_target.root))
+    sessions = appliance.sessions()
+    results = service.run_jobs(appliance.data_dir, sessions, [service.PushJob(limited, "root-key", package),
+                                                              service.PushJob(nothing_there, "root-key", package)],
+                               kind="agent-upgrade", server=appliance.server)
+    assert [(outcome, bool(re.search(pattern, error or ""))) for (_, outcome, error), pattern in
+            zip(results, (copying, "cannot reach SSH on 127.0.0.1"), strict=True)] == [(None, True)] * 2
+    with sessions() as session:
+        recorded = [session.get(Job, job_id) for job_id, _, _ in results]
+        assert [(j.status, j.finished_at is not None) for j in recorded] == [("failed", True)] * 2

@@ -10,8 +10,12 @@ import re
 from pathlib import Path
 
 import pytest
+import requests
 from replication_appliance.push_install.credentials import Credential
-from replication_appliance.push_install.errors import TargetAuthError
+from replication_appliance.push_install.errors import (
+    TargetAuthError,
+    TargetUnreachableError,
+)
 from replication_appliance.push_install.plan import (
     AgentPackage,
     Registration,
@@ -46,16 +50,18 @@ class FakeWindows:
     """Stands in for winrm.Protocol: records each PowerShell script and its stdin, keeps the
     files the scripts would write, and answers like Install-MobilityAgent.ps1 would."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_on: str | None = None) -> None:
         self.scripts: list[tuple[str, bytes]] = []
         self.files: dict[str, bytes] = {}
         self._pending: dict[str, list] = {}
+        self.fail_on = fail_on  # the connection drops while a script containing this runs
 
     def open_shell(self) -> str:
         return "shell-1"
 
     def close_shell(self, shell_id: str) -> None:
-        pass
+        if self.fail_on:
+            raise requests.ConnectionError("('Connection aborted.', ConnectionResetError(104))")
 
     def run_command(self, shell_id: str, command: str, arguments=()) -> str:
         assert command == "powershell.exe"
@@ -64,6 +70,8 @@ class FakeWindows:
         return command_id
 
     def send_command_input(self, shell_id: str, command_id: str, stdin_input: bytes, end: bool = False) -> None:
+        if self.fail_on and self.fail_on in self._pending[command_id][0]:
+            raise requests.ConnectionError("('Connection aborted.', ConnectionResetError(104))")
         self._pending[command_id][1] += stdin_input
 
     def get_command_output(self, shell_id: str, command_id: str) -> tuple[bytes, bytes, int]:
@@ -98,11 +106,11 @@ def test_windows_commands_quote_paths_and_keep_the_passphrase_off_the_command_li
     layout = WindowsLayout(Target("win01", "windows", 5986), package)
     register = layout.register_command(Registration("appliance:443", (r"\\.\PhysicalDrive0",), "win01", None))
     assert PASSPHRASE not in register and "[Console]::In.ReadLine()" in register
-    assert "Remove-Item -LiteralPath 'C:\\Windows\\Temp\\MobilityAgentPush\\passphrase.txt'" in register
+    assert f"Remove-Item -LiteralPath '{layout.staging}\\passphrase.txt'" in register
     assert "--passphrase-file" in register and "'\\\\.\\PhysicalDrive0'" in register
     assert package.sha256 in layout.verify_and_unpack()
     assert layout.installer_command("install").startswith(
-        "& 'C:\\Windows\\Temp\\MobilityAgentPush\\mobility-agent-1.2.3-windows\\Install-MobilityAgent.ps1' -Action Install")
+        f"& '{layout.staging}\\mobility-agent-1.2.3-windows\\Install-MobilityAgent.ps1' -Action Install")
     commands = (register, layout.verify_and_unpack(), layout.prepare_staging(), layout.cleanup(),
                 layout.installer_command("check"), layout.control_command("start"),
                 winrm_transfer_plan(layout.part).receiver)
@@ -113,7 +121,28 @@ def test_windows_commands_quote_paths_and_keep_the_passphrase_off_the_command_li
         assert len(encode_powershell(command)) < CMD_LINE_LIMIT
     # A single quote in a path cannot end the literal early.
     odd = WindowsLayout(Target("win01", "windows", 5986), package, staging=r"C:\it's here")
-    assert "'C:\\it''s here\\mobility-agent-1.2.3-windows.zip.part'" in odd.prepare_staging()
+    assert "-Path 'C:\\it''s here' -ErrorAction Stop" in odd.prepare_staging()
+    assert "'C:\\it''s here\\mobility-agent-1.2.3-windows.zip.part'" in odd.verify_and_unpack()
+
+
+def test_each_job_gets_a_new_staging_folder_closed_to_all_but_system_and_administrators(package: AgentPackage):
+    """Ordinary users can make folders in C:\\Windows\\Temp: a name they can guess, or a folder they
+    made, must never be used (checked statically: no PowerShell here)."""
+    target = Target("win01", "windows", 5986)
+    first, second = WindowsLayout(target, package), WindowsLayout(target, package)
+    assert first.staging != second.staging
+    assert re.fullmatch(r"C:\\Windows\\Temp\\MobilityAgentPush-[0-9a-f]{32}", first.staging)
+    script = first.prepare_staging()
+    quoted = f"'{first.staging}'"
+    # Made new or not at all: without -Force, New-Item fails on an existing folder, and stops the script.
+    assert f"New-Item -ItemType Directory -Path {quoted} -ErrorAction Stop" in script
+    assert "-Force" not in script[:script.index("icacls")]
+    # Inheritance cut, full control for SYSTEM and Administrators only, by SID; icacls' exit code checked.
+    acl = f"& icacls.exe {quoted} /inheritance:r /grant:r '*S-1-5-18:(OI)(CI)F' '*S-1-5-32-544:(OI)(CI)F'"
+    assert acl in script and script.count("/grant") == 1
+    assert script.index("New-Item") < script.index(acl) < script.index("if ($LASTEXITCODE -ne 0) {")
+    # Then it must be empty: nothing slipped in while it still had C:\\Windows\\Temp's ACL.
+    assert script.index("$LASTEXITCODE") < script.index(f"if (Get-ChildItem -LiteralPath {quoted} -Force) {{ throw")
 
 
 def test_the_whole_windows_push_through_winrm_transport(package: AgentPackage, tmp_path: Path):
@@ -135,13 +164,17 @@ def test_the_whole_windows_push_through_winrm_transport(package: AgentPackage, t
     assert outcome.machine_id == "m-1" and outcome.changed
     assert [e for e in events if e[1] == "succeeded"] == [(n, "succeeded") for n in
                                                           ("copy", "check", "install", "register", "start", "heartbeat")]
-    # The package and the CA arrived byte for byte, through stdin.
-    layout = WindowsLayout(target, package)
+    # The package and the CA arrived byte for byte, through stdin, into the folder made for this job.
+    scripts = [s for s, _ in fake.scripts]
+    staging = re.search(r"New-Item -ItemType Directory -Path '([^']+)'", scripts[2]).group(1)
+    layout = WindowsLayout(target, package, staging=staging)
     assert fake.files[layout.part] == package.path.read_bytes()
     assert fake.files[layout.ca_file] == ca.read_bytes()
-    scripts = [s for s, _ in fake.scripts]
+    # Nothing touches the folder before it is made and locked down.
+    assert not any(staging in s for s in scripts[:2]) and scripts[2] == layout.prepare_staging()
     order = [next(i for i, s in enumerate(scripts) if marker in s) for marker in
-             ("Get-FileHash", "-Action Check", "-Action Install", "register", "current\\Install-MobilityAgent.ps1' -Action Start", "Remove-Item -LiteralPath 'C:\\Windows\\Temp\\MobilityAgentPush' -Recurse")]
+             ("New-Item", "$out = [IO.File]::Open(", "Get-FileHash", "-Action Check", "-Action Install", "register",
+              "current\\Install-MobilityAgent.ps1' -Action Start", f"Remove-Item -LiteralPath '{staging}' -Recurse")]
     assert order == sorted(order)
     # Secrets: the passphrase only ever on stdin, the password never sent as script text.
     assert all(PASSPHRASE not in s and "Adm1n-secret" not in s for s in scripts)
@@ -152,3 +185,28 @@ def test_a_key_credential_is_refused_for_windows():
     with pytest.raises(TargetAuthError, match="Windows targets need a password credential"):
         WinRmTransport(Target("win01", "windows", 5986), Credential("k", "Administrator", "key", "-----BEGIN"),
                        protocol=FakeWindows())
+
+
+def test_a_dropped_winrm_connection_is_a_clear_error_not_a_crash(package: AgentPackage, tmp_path: Path):
+    """requests/pywinrm errors while the package is sent end as the package's own error type
+    (which the job records), naming the target; closing the dead shell does not raise."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    fake = FakeWindows(fail_on="[IO.File]::Open(")
+    target = Target("win01", "windows", 5986)
+    transport = WinRmTransport(target, Credential("win-admin", "Administrator", "password", "Adm1n-secret"),
+                               protocol=fake)
+    events: list[tuple[str, str, str]] = []
+
+    class Sink:
+        def step(self, name: str, status: str, message: str = "") -> None:
+            events.append((name, status, message))
+
+    request = PushRequest(target, package, "appliance:443", ca, PASSPHRASE, credential_owner="Administrator")
+    with pytest.raises(TargetUnreachableError) as caught:
+        run_push_install(request, transport, Sink(), lambda machine, since: None, heartbeat_timeout=1)
+    message = str(caught.value)
+    assert message.startswith("WinRM to win01:5986 broke off: ConnectionError: ('Connection aborted.'")
+    assert "Adm1n-secret" not in message and PASSPHRASE not in message
+    assert ("copy", "failed", message) in events
+    transport.close()
