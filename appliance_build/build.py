@@ -11,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .datastore_cleanup import CdUploads, delete_cd_images
+from .deploy.connection import Credentials
+from .deploy.options import TlsOptions, VcenterAddress
 from .errors import BuildError, OvaError
 from .ova.assemble import DIST, assemble_ova
 from .packaging import archive, wheels
@@ -43,13 +46,35 @@ def build_ova(inventory: str, iso: str | None = None, force: bool = False) -> Pa
             client = PackerClient(folder / "packer" / "appliance.pkr.hcl", secrets=secrets,
                                   variables={"answer_dir": str(answer_dir), "output_directory": str(scratch),
                                              "iso_url": inputs.iso_url})
-            client.build(on_line=_print_line)
+            uploads = CdUploads()
+
+            def on_line(line: str) -> None:
+                _print_line(line)
+                uploads.see(line)
+
+            try:
+                client.build(on_line=on_line)
+            finally:
+                if uploads.names:
+                    delete_answer_cds(settings, secrets["vsphere_password"], uploads.names)
         disks = stream_optimized_disks(settings, scratch)
         assemble_ova(settings, disks, ova)
         write_sha256(ova)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return ova
+
+
+def delete_answer_cds(settings: Settings, vsphere_password: str, names: list[str]) -> None:
+    """Delete the answer-file CDs vsphere-iso uploaded; warn, naming each, about any left behind."""
+    vsphere = settings.builder.vsphere
+    left = delete_cd_images(VcenterAddress(str(vsphere["vcenter"])),
+                            Credentials(str(vsphere["username"]), vsphere_password),
+                            TlsOptions(insecure=bool(vsphere["insecure"])),
+                            str(vsphere["datacenter"]), str(vsphere["datastore"]), names)
+    for problem in left:
+        sys.stderr.write(f"warning: the answer-file CD holds the administrator password and could not be "
+                         f"deleted, delete it by hand: {problem}\n")
 
 
 def stage_wheels() -> Path:

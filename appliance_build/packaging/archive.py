@@ -7,6 +7,8 @@ import os
 import subprocess
 import tarfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,15 +44,13 @@ def write_zip(path: Path, entries: list[Entry], epoch: int) -> None:
     import time
 
     date_time = time.gmtime(epoch)[:6]
-    tmp = path.with_name(path.name + ".part")
-    with zipfile.ZipFile(tmp, "w") as zf:
+    with _partial(path) as tmp, zipfile.ZipFile(tmp, "w") as zf:
         for entry in sorted(entries, key=lambda e: e.name):
             info = zipfile.ZipInfo(entry.name, date_time=date_time)
             info.create_system = 3  # unix, so the mode below is honoured and fixed
             info.external_attr = (0o100000 | entry.mode) << 16
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, entry.source.read_bytes(), compresslevel=9)
-    tmp.replace(path)
 
 
 def write_tar_gz(path: Path, entries: list[Entry], epoch: int) -> None:
@@ -61,9 +61,21 @@ def write_tar_gz(path: Path, entries: list[Entry], epoch: int) -> None:
         for entry in sorted(entries, key=lambda e: e.name):
             data = entry.source.read_bytes()
             tar.addfile(_tarinfo(entry.name, tarfile.REGTYPE, entry.mode, len(data), epoch), io.BytesIO(data))
-    tmp = path.with_name(path.name + ".part")
-    with tmp.open("wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=epoch, compresslevel=9) as gz:
+    with _partial(path) as tmp, tmp.open("wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=epoch, compresslevel=9) as gz:
         gz.write(buffer.getvalue())
+
+
+@contextmanager
+def _partial(path: Path) -> Iterator[Path]:
+    """`<path>.part` to write; renamed to `path` on success, removed on any failure (Ctrl-C too),
+    so a reader never finds half an archive."""
+    tmp = path.with_name(path.name + ".part")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
 
 

@@ -45,3 +45,16 @@ def vmdks(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="session")
 def local_settings():
     return load_settings("local")
+
+
+@pytest.fixture
+def rendered_local(tmp_path, monkeypatch) -> Path:
+    """The local (qemu) inventory rendered as `invoke render` does, for the Packer found here."""
+    from appliance_build import render
+    from appliance_build.packer import detect_packer_version
+
+    version = detect_packer_version()
+    if version is None:
+        pytest.fail("packer is not installed (Debian: apt-get install packer); ./bootstrap.sh installs it")
+    monkeypatch.setattr(render, "BUILD_ROOT", tmp_path)
+    return render.write_rendered(load_settings("local"), version)

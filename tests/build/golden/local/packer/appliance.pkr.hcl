@@ -135,6 +135,10 @@ source "qemu" "appliance" {
   cpus             = var.cpus
   memory           = var.memory_mb
 
+  # Three disks and two CD-ROMs are five drives: the default "pc" machine has four IDE slots and
+  # QEMU refuses to start. q35 puts if=ide drives on its AHCI controller (six ports), which
+  # Windows Setup drives with its inbox driver; the OS disk is port 0, so DiskID 0.
+  machine_type         = "q35"
   disk_interface       = "ide"
   disk_size            = "${var.os_disk_gb}G"
   disk_additional_size = ["${var.cache_disk_gb}G", "${var.retention_disk_gb}G"]
@@ -161,8 +165,10 @@ build {
     playbook_file = var.playbook_file
     user          = var.admin_user
     use_proxy     = false
-    # The WinRM password reaches Ansible through the environment (see the vars file), never argv.
-    extra_arguments  = ["--extra-vars", "@${var.ansible_vars_file}"]
+    # Packer appends `-e ansible_password=<WinRM password>` to ansible-playbook's argv (readable
+    # in /proc) unless an argument already names ansible_password. An empty one stops it; the
+    # vars file, read after it, sets the password from the environment.
+    extra_arguments  = ["--extra-vars", "ansible_password=", "--extra-vars", "@${var.ansible_vars_file}"]
     ansible_env_vars = ["ANSIBLE_NOCOLOR=True", "ANSIBLE_HOST_KEY_CHECKING=False"]
   }
 }

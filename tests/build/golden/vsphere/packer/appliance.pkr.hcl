@@ -225,8 +225,10 @@ build {
     playbook_file = var.playbook_file
     user          = var.admin_user
     use_proxy     = false
-    # The WinRM password reaches Ansible through the environment (see the vars file), never argv.
-    extra_arguments  = ["--extra-vars", "@${var.ansible_vars_file}"]
+    # Packer appends `-e ansible_password=<WinRM password>` to ansible-playbook's argv (readable
+    # in /proc) unless an argument already names ansible_password. An empty one stops it; the
+    # vars file, read after it, sets the password from the environment.
+    extra_arguments  = ["--extra-vars", "ansible_password=", "--extra-vars", "@${var.ansible_vars_file}"]
     ansible_env_vars = ["ANSIBLE_NOCOLOR=True", "ANSIBLE_HOST_KEY_CHECKING=False"]
   }
 }
