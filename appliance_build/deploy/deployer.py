@@ -5,7 +5,9 @@ from ImportVApp on, any failure (Ctrl-C included) aborts the lease and removes t
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import secrets
 import signal
 import threading
 import time
@@ -89,17 +91,23 @@ def deploy(options: DeployOptions, credentials: Credentials, say: Say = print, p
             raise DuplicateVmError(f"a VM named {options.name!r} already exists in datacenter "
                                    f"{target.datacenter.name!r}: choose another --name, or pass --replace to "
                                    f"delete it and deploy again")
-        plan = import_plan(content, package, descriptor, target, options)
+        # With --replace the new VM is imported beside the old one under a name of its own, and
+        # the old one is removed only once the import succeeded: a failed import keeps it.
+        importing = options if existing is None else dataclasses.replace(
+            options, name=f"{options.name}.replacing-{secrets.token_hex(3)}")
+        plan = import_plan(content, package, descriptor, target, importing)
         for warning in plan.warnings:
             say(f"warning: {warning}")
         if plan.warnings and options.strict:
             raise ImportSpecError(f"{len(plan.warnings)} warning(s) and --strict was given: "
                                   + "; ".join(plan.warnings))
+        vm = import_vm(content, package, target, plan, importing, fingerprint, say, progress, progress_interval,
+                       abort_grace)
         if existing is not None:
             say(f"removing the existing VM {options.name!r} (--replace)")
             remove_vm(existing)
-        vm = import_vm(content, package, target, plan, options, fingerprint, say, progress, progress_interval,
-                       abort_grace)
+            run_task(vm.Rename_Task(newName=options.name),
+                     f"rename {importing.name} to {options.name} (the new VM keeps the former name)")
         say(f"deployed VM {options.name!r} ({vm._moId}) on {target.compute.name}/{target.datastore.name}")
 
         address, reported = options.guest.ip, False

@@ -176,6 +176,26 @@ def test_duplicate_name_is_refused_unless_replace(settings, vcsim, si, credentia
     assert now.config.hardware.numCPU == 8
 
 
+def test_replace_whose_import_fails_keeps_the_existing_vm(settings, vcsim, si, credentials, appliance_ova):
+    """--replace removes the old VM only once the new one is imported: an import cut off
+    midway must leave the existing appliance as it was (and no half-imported one)."""
+    existing = deploy(vcsim_options(settings, vcsim, appliance_ova, "appliance-kept"), credentials,
+                      say=lambda _: None, progress=False)
+    proxy = FaultyProxy(upstream=(vcsim.host, vcsim.port), cut_after=1 * 2**20)
+    lines: list[str] = []
+    try:
+        with pytest.raises(UploadError):
+            deploy(vcsim_options(settings, vcsim, appliance_ova, "appliance-kept", replace=True,
+                                 vcenter=proxy.address), credentials, say=lines.append, progress=False,
+                   abort_grace=0.5)
+    finally:
+        proxy.close()
+    assert vm_named(si, "appliance-kept")._moId == existing.vm_id
+    assert not any("removing the existing VM" in line for line in lines)
+    view = si.content.viewManager.CreateContainerView(si.content.rootFolder, [vim.VirtualMachine], True)
+    assert not [vm.name for vm in view.view if vm.name.startswith("appliance-kept.replacing-")]
+
+
 def test_tampered_ova_stops_before_vcenter_is_contacted(settings, tmp_path, credentials, appliance_ova, vcsim):
     tampered = tmp_path / "tampered.ova"
     shutil.copy(appliance_ova, tampered)
