@@ -73,6 +73,7 @@ def test_init_with_password_in_url_strips_it(tmp_path, mariadb_server):
     url = mariadb_server.url(mariadb_server.new_database(), with_password=True)
     result = appliance(*init_args(d, "--db", url))
     assert mariadb_server.password not in result.stdout + result.stderr
+    assert "warning: the database password in --db was visible to every user" in result.stderr
     assert mariadb_server.password not in (d / "config.json").read_text()
     appliance("status", "--data-dir", str(d))
 

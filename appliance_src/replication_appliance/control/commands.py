@@ -138,6 +138,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     admin_password = _secret(ADMIN_PASSWORD_ENV, args.admin_password_file, "operator password: ", "operator password", True)
     db_password = None
     if args.db:
+        from ..db.engine import parse_db_url
+
+        if parse_db_url(args.db).password:  # kept (sealed, never in config.json), but it was in argv
+            print(f"warning: the database password in --db was visible to every user of this machine while "
+                  f"this ran (the process list); give the URL without it and the password in {DB_PASSWORD_ENV} "
+                  "or --db-password-file", file=sys.stderr)
         db_password = _secret(DB_PASSWORD_ENV, args.db_password_file, "database password: ", "database password", False)
     result = initialise(InitOptions(
         data_dir=args.data_dir, admin_password=admin_password, db_url=args.db, db_password=db_password,
