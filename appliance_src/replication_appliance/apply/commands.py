@@ -42,12 +42,14 @@ def _hold_apply_lock(dd: DataDir, machine) -> int:
     path = dd.root / f"apply-{machine.machine_id}.lock"
     fd = fileio.open_fd(path, os.O_RDWR | os.O_CREAT, 0o600)
     if not fileio.try_lock(fd):
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() if hasattr(os, "pread") else "?"
+        try:
+            holder = fileio.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:  # Windows refuses to read a range another process locked
+            holder = ""
         os.close(fd)
         raise ApplyError(f"another `appliance apply` for {machine.hostname} is running (process {holder or '?'}): "
                          "stop it first, or let it do the work")
-    os.ftruncate(fd, 0)
-    fileio.pwrite_all(fd, f"{os.getpid()}\n".encode(), 0)
+    fileio.pwrite_all(fd, f"{os.getpid():<20}\n".encode(), 0)  # fixed width: no truncation of a locked file
     return fd  # held open (locked) until this process ends
 
 
