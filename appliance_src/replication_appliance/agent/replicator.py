@@ -85,15 +85,26 @@ class _Initial:
         return self.st.sent_limit
 
 
-def _needs_resync(st: DiskState, dmap: DigestMap | None) -> bool:
+def _fresh(st: DiskState, dmap: DigestMap | None) -> bool:
+    """Nothing recorded of this disk: no map, no progress, no sent limit."""
+    return st.phase == PHASE_INITIAL and dmap is None and st.initial_offset == 0 and st.sent_limit == 0
+
+
+def _needs_resync(st: DiskState, dmap: DigestMap | None, agent_state_lost: bool) -> bool:
     """Whether the replica may hold data that no digest map describes: the map is missing (lost,
     or deleted for a resync) after a delta cycle or after initial replication recorded progress;
     or a delta cycle sent frames and never finished (the map predates them: a block that went
     back to what the map says would not be sent again, and the replica would keep the newer
-    data). An initial replication without recorded progress restarts instead, sending
-    everything below its sent limit in full."""
+    data); or the agent's whole state is lost (reinstalled, registered again) while the process
+    server already holds sequences of the machine, so an earlier agent's data may be in the
+    replica (where the source is zero now, a fresh initial pass would leave it). A disk added
+    beside replicated ones starts with an empty replica: initial replication. An initial
+    replication with a sent limit but no acknowledged progress restarts instead, sending
+    everything below the limit in full."""
     if st.phase == PHASE_DELTA:
         return dmap is None or st.sent_limit > 0
+    if _fresh(st, dmap):
+        return agent_state_lost
     return dmap is None and st.initial_offset > 0
 
 
@@ -317,11 +328,14 @@ class Replicator:
                 maps.append(DigestMap.load(self.state.digests(disk), size))
             # Resyncs first: the replica's digests are only served once everything received
             # is applied, so nothing of this cycle may be in flight yet.
-            order = sorted(range(len(states)), key=lambda d: not _needs_resync(states[d], maps[d]))
+            # every disk fresh, yet the process server holds sequences of this machine (its WELCOME)
+            state_lost = self.next_seq > 1 and all(_fresh(st, dmap) for st, dmap in zip(states, maps))
+            resync = [_needs_resync(st, dmap, state_lost) for st, dmap in zip(states, maps)]
+            order = sorted(range(len(states)), key=lambda d: not resync[d])
             for disk in order:
                 st, dmap = states[disk], maps[disk]
                 with DiskReader(self.config.disks[disk].path, CHUNK) as reader:
-                    if _needs_resync(st, dmap):
+                    if resync[disk]:
                         self.report.phases.append(f"disk {disk}: resync")
                         dmap = DigestMap(reader.size)
                         self._resync_pass(disk, reader, dmap)

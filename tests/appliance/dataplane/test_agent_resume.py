@@ -172,3 +172,24 @@ def test_a_delta_cycle_broken_off_after_sending_is_followed_by_a_resync(tmp_path
     assert (st.phase, st.sent_limit, st.resyncs) == ("delta", 0, 1)
     # and the next cycle is a plain delta again
     assert replicator(pki, m, srv.port, frame_bytes=FRAME).run_cycle().phases == ["disk 0: delta"]
+
+
+def test_an_agent_that_lost_its_whole_state_resyncs_rather_than_starting_initial_again(tmp_path, pki, setup):
+    """Reinstalled (or its state folder lost) and registered again, the agent has nothing
+    recorded, but the replica holds the earlier agent's data: a fresh initial pass, which
+    skips zeros, would leave blocks that are zero on the source now."""
+    store, master, m, srv = setup
+    first = replicator(pki, m, srv.port, frame_bytes=FRAME).run_cycle()
+    for f in m.state.root.glob("disk-*"):
+        f.unlink()
+    with open(m.images[0], "r+b") as f:
+        f.seek(4 * MiB)
+        f.write(bytes(64 * 1024))  # data the replica holds, zero now
+    applier = MachineApplier(store, DataKeyring(store, master), m.record)
+    applying = threading.Thread(target=applier.apply_until, args=(first.marker_seq, 60), daemon=True)
+    applying.start()
+    report = replicator(pki, m, srv.port, frame_bytes=FRAME).run_cycle()
+    applying.join(60)
+    assert report.phases == ["disk 0: resync"]
+    assert report.bytes_sent == 64 * 1024
+    assert_replica_is_source(store, master, m, report.marker_seq, tmp_path)
