@@ -1,8 +1,8 @@
 """One replication cycle of every disk: initial replication where it is not finished (resumed
-from the last acknowledged checkpoint), a delta pass elsewhere, a resync where the digest map
-is lost, then a consistency marker. The cycle returns once the process server has durably
-acknowledged the marker; only then are the digest maps saved, so a failed cycle is simply
-repeated."""
+from the last acknowledged checkpoint), a delta pass elsewhere, a resync where the replica may
+hold data no digest map describes (map lost, a delta cycle broken off after sending, the
+agent's state lost), then a consistency marker. The cycle returns once the process server has
+durably acknowledged the marker; only then are the digest maps saved."""
 from __future__ import annotations
 
 import logging
