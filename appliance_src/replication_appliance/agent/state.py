@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,13 +24,7 @@ class AgentStateError(ApplianceError):
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fileio.fsync_dir(path.parent)  # else power loss can bring the old file back
+    fileio.replace_file(path, text.encode())
 
 
 @dataclass

@@ -119,7 +119,7 @@ class DataDir:
         config.validate()
         data = (json.dumps(asdict(config), indent=2, sort_keys=True) + "\n").encode()
         try:
-            _replace_file(self.config_path, data)
+            fileio.replace_file(self.config_path, data)
         except OSError as exc:
             raise DataDirError(f"cannot save the configuration to {self.config_path} ({exc.strerror or exc}): "
                                "free space or fix permissions and run the command again") from None
@@ -144,24 +144,6 @@ class DataDir:
     def make_private_dir(self) -> None:
         self.private.mkdir(parents=True, exist_ok=True)
         os.chmod(self.private, 0o700)
-
-
-def _replace_file(path: Path, data: bytes) -> None:
-    """Replace `path` so that a failed write or a crash leaves the old file or the new one,
-    never a truncated mix: write a temp file beside it, fsync, rename, fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        fd = fileio.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        try:
-            fileio.pwrite_all(fd, data, 0)
-            os.fsync(fd)  # else the rename may reach the disk before the data
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fileio.fsync_dir(path.parent)
 
 
 __all__ = ["CLOUDS", "ApplianceConfig", "DataDir", "write_private_file"]

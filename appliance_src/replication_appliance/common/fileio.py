@@ -104,6 +104,25 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def replace_file(path: str | Path, data: bytes) -> None:
+    """Replace `path` so that a failed write or a crash leaves the old file or the new one,
+    never a truncated mix: write a temp file beside it, fsync, rename, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            pwrite_all(fd, data, 0)
+            os.fsync(fd)  # else the rename may reach the disk before the data
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)  # else power loss can bring the old file back
+
+
 def try_lock(fd: int) -> bool:
     """Take an exclusive lock on the open file `fd` without waiting; False if another process
     holds it. The lock goes with the descriptor (closing it, or the process ending, frees it)."""

@@ -106,13 +106,8 @@ class SealedSegment:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fileio.fsync_dir(path.parent)  # the uploader deletes segments on the strength of this state
+    # durable, folder included: the uploader deletes segments on the strength of this state
+    fileio.replace_file(path, json.dumps(data).encode())
 
 
 def read_state(machine_dir: Path) -> JournalState:

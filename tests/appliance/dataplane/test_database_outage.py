@@ -11,10 +11,11 @@ import threading
 import time
 
 import pytest
+from cryptography import x509
 from replication_appliance.agent.link import Link, RateLimit
 from replication_appliance.agent.replicator import Replicator
 from replication_appliance.common.secrets import MasterKey
-from replication_appliance.common.tls import client_ssl_context, fingerprint
+from replication_appliance.common.tls import cert_fingerprint, client_ssl_context
 from replication_appliance.db import migrate
 from replication_appliance.db.engine import make_engine, parse_db_url, session_factory
 from replication_appliance.db.models import Disk, Machine, Policy, ProcessServer
@@ -39,7 +40,7 @@ def own_mariadb(tmp_path):
         stop_mariadb(server)
 
 
-def register(sessions, m, cert_der: bytes) -> None:
+def register(sessions, m, cert_pem: bytes) -> None:
     """The rows `mobility-agent register` leaves: the machine, its disks, its certificate's
     fingerprint, assigned to the built-in process server."""
     with sessions.begin() as s:
@@ -47,7 +48,8 @@ def register(sessions, m, cert_der: bytes) -> None:
         s.add(ps)
         s.flush()
         s.add(Machine(id=str(m.id), host_id=f"host-{m.id}", hostname=m.record.hostname, os_family="linux",
-                      cert_fingerprint=fingerprint(cert_der), process_server_id=ps.id,
+                      cert_fingerprint=cert_fingerprint(x509.load_pem_x509_certificate(cert_pem)),
+                      process_server_id=ps.id,
                       policy_id=s.scalars(select(Policy.id)).one(),
                       disks=[Disk(name=str(p), index=i, size_bytes=size)
                              for i, (p, size) in enumerate(zip(m.images, m.record.disk_sizes))]))
@@ -59,7 +61,7 @@ def test_agents_and_uploads_wait_out_a_database_restart(tmp_path, pki, azurite, 
     migrate.upgrade(engine)
     m = make_machine(tmp_path, "sql01", [24 * MiB], seed=31, ps_port=0)
     cert, key = pki.agent(m.id)
-    register(session_factory(engine), m, _der(cert))
+    register(session_factory(engine), m, cert.read_bytes())
     store, master = open_store(azurite.connection_string), MasterKey(os.urandom(32))
 
     def data_port(**cfg) -> DataPort:
@@ -118,13 +120,6 @@ def test_agents_and_uploads_wait_out_a_database_restart(tmp_path, pki, azurite, 
     verify_points(store, master, m, states, tmp_path)
     # nothing in the agent's or the server's log calls the machine unregistered
     assert not any("register the agent first" in r.getMessage() for r in caplog.records)
-
-
-def _der(pem_path) -> bytes:
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    return x509.load_pem_x509_certificate(pem_path.read_bytes()).public_bytes(Encoding.DER)
 
 
 def _refused_for_the_database(caplog) -> bool:
