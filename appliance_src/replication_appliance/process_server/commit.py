@@ -128,6 +128,9 @@ class GroupCommit:
             self._error = e
             self._written_all = True
             self._cond.notify_all()
+        # at once, not when the session ends: the monitor's age-based seal must not flush and
+        # count what the failed write left staged
+        self._journal.mark_broken(self.durable_seq)
         self._signal()
 
     def _signal(self) -> None:

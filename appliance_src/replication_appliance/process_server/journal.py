@@ -15,6 +15,7 @@ sealed."""
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import threading
@@ -32,6 +33,7 @@ from ..dataplane.segment import SEGMENT_ALIGN, prefix_through, valid_prefix
 DIRECT_RECORD_BYTES = 64 * 1024
 STAGING_BYTES = 1024 * 1024
 O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere the page cache is used
+log = logging.getLogger(__name__)
 
 
 def aligned(n: int) -> int:
@@ -180,9 +182,12 @@ class MachineJournal:
 
     def mark_broken(self, durable_seq: int) -> None:
         """A write or fsync of this journal failed: only records up to `durable_seq` (made
-        durable before the failure) may be trusted; what was appended after may be lost."""
+        durable before the failure) may be trusted; what was appended after may be lost.
+        Nothing is written or sealed from then on until `repair()`. Called again as the
+        session ends: an fsync already under way may still have made more durable (one
+        session at a time, and a session starts by repairing, so the sequence only grows)."""
         with self.lock:
-            self.broken_at = durable_seq if self.broken_at is None else min(self.broken_at, durable_seq)
+            self.broken_at = durable_seq if self.broken_at is None else max(self.broken_at, durable_seq)
 
     def repair(self) -> SealedSegment | None:
         """After a failure: cut the open segment back to the last durable record, make that
@@ -316,7 +321,8 @@ class MachineJournal:
 
     def seal_if_old(self) -> SealedSegment | None:
         with self.lock:
-            if self._fd is not None and time.monotonic() - self._opened_at >= self.max_segment_age:
+            if (self._fd is not None and self.broken_at is None
+                    and time.monotonic() - self._opened_at >= self.max_segment_age):
                 return self.seal()
         return None
 
@@ -325,6 +331,10 @@ class MachineJournal:
         with self.lock:
             if self._fd is None:
                 return None
+            if self.broken_at is not None:
+                # Sealing would flush what the failed write left staged (or keep a torn record
+                # after the last whole one) and count it: only repair() may end this segment.
+                raise OSError(f"the journal of {self.machine} failed and is not repaired yet")
             self._fsync_open()
             os.close(self._fd)
             self._fd = None
@@ -342,9 +352,9 @@ class MachineJournal:
     def open_bytes(self) -> int:
         return self._open_bytes if self._fd is not None else 0
 
-    def close(self) -> None:
+    def close(self) -> SealedSegment | None:
         with self.lock:
-            self.seal()
+            return self.repair() if self.broken_at is not None else self.seal()
 
 
 class Journals:
@@ -377,4 +387,7 @@ class Journals:
 
     def close(self) -> None:
         for j in self.all():
-            j.close()
+            try:
+                j.close()
+            except OSError as e:  # the others still get sealed; this one is repaired at the next start
+                log.error("journal of machine %s could not be sealed (%s)", j.machine, e)

@@ -3,14 +3,17 @@ durable only after an fsync (or a seal) covering it, a marker seals its segment,
 was queued when a connection ends is still committed."""
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
 import uuid
 
+import pytest
+
 from replication_appliance.common import fileio
 from replication_appliance.dataplane import frames as F
-from replication_appliance.dataplane.segment import iter_records
+from replication_appliance.dataplane.segment import iter_records, valid_prefix
 from replication_appliance.process_server import commit as commit_module
 from replication_appliance.process_server.commit import GroupCommit
 from replication_appliance.process_server.journal import MachineJournal
@@ -131,3 +134,41 @@ def test_on_windows_a_segment_is_sealed_with_no_descriptor_of_it_open(tmp_path, 
         c.close()
     assert refused == []
     assert [seq for s in sealed for seq, _ in iter_seqs(s.path)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("failure", ["staged record", "torn large record"])
+def test_after_a_failed_write_only_repair_ends_the_segment(tmp_path, monkeypatch, failure):
+    """A journal write fails (cache disk full): a small record may be left in the staging
+    buffer, or a large one half on the disk after the last whole record. Until the session's
+    end cuts the segment back, the monitor's age-based seal must leave it alone: sealing would
+    flush and count the staged record, or hand torn bytes over for upload."""
+    j = MachineJournal(tmp_path, M, max_segment_bytes=1 << 30, max_segment_age=0)
+    real_pwrite = fileio.pwrite
+    armed = [False]
+
+    def failing_pwrite(fd: int, data, offset: int) -> int:
+        if armed[0]:
+            if failure == "torn large record" and len(data) > 64 << 10:
+                armed[0] = "half written"
+                return real_pwrite(fd, memoryview(data)[:len(data) // 2 // 4096 * 4096], offset)
+            if failure == "staged record" or armed[0] == "half written":
+                armed[0] = False
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(fileio, "pwrite", failing_pwrite)
+    c = GroupCommit(j, on_sealed=lambda s: None, max_queued_bytes=8 << 20)
+    try:
+        put(c, F.Kind.DATA, 1, b"a" * 4096)
+        assert c.wait_durable() == 1
+        armed[0] = True
+        put(c, F.Kind.DATA, 2, b"b" * (4096 if failure == "staged record" else 256 << 10))
+        with pytest.raises(OSError, match="No space left"):
+            c.wait_durable()
+        assert j.seal_if_old() is None and list(j.dir.glob("*.sealed")) == []
+    finally:
+        c.close()  # repairs: the segment ends at the last durable record
+    sealed = list(j.dir.glob("*.sealed"))
+    assert len(sealed) == 1 and valid_prefix(sealed[0].read_bytes())[0] == sealed[0].stat().st_size
+    assert records(j) == [(1, b"a" * 4096)] and j.last_seq == 1
+    assert MachineJournal(tmp_path, M, 1 << 30, 60).last_seq == 1
