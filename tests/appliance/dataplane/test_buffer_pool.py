@@ -145,6 +145,7 @@ def test_the_server_wide_budget_holds_back_only_connections_with_something_queue
         b2 = started(put, b, mb, 2)
         assert a3.is_alive() and b2.is_alive()  # both have something queued: they wait
         c1 = started(put, c, mc, 1)
+        c1.join(10)  # would wait for held_fsync, set only below, if it were held back
         assert not c1.is_alive()  # nothing queued yet: never held back (no connection starves)
         assert pool.queued_bytes == 4 * RECORD
         held_fsync.set()
