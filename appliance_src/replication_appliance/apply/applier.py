@@ -4,7 +4,10 @@ Per disk, blob `logs/<machine>/<disk>/<segno>` follows blob segno-1; each is aut
 and decrypted with the disk's data key, decompressed, and its records written in sequence
 order. The replica's own metadata records how far it has been applied (segment and
 sequence), so a restarted apply carries on where it stopped and never applies a record
-twice. Every MARKER becomes a snapshot of the replica: a recovery point."""
+twice. Every MARKER becomes a snapshot of the replica: a recovery point. A log is deleted
+once its position is recorded (cache storage is a staging area, not an archive); one left
+behind by an interruption, or uploaded again by a process server restarted after it had been
+applied, is deleted when apply starts next."""
 from __future__ import annotations
 
 import logging
@@ -14,17 +17,19 @@ from datetime import UTC, datetime
 
 from ..common.errors import ApplianceError
 from ..dataplane.frames import Kind
+from ..dataplane.manifest import Manifest, manifest_name, parse_manifest
 from ..dataplane.segment import (
     FORMAT,
     SegmentError,
     blob_name,
     iter_records,
-    parse_manifest,
+    logs_prefix,
     replica_name,
+    segno_of,
     unseal,
 )
 from ..dataplane.session import MachineRecord, resolve_in
-from ..storage.base import MAX_PAGE_WRITE, BlobNotFound, BlobStore
+from ..storage.base import MAX_PAGE_WRITE, BlobNotFound, BlobStore, StorageError
 from ..storage.keyring import DataKeyring
 
 log = logging.getLogger(__name__)
@@ -47,11 +52,11 @@ class AppliedPosition:
         return {"applied_segno": str(self.segno), "applied_seq": str(self.seq)}
 
 
-def machines_in(store: BlobStore) -> list[MachineRecord]:
+def machines_in(store: BlobStore) -> list[Manifest]:
     return [parse_manifest(store.get_blob(b.name)[0]) for b in store.list_blobs("machines/")]
 
 
-def find_machine(store: BlobStore, id_or_hostname: str) -> MachineRecord:
+def find_machine(store: BlobStore, id_or_hostname: str) -> Manifest:
     records = machines_in(store)
     rec = resolve_in(records, id_or_hostname)
     if rec is None:
@@ -94,13 +99,48 @@ class _Coalescer:
 
 
 class DiskApplier:
-    def __init__(self, store: BlobStore, keyring: DataKeyring, machine: MachineRecord, disk: int) -> None:
+    """One replica disk. Its metadata: applied position; `since_segno`, the first segment with
+    logs for the disk (a disk added later starts there); `first_marker_seq`, its first recovery
+    point (markers before it were taken without this disk)."""
+
+    def __init__(self, store: BlobStore, keyring: DataKeyring, machine: Manifest, disk: int) -> None:
         self.store, self.keyring, self.machine, self.disk = store, keyring, machine, disk
         self.name = replica_name(machine.machine_id, disk)
         store.create_page_blob(self.name, machine.disk_sizes[disk])
         self.metadata = store.get_metadata(self.name)
+        snapshots = store.list_snapshots(self.name)
+        self._snapshotted = {s.metadata.get("marker_seq") for s in snapshots}
+        since = machine.since(disk)
+        if int(self.metadata.get("since_segno", 0)) != since:
+            self._start_afresh(since)
+        elif "first_marker_seq" not in self.metadata and snapshots:  # a replica from before it was recorded
+            first = min(int(s.metadata["marker_seq"]) for s in snapshots if "marker_seq" in s.metadata)
+            self.metadata = {**self.metadata, "first_marker_seq": str(first)}
+            store.set_metadata(self.name, self.metadata)
         self.position = AppliedPosition.of(self.metadata)
-        self._snapshotted = {s.metadata.get("marker_seq") for s in store.list_snapshots(self.name)}
+        self._delete_applied_logs()
+
+    def _start_afresh(self, since: int) -> None:
+        """A disk added after replication began (its logs start at segment `since`), or one
+        dropped and registered again at this index: the replica starts empty there. Recovery
+        points taken of an earlier disk at this index stay as they were."""
+        if self.store.page_ranges(self.name):
+            self.store.clear_pages(self.name, 0, self.machine.disk_sizes[self.disk])
+        self.metadata = {"since_segno": str(since), **AppliedPosition(since - 1, 0).as_metadata()}
+        self.store.set_metadata(self.name, self.metadata)
+        log.info("%s disk %d: replica starts at segment %d", self.machine.hostname, self.disk, since)
+
+    def _delete_applied_logs(self) -> None:
+        for blob in self.store.list_blobs(logs_prefix(self.machine.machine_id, self.disk)):
+            segno = segno_of(blob.name)  # None: not a log of this naming, not ours to delete
+            if segno is not None and segno <= self.position.segno:
+                self._delete_log(blob.name)
+
+    def _delete_log(self, name: str) -> None:
+        try:
+            self.store.delete_blob(name)
+        except StorageError as e:  # applied and recorded: the next start deletes it
+            log.warning("applied log %s not deleted (%s); deleting it next time apply starts", name, e)
 
     def _save(self, position: AppliedPosition) -> None:
         self.position = position
@@ -135,9 +175,12 @@ class DiskApplier:
         # The segment's last sequence (it may end with another disk's data): applied means
         # "everything the process server received up to there is in this replica".
         self._save(AppliedPosition(segno, max(last, self.position.seq, blob_last_seq)))
+        self._delete_log(name)
         return True
 
     def _recovery_point(self, seq: int, marker_id: str, time_ns: int) -> None:
+        if "first_marker_seq" not in self.metadata:  # stored by the _save() that follows
+            self.metadata = {**self.metadata, "first_marker_seq": str(seq)}
         if str(seq) in self._snapshotted:
             return
         self.store.snapshot(self.name, {"marker_seq": str(seq), "marker_id": marker_id, "marker_time_ns": str(time_ns)})
@@ -156,15 +199,36 @@ def _log_metadata(name: str, meta: dict[str, str]) -> tuple[str, int]:
 
 
 class MachineApplier:
-    def __init__(self, store: BlobStore, keyring: DataKeyring, machine: MachineRecord) -> None:
-        self.machine = machine
+    def __init__(self, store: BlobStore, keyring: DataKeyring, machine: Manifest | MachineRecord) -> None:
+        if not isinstance(machine, Manifest):  # every disk there from the start
+            machine = Manifest(machine.machine_id, machine.hostname, machine.disk_sizes)
+        self.store, self.keyring, self.machine = store, keyring, machine
         self.disks = [DiskApplier(store, keyring, machine, d) for d in range(len(machine.disk_sizes))]
 
     def applied_seq(self) -> int:
         return min(d.position.seq for d in self.disks)
 
+    def follow_manifest(self) -> None:
+        """Take up disks a registration added (or drop removed ones) since the manifest was read."""
+        try:
+            manifest = parse_manifest(self.store.get_blob(manifest_name(self.machine.machine_id))[0])
+        except BlobNotFound:
+            return
+        if manifest == self.machine:
+            return
+        keep = 0  # disks whose replica goes on as it is
+        while (keep < min(len(self.disks), len(manifest.disk_sizes)) and manifest.since(keep) == self.machine.since(keep)
+               and manifest.disk_sizes[keep] == self.machine.disk_sizes[keep]):
+            keep += 1
+        self.disks = self.disks[:keep] + [DiskApplier(self.store, self.keyring, manifest, d)
+                                          for d in range(keep, len(manifest.disk_sizes))]
+        self.machine = manifest
+        for d in self.disks:
+            d.machine = manifest
+
     def apply_available(self) -> int:
         """Apply every log already in storage; returns how many blobs were applied."""
+        self.follow_manifest()
         count = 0
         for d in self.disks:
             while d.apply_next():

@@ -84,10 +84,13 @@ def cmd_recovery_points(args) -> int:
     _, store, machine = _open(args)
     points = recovery_points(store, machine)
     if args.json:
-        print(json.dumps([{"id": p.marker_id, "time": p.time_iso, "seq": p.seq} for p in points], indent=1))
+        print(json.dumps([{"id": p.marker_id, "time": p.time_iso, "seq": p.seq,
+                           "disks": [d for d, s in enumerate(p.snapshots) if s is not None]} for p in points], indent=1))
     else:
         for p in points:
-            print(f"{p.marker_id}  {p.time_iso}  seq={p.seq}")
+            missing = [str(d) for d, s in enumerate(p.snapshots) if s is None]
+            added = f"  (before disk {', '.join(missing)} was added)" if missing else ""
+            print(f"{p.marker_id}  {p.time_iso}  seq={p.seq}{added}")
     return 0
 
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..common import fileio
 from ..dataplane.session import MachineRecord
-from ..storage.base import BlobStore
+from ..storage.base import BlobNotFound, BlobStore, SnapshotInfo
 from .applier import ApplyError, iso, replica_name
 
 MAX_RETENTION_S = 15 * 24 * 3600
@@ -19,24 +20,43 @@ class RecoveryPoint:
     marker_id: str
     seq: int
     time_ns: int
-    snapshots: tuple[str, ...]  # one per disk, in disk order
+    # one per disk, in disk order; None: the disk was added to the machine after this point
+    snapshots: tuple[str | None, ...]
 
     @property
     def time_iso(self) -> str:
         return iso(self.time_ns)
 
 
+@dataclass(frozen=True)
+class _DiskPoints:
+    snapshots: dict[int, SnapshotInfo]  # by marker sequence
+    first_marker: int  # markers before it were taken without this disk
+    applied_seq: int
+
+
+def _disk_points(store: BlobStore, name: str) -> _DiskPoints:
+    snaps = {int(s.metadata["marker_seq"]): s for s in store.list_snapshots(name) if "marker_seq" in s.metadata}
+    try:
+        meta = store.get_metadata(name)
+    except BlobNotFound:
+        meta = {}
+    first = int(meta.get("first_marker_seq", min(snaps, default=sys.maxsize)))
+    return _DiskPoints(snaps, first, int(meta.get("applied_seq", 0)))
+
+
 def recovery_points(store: BlobStore, machine: MachineRecord) -> list[RecoveryPoint]:
-    per_disk = []
-    for d in range(len(machine.disk_sizes)):
-        per_disk.append({int(s.metadata["marker_seq"]): s for s in store.list_snapshots(replica_name(machine.machine_id, d))
-                         if "marker_seq" in s.metadata})
-    common = set(per_disk[0]).intersection(*per_disk[1:]) if per_disk else set()
+    """Markers snapshotted on every disk of the machine that existed then. A point a disk
+    has not reached yet, or lost part of (an interrupted prune), is not one."""
+    disks = [_disk_points(store, replica_name(machine.machine_id, d)) for d in range(len(machine.disk_sizes))]
     points = []
-    for seq in sorted(common):
-        first = per_disk[0][seq]
+    for seq in sorted(set().union(*(d.snapshots for d in disks))):
+        taken = [d.snapshots.get(seq) for d in disks]
+        if any(s is None and (d.applied_seq < seq or seq >= d.first_marker) for s, d in zip(taken, disks)):
+            continue
+        first = next(s for s in taken if s is not None)
         points.append(RecoveryPoint(first.metadata.get("marker_id", ""), seq, int(first.metadata.get("marker_time_ns", 0)),
-                                    tuple(p[seq].snapshot_id for p in per_disk)))
+                                    tuple(s.snapshot_id if s else None for s in taken)))
     return points
 
 
@@ -51,7 +71,8 @@ def prune(store: BlobStore, machine: MachineRecord, retention_s: float) -> list[
     gone = [p for p in points[:-1] if p.time_ns < cutoff]
     for p in gone:
         for d, snap in enumerate(p.snapshots):
-            store.delete_snapshot(replica_name(machine.machine_id, d), snap)
+            if snap is not None:
+                store.delete_snapshot(replica_name(machine.machine_id, d), snap)
     return gone
 
 
@@ -87,6 +108,9 @@ def export_disk(store: BlobStore, machine: MachineRecord, disk: int, out: Path, 
         raise ApplyError(f"disk {disk} does not exist on {machine.hostname}: disks 0..{len(machine.disk_sizes) - 1}")
     name = replica_name(machine.machine_id, disk)
     snapshot = point.snapshots[disk] if point else None
+    if point and snapshot is None:
+        raise ApplyError(f"disk {disk} of {machine.hostname} was added after recovery point {point.marker_id} "
+                         f"(sequence {point.seq}): it has no state at that point")
     size = machine.disk_sizes[disk]
     tmp = out.with_name(out.name + ".part")
     written = 0

@@ -7,7 +7,6 @@ name, key id and last sequence (kept in its metadata: apply advances its positio
 the associated data, so a blob cannot be swapped, replayed elsewhere, or told to skip records."""
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -27,7 +26,6 @@ from .frames import (
     check_payload,
     decode_header,
 )
-from .session import MachineRecord
 
 FORMAT = "zstd+aes256gcm/2"
 SEGMENT_ALIGN = 4096
@@ -106,7 +104,8 @@ def split_by_disk(buf: bytes | memoryview, disk_count: int) -> list[bytes]:
     for rec, start, end in _scan(mv):
         whole = mv[start:end]  # the record without padding: blobs hold records back to back
         if rec.header.kind is Kind.DATA:
-            parts[rec.header.disk].append(whole)
+            if rec.header.disk < disk_count:  # else a disk registered no more (its data has nowhere to go)
+                parts[rec.header.disk].append(whole)
         elif rec.header.kind is Kind.MARKER:
             for p in parts:
                 p.append(whole)
@@ -117,29 +116,22 @@ def split_by_disk(buf: bytes | memoryview, disk_count: int) -> list[bytes]:
     return [b"".join(p) for p in parts]
 
 
+def logs_prefix(machine: uuid.UUID, disk: int) -> str:
+    return f"logs/{machine}/{disk}/"
+
+
 def blob_name(machine: uuid.UUID, disk: int, segno: int) -> str:
-    return f"logs/{machine}/{disk}/{segno:012d}.log"
+    return f"{logs_prefix(machine, disk)}{segno:012d}.log"
+
+
+def segno_of(name: str) -> int | None:
+    """The segment number of a log blob's name (None: not a log of this naming)."""
+    stem, dot, ext = name.rsplit("/", 1)[-1].partition(".")
+    return int(stem) if stem.isdigit() and dot and ext == "log" else None
 
 
 def replica_name(machine: uuid.UUID, disk: int) -> str:
     return f"replicas/{machine}/disk{disk}"
-
-
-def manifest_name(machine: uuid.UUID) -> str:
-    return f"machines/{machine}.json"
-
-
-def manifest_bytes(record: MachineRecord) -> bytes:
-    return json.dumps({"machine_id": str(record.machine_id), "hostname": record.hostname,
-                       "disk_sizes": list(record.disk_sizes)}).encode()
-
-
-def parse_manifest(data: bytes) -> MachineRecord:
-    try:
-        d = json.loads(data)
-        return MachineRecord(uuid.UUID(d["machine_id"]), str(d["hostname"]), tuple(int(s) for s in d["disk_sizes"]))
-    except (ValueError, KeyError, TypeError) as e:
-        raise SegmentError(f"machine manifest in storage is malformed: {e}") from None
 
 
 def _aad(name: str, key_id: str, last_seq: int) -> bytes:

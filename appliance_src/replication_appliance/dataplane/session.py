@@ -35,6 +35,10 @@ class StaticDirectory:
     def machine(self, machine_id: uuid.UUID) -> MachineRecord | None:
         return self._by_id.get(machine_id)
 
+    def register(self, record: MachineRecord) -> None:
+        """Add a machine, or replace its record (as registering again does)."""
+        self._by_id[record.machine_id] = record
+
     def resolve(self, id_or_hostname: str) -> MachineRecord | None:
         return resolve_in(self._by_id.values(), id_or_hostname)
 

@@ -1,7 +1,8 @@
 """Ships sealed segments to cache storage: split per disk, zstd, AES-256-GCM with the disk's
 data key, bounded concurrency, retries with backoff. The local segment is deleted only after
 every disk's blob is stored. Blob names come from the segment number, so an upload repeated
-after a restart overwrites the same blob with the same records and cannot apply twice."""
+after a restart overwrites the same blob with the same records and cannot apply twice. The
+machine's manifest (manifests.py) is in storage before any of a segment's blobs."""
 from __future__ import annotations
 
 import logging
@@ -12,12 +13,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from ..common.errors import DatabaseError
+from ..dataplane.manifest import ManifestError
 from ..dataplane.segment import (
     FORMAT,
     SegmentError,
     blob_name,
-    manifest_bytes,
-    manifest_name,
     seal,
     split_by_disk,
     valid_prefix,
@@ -26,6 +26,7 @@ from ..dataplane.session import MachineRecord
 from ..storage.base import BlobStore, StorageError
 from ..storage.keyring import DataKeyring
 from .journal import SealedSegment
+from .manifests import Manifests
 from .stats import Stats
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,7 @@ class Uploader:
                  backoff_initial: float = 0.5, backoff_max: float = 15.0) -> None:
         self._store = store
         self._keyring = keyring
-        self._machine = machine
-        self._described: set[uuid.UUID] = set()
+        self._manifests = Manifests(store, machine)
         self._stats = stats
         # concurrency 0 keeps segments in the cache (benchmarks of ingest alone, maintenance)
         self._pool = ThreadPoolExecutor(max_workers=max(concurrency, 1), thread_name_prefix="upload")
@@ -71,7 +71,7 @@ class Uploader:
                 log.error("segment %d of %s cannot be uploaded, kept at %s: %s", seg.segno, seg.machine, seg.path, e)
                 self._stats.segment_kept(seg.path, f"segment {seg.segno} of {seg.machine} kept in the cache: {e}")
                 break
-            except (StorageError, DatabaseError, OSError) as e:
+            except (StorageError, DatabaseError, ManifestError, OSError) as e:
                 self._stats.upload_failed(f"{type(e).__name__}: {e}")
                 log.warning("upload of %s segment %d failed (%s); retrying in %.1fs", seg.machine, seg.segno, e, delay)
             except Exception as e:  # a bug: say so once with its traceback, keep trying
@@ -87,12 +87,8 @@ class Uploader:
     def _upload(self, seg: SealedSegment) -> None:
         data = seg.path.read_bytes()
         _, last_seq = valid_prefix(data)
-        record = self._machine(seg.machine)
-        if seg.machine not in self._described:
-            # The cloud side (apply, export) reads disk sizes and hostname from storage alone.
-            self._store.put_blob(manifest_name(seg.machine), manifest_bytes(record), {})
-            self._described.add(seg.machine)
-        parts = split_by_disk(data, len(record.disk_sizes))
+        manifest = self._manifests.for_segment(seg.machine, seg.segno)
+        parts = split_by_disk(data, len(manifest.disk_sizes))
         for disk, plain in enumerate(parts):
             key_id, key = self._keyring.current(seg.machine, disk)
             name = blob_name(seg.machine, disk, seg.segno)

@@ -116,10 +116,15 @@ class LocalStore:
 
     def clear_pages(self, name: str, offset: int, length: int) -> None:
         p = self._page(name)
-        check_page_range(offset, length, p.stat().st_size)
+        size = p.stat().st_size
+        check_page_range(offset, length, size)
         fd = fileio.open_fd(p, os.O_WRONLY)
         try:
-            fileio.pwrite_all(fd, bytes(length), offset)
+            if offset == 0 and length == size:  # the whole blob: all holes again, nothing written
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)
+            else:
+                fileio.pwrite_all(fd, bytes(length), offset)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -173,8 +173,9 @@ def replicator(pki: Pki, m: Machine, port: int | None = None, **kw) -> Replicato
 
 class InProcessServer:
     def __init__(self, pki: Pki, cache: Path, records: list[MachineRecord], store, master: MasterKey, **cfg) -> None:
+        self.directory = StaticDirectory(records)
         self.server = ProcessServer(ProcessServerConfig(cache, port=0, **cfg), pki.server_context(),
-                                    StaticDirectory(records), store, master)
+                                    self.directory, store, master)
         self.port = self.server.start()
 
     def stop(self) -> None:

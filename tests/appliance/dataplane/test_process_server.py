@@ -1,6 +1,7 @@
 """The data port against real TLS: certificates, garbage, validation, back-pressure, health."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -16,7 +17,7 @@ from replication_appliance.agent.link import Link, Outbox, RateLimit
 from replication_appliance.common.secrets import MasterKey
 from replication_appliance.common.tls import CertificateAuthority, client_ssl_context
 from replication_appliance.dataplane import frames as F
-from replication_appliance.dataplane.segment import SEGMENT_ALIGN, iter_records
+from replication_appliance.dataplane.segment import SEGMENT_ALIGN, iter_records, replica_name
 from replication_appliance.dataplane.session import MachineRecord
 from replication_appliance.process_server import journal as journal_module
 from replication_appliance.process_server import server as server_module
@@ -408,3 +409,44 @@ def test_apply_refuses_a_log_whose_metadata_was_altered(pki, machines, tmp_path)
     with pytest.raises(SegmentError, match="fails authentication"):
         applier.apply_available()
     assert applier.applied_seq() == 0
+
+
+def test_apply_deletes_each_log_it_applied_and_one_uploaded_again_after_it(pki, machines, tmp_path):
+    """Cache storage is a staging area: a log goes once applied. A process server restarted
+    after an upload it had not yet recorded uploads that segment again; apply deletes such a
+    log (below its recorded position) when it starts, and does not apply it twice."""
+    from replication_appliance.apply.applier import MachineApplier, find_machine
+    from replication_appliance.dataplane.segment import blob_name
+    from replication_appliance.storage.keyring import DataKeyring
+
+    m = machines[0].machine_id
+    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
+    srv = InProcessServer(pki, tmp_path / "cache", machines, store, master)
+    first, second = os.urandom(4096), os.urandom(4096)
+    try:
+        s = tls(pki, srv.port, m)
+        hello(s, m)
+        for seq, frame in enumerate([F.Frame(F.Kind.DATA, m, offset=0, payload=first),
+                                     F.Frame(F.Kind.MARKER, m, offset=time.time_ns(), payload=b"m2"),
+                                     F.Frame(F.Kind.DATA, m, offset=0, payload=second),
+                                     F.Frame(F.Kind.MARKER, m, offset=time.time_ns(), payload=b"m4")], 1):
+            s.sendall(F.encode(dataclasses.replace(frame, seq=seq)))
+            if frame.kind is F.Kind.MARKER:  # a marker seals its segment: logs 0 and 1
+                while read_frame(s).seq < seq:
+                    pass
+        s.close()
+        logs = [blob_name(m, 0, 0), blob_name(m, 0, 1)]
+        wait_until(lambda: {b.name for b in store.list_blobs(f"logs/{m}/0/")} == set(logs), 20, "both logs uploaded")
+    finally:
+        srv.stop()
+    keyring = DataKeyring(store, master)
+    log0 = store.get_blob(logs[0])
+    applier = MachineApplier(store, keyring, find_machine(store, str(m)))
+    assert applier.disks[0].apply_next()  # log 0 only
+    assert [b.name for b in store.list_blobs(f"logs/{m}/0/")] == [logs[1]]
+    store.put_blob(logs[0], *log0)  # uploaded again by a restarted process server
+    applier = MachineApplier(store, keyring, find_machine(store, str(m)))
+    assert [b.name for b in store.list_blobs(f"logs/{m}/0/")] == [logs[1]]  # not yet applied: kept
+    assert applier.apply_available() == 1 and applier.applied_seq() == 4
+    assert store.list_blobs(f"logs/{m}/") == []
+    assert store.read_pages(replica_name(m, 0), 0, 4096) == second  # log 0 was not applied over log 1

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from replication_appliance.storage import open_store
 
-from .conftest import TEXT, ServerProcess, make_machine, random_writes, sha256
+from .conftest import TEXT, ServerProcess, make_machine, random_writes, sha256, wait_until
 
 MiB = 1 << 20
 HOLE = 40 * MiB
@@ -81,8 +81,18 @@ def test_initial_then_delta_cycles_replica_and_every_recovery_point_match(tmp_pa
             assert skipped >= HOLE - 8 * MiB  # delta cycles do not read holes either
         assert all(0 < s < 16 * MiB for s in delta_sent), delta_sent  # deltas send the changes, not the disks
 
+        # the cache logs in storage hold no plaintext: a run of source text is nowhere in them
+        wait_until(lambda: ps.health()["backlog_bytes"] == 0, 60, "every segment uploaded")
+        store = open_store(azurite.connection_string)
+        needle = TEXT[1000:1064]
+        assert needle in m.images[0].read_bytes()
+        logs = store.list_blobs(f"logs/{m.id}/")
+        assert logs and all(needle not in store.get_blob(b.name)[0] for b in logs)
+        assert all(b.metadata.get("key_id") for b in logs)
+
         out = appliance(ps.workdir, env, "apply", "--machine", "web01", "--once")
         assert "applied up to sequence" in out and "4 recovery point(s)" in out
+        assert store.list_blobs(f"logs/{m.id}/") == []  # applied logs are deleted from cache storage
         listing = appliance(ps.workdir, env, "recovery-points", "--machine", str(m.id)).splitlines()
         assert len(listing) == 4
         for line in listing:
@@ -97,14 +107,6 @@ def test_initial_then_delta_cycles_replica_and_every_recovery_point_match(tmp_pa
         current = tmp_path / "current.img"
         appliance(ps.workdir, env, "replica", "export", "--machine", "web01", "--disk", "0", "--out", str(current))
         assert sha256(current) == sha256(m.images[0])
-
-        # the cache logs in storage hold no plaintext: a run of source text is nowhere in them
-        store = open_store(azurite.connection_string)
-        needle = TEXT[1000:1064]
-        assert needle in m.images[0].read_bytes()
-        logs = store.list_blobs(f"logs/{m.id}/")
-        assert logs and all(needle not in store.get_blob(b.name)[0] for b in logs)
-        assert all(b.metadata.get("key_id") for b in logs)
         health = ps.health()
         assert health["backlog_bytes"] == 0 and health["upload_failures"] == 0 and health["ingested_bytes"] > 0
     finally:

@@ -125,9 +125,12 @@ def test_register_enable_replicate_apply_through_the_appliance(tmp_path, served_
     stale = cli(*run, "--no-heartbeat", env=env, ok=False)
     assert stale.returncode == 1 and "replaced by a newer registration" in stale.stderr
 
-    # the built-in process server uploaded to Azurite with the sealed connection string
+    # the built-in process server uploaded to Azurite with the sealed connection string (the
+    # machine's manifest); apply deleted the logs it applied
     container = ContainerClient.from_connection_string(azurite.connection_string, CONTAINER)
-    assert any(container.list_blobs(name_starts_with=f"logs/{agent['machine_id']}/0/"))
+    names = {b.name for b in container.list_blobs()}
+    assert {f"machines/{agent['machine_id']}.json", f"replicas/{agent['machine_id']}/disk0"} <= names
+    assert not any(n.startswith(f"logs/{agent['machine_id']}/") for n in names)
     # the connection string (and its account key) is in no output and no file in plaintext
     for secret in (azurite.connection_string, ACCOUNT_KEY):
         assert not any(secret in out for out in OUTPUTS)

@@ -1,0 +1,161 @@
+"""A machine's manifest in storage, and disks added to a machine that already replicates: the
+new disk's logs start at a segment above every one uploaded without it, so apply never
+waits for a log that will not come."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+from replication_appliance.apply.applier import ApplyError, MachineApplier, find_machine
+from replication_appliance.apply.recovery_points import export_disk, recovery_points
+from replication_appliance.common.secrets import MasterKey
+from replication_appliance.dataplane import frames as F
+from replication_appliance.dataplane.manifest import (
+    ManifestError,
+    first_segment_after,
+    manifest_bytes,
+    next_manifest,
+    parse_manifest,
+)
+from replication_appliance.dataplane.segment import blob_name, replica_name
+from replication_appliance.dataplane.session import MachineRecord
+from replication_appliance.process_server.journal import SealedSegment
+from replication_appliance.process_server.stats import Stats
+from replication_appliance.process_server.uploader import Uploader
+from replication_appliance.storage import open_store
+from replication_appliance.storage.keyring import DataKeyring
+
+from .conftest import InProcessServer, make_machine, random_writes, replicator, sha256
+
+M = uuid.uuid4()
+MiB = SIZE = 1 << 20
+ONE, TWO = MachineRecord(M, "web01", (SIZE,)), MachineRecord(M, "web01", (SIZE, 2 * SIZE))
+
+
+def test_kept_disks_keep_their_start_added_ones_start_where_told_dropped_ones_go():
+    first = next_manifest(None, TWO, None)
+    assert first.since_segno == (0, 0) and first.disk_sizes == TWO.disk_sizes
+    three = MachineRecord(M, "web02", (SIZE, 2 * SIZE, 3 * SIZE))
+    grown = next_manifest(first, three, 7)
+    assert grown.since_segno == (0, 0, 7) and grown.hostname == "web02"
+    assert next_manifest(grown, ONE, None).since_segno == (0,)
+    assert next_manifest(grown, three, None) == grown  # nothing changed: nothing to store
+    with pytest.raises(ValueError, match="segment they start at"):
+        next_manifest(first, three, None)
+
+
+def test_an_added_disk_starts_above_every_segment_uploaded_without_it():
+    assert first_segment_after(5, issued_through=-1, stored_through=-1) == 5
+    assert first_segment_after(5, issued_through=9, stored_through=3) == 10  # 9 is in flight without the disk
+    assert first_segment_after(5, issued_through=-1, stored_through=12) == 13  # an earlier run uploaded 12
+
+
+def test_manifest_round_trip_and_malformed_ones():
+    m = next_manifest(next_manifest(None, ONE, None), TWO, 4)
+    assert parse_manifest(manifest_bytes(m)) == m
+    old = b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [512, 1024]}' % str(M).encode()
+    assert parse_manifest(old).since_segno == (0, 0)  # written before disks could be added
+    for bad in (b"{", b'{"machine_id": "x", "hostname": "h", "disk_sizes": [1]}',
+                b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [1], "since_segno": [0, 1]}' % str(M).encode()):
+        with pytest.raises(ManifestError, match="malformed"):
+            parse_manifest(bad)
+
+
+def segment(tmp_path: Path, segno: int, disks: int) -> SealedSegment:
+    """A sealed segment holding one DATA frame per disk and a marker."""
+    frames = [F.Frame(F.Kind.DATA, M, disk=d, seq=10 * segno + d + 1, offset=0, payload=bytes([segno + 1]) * 4096)
+              for d in range(disks)]
+    frames.append(F.Frame(F.Kind.MARKER, M, seq=10 * segno + 9, offset=segno, payload=f"m{segno}".encode()))
+    path = tmp_path / f"{segno:012d}.sealed"
+    path.write_bytes(b"".join(F.encode(f) for f in frames))
+    return SealedSegment(M, segno, path, path.stat().st_size)
+
+
+def test_a_disk_added_while_segments_upload_out_of_order_is_applied_from_its_first_log(tmp_path):
+    """Segment 12 went up with the one-disk manifest (an earlier run of the process server);
+    segment 11, left in the cache, goes up after the registration added a disk. The disk must
+    start at 13 (12 has no log for it), and apply takes it up from there."""
+    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
+    keyring = DataKeyring(store, master)
+    registered = {M: ONE}
+    earlier = Uploader(store, keyring, registered.__getitem__, Stats())
+    for segno in (10, 12):
+        earlier._upload(segment(tmp_path, segno, disks=1))
+    earlier.close()
+
+    registered[M] = TWO
+    now = Uploader(store, keyring, registered.__getitem__, Stats())
+    for segno in (11, 13):
+        now._upload(segment(tmp_path, segno, disks=1 if segno == 11 else 2))
+    manifest = find_machine(store, "web01")
+    assert manifest.since_segno == (0, 13) and manifest.disk_sizes == TWO.disk_sizes
+    assert all(store.list_blobs(blob_name(M, 1, n)) for n in (11, 13)) and not store.list_blobs(blob_name(M, 1, 12))
+
+    # apply: disk 0 from its first log (10 here: earlier ones were applied and deleted), disk 1 from 13
+    store.create_page_blob(replica_name(M, 0), SIZE)
+    store.set_metadata(replica_name(M, 0), {"applied_segno": "9", "applied_seq": "99"})
+    applier = MachineApplier(store, keyring, manifest)
+    assert applier.apply_available() == 5 and applier.applied_seq() == 139  # 10-13 on disk 0, 13 on disk 1
+    assert store.read_pages(replica_name(M, 0), 0, 4096) == bytes([14]) * 4096
+    assert store.read_pages(replica_name(M, 1), 0, 4096) == bytes([14]) * 4096
+    assert store.list_blobs(f"logs/{M}/") == []  # applied and deleted; disk 1's log 11, below its start, too
+
+
+def test_a_disk_dropped_and_registered_again_starts_from_an_empty_replica(tmp_path):
+    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
+    keyring = DataKeyring(store, master)
+    registered = {M: TWO}
+    uploader = Uploader(store, keyring, registered.__getitem__, Stats())
+    uploader._upload(segment(tmp_path, 0, disks=2))
+    MachineApplier(store, keyring, find_machine(store, "web01")).apply_available()
+    assert store.page_ranges(replica_name(M, 1)) != []
+    registered[M] = ONE
+    uploader._upload(segment(tmp_path, 1, disks=1))
+    registered[M] = MachineRecord(M, "web01", (SIZE, 2 * SIZE))  # another disk, at index 1 again
+    uploader._upload(segment(tmp_path, 2, disks=1))  # sealed before the disk was there: empty for it
+    applier = MachineApplier(store, keyring, find_machine(store, "web01"))
+    assert find_machine(store, "web01").since_segno == (0, 2)
+    assert applier.apply_available() == 3
+    assert store.page_ranges(replica_name(M, 1)) == []  # the earlier disk's data is gone from the replica
+
+
+def test_a_disk_added_to_a_replicating_machine_is_replicated_applied_and_in_later_points(tmp_path, pki):
+    """The real agent and process server: two cycles of one disk, then the machine registers
+    again with a second disk; the agent replicates it from scratch, apply takes it up, and
+    recovery points from before it hold disk 0 alone."""
+    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
+    m = make_machine(tmp_path, "grow01", [8 * MiB, 4 * MiB], seed=61, ps_port=0)
+    full_config, both = m.config, m.record
+    m.config = dataclasses.replace(full_config, disks=full_config.disks[:1])
+    m.state.save_config(m.config)
+    srv = InProcessServer(pki, tmp_path / "cache", [MachineRecord(m.id, "grow01", both.disk_sizes[:1])], store, master,
+                          segment_max_age=0.2)
+    states: dict[int, list[str]] = {}
+    try:
+        for cycle in range(4):
+            if cycle == 2:  # registered again with the second disk
+                srv.directory.register(both)
+                m.config = full_config
+                m.state.save_config(m.config)
+            for img in m.images[:len(m.config.disks)]:
+                random_writes(img, 50, seed=70 + cycle)
+            report = replicator(pki, m, srv.port).run_cycle()
+            states[report.marker_seq] = [sha256(p) for p in m.images[:len(m.config.disks)]]
+    finally:
+        srv.stop()
+    manifest = find_machine(store, "grow01")
+    assert manifest.disk_sizes == both.disk_sizes and manifest.since_segno[0] == 0 and manifest.since_segno[1] > 0
+    MachineApplier(store, DataKeyring(store, master), manifest).apply_until(max(states), 60)
+    points = recovery_points(store, manifest)
+    assert [p.seq for p in points] == sorted(states)
+    for p in points:
+        assert [s is not None for s in p.snapshots] == [True, len(states[p.seq]) == 2]
+        for disk, expected in enumerate(states[p.seq]):
+            out = tmp_path / f"rp-{p.seq}-{disk}.img"
+            export_disk(store, manifest, disk, out, p)
+            assert sha256(out) == expected, f"recovery point {p.seq} disk {disk}"
+    with pytest.raises(ApplyError, match="disk 1 of grow01 was added after recovery point"):
+        export_disk(store, manifest, 1, tmp_path / "none.img", points[0])
