@@ -146,8 +146,14 @@ class MachineJournal:
     def _recover(self) -> None:
         # A crash between a seal's rename and its state.json leaves the state behind the
         # sealed segments: they are the truth (so state.json, written below, catches up).
+        # Segments numbered below the stored next_segno were sealed and counted before that
+        # state was written: only newer ones are read (an upload backlog of hundreds of GB
+        # would otherwise be read through before the port opens).
+        counted = self.state.next_segno
         for p in sorted(self.dir.glob("*.sealed")):
             segno = int(p.stem)
+            if segno < counted:
+                continue
             self.state.next_segno = max(self.state.next_segno, segno + 1)
             data = p.read_bytes()
             end, last = valid_prefix(data)

@@ -215,6 +215,30 @@ def test_a_crash_between_a_seal_and_its_state_is_caught_up_at_restart(tmp_path):
     assert MachineJournal(tmp_path, M, 1 << 20, 60).last_seq == 4
 
 
+def test_a_restart_reads_only_the_segments_its_state_has_not_counted(tmp_path, monkeypatch):
+    """A long storage outage leaves hundreds of GB sealed in the cache: a restart must not read
+    them all before the port opens. Those numbered below the stored next segment were counted
+    when that state was written; only one sealed after it (a crash mid-seal) is read."""
+    j = MachineJournal(tmp_path, M, 1 << 20, 60)
+    for seq in range(1, 7, 2):
+        append(j, rec(F.Kind.DATA, seq, payload=b"a" * 4096), rec(F.Kind.MARKER, seq + 1, offset=seq, payload=b"m"))
+    stale = (j.dir / "state.json").read_bytes()
+    append(j, rec(F.Kind.DATA, 7, payload=b"b" * 4096), rec(F.Kind.MARKER, 8, offset=9, payload=b"m8"))
+    (j.dir / "state.json").write_bytes(stale)  # the crash came before segment 3's state write
+    read: list[str] = []
+    real_read_bytes = Path.read_bytes
+
+    def noting_read_bytes(path: Path) -> bytes:
+        read.append(path.name)
+        return real_read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", noting_read_bytes)
+    restarted = MachineJournal(tmp_path, M, 1 << 20, 60)
+    assert [n for n in read if n.endswith(".sealed")] == ["000000000003.sealed"]
+    assert restarted.last_seq == 8 and read_state(j.dir).last_marker_id == "m8"
+    assert [s.segno for s in restarted.pending()] == [0, 1, 2, 3]  # every one still goes up
+
+
 def test_an_older_pending_segment_does_not_turn_the_last_marker_back(tmp_path):
     j = MachineJournal(tmp_path, M, 1 << 20, 60)
     append(j, rec(F.Kind.MARKER, 1, offset=5, payload=b"m1"))
