@@ -445,6 +445,45 @@ def test_process_server_name_cannot_be_taken_over_with_the_passphrase(appliance,
     assert "process_server.reregistered" in appliance.audit_actions()
 
 
+@pytest.mark.parametrize("backend", ["sqlite"])  # DB-independent: SQLite only, to keep the suite fast
+def test_a_scale_out_process_server_serving_no_machine_can_be_removed(appliance, tmp_path):
+    """Retired, or its certificate lost: removing it frees its name; not while it serves
+    machines, never the built-in one."""
+    key = new_private_key()
+    body = {"passphrase": appliance.data_dir.passphrase(), "name": "ps2", "address": "10.0.0.9:9443",
+            "csr": make_csr(key, "ps2").decode()}
+    with appliance.client() as c:
+        registered = c.post("/api/v1/process-servers/register", json=body).json()
+    ps_id = registered["process_server_id"]
+    (tmp_path / "ps.pem").write_text(registered["certificate"])
+    (tmp_path / "ps.key").write_bytes(key_to_pem(key))
+    appliance.set_load("builtin", cache_free_percent=26.0)  # new machines go to ps2
+    with appliance.client(tmp_path / "ps.pem", tmp_path / "ps.key") as ps:
+        assert ps.post(f"/api/v1/process-servers/{ps_id}/heartbeat",
+                       json={"cpu_percent": 5, "memory_percent": 10, "cache_free_percent": 95}).status_code == 200
+    agent = appliance.register_agent(tmp_path)
+    assert agent.response["process_server"]["id"] == ps_id
+    with appliance.operator() as op:
+        builtin_id = {p["name"]: p["id"] for p in op.get("/api/v1/process-servers").json()}["builtin"]
+        busy = op.delete(f"/api/v1/process-servers/{ps_id}")
+        assert busy.status_code == 409 and "serves 1 machine(s): switch them" in busy.json()["error"]
+        builtin = op.delete(f"/api/v1/process-servers/{builtin_id}")
+        assert builtin.status_code == 409 and "built-in process server" in builtin.json()["error"]
+        assert op.delete("/api/v1/process-servers/nope").status_code == 404
+        appliance.set_load("builtin", cache_free_percent=90.0)
+        assert op.put(f"/api/v1/machines/{agent.machine_id}/process-server",
+                      json={"process_server_id": builtin_id}).status_code == 200
+        assert op.delete(f"/api/v1/process-servers/{ps_id}").status_code == 204
+        assert [p["name"] for p in op.get("/api/v1/process-servers").json()] == ["builtin"]
+    assert "process_server.removed" in appliance.audit_actions()
+    with appliance.client(tmp_path / "ps.pem", tmp_path / "ps.key") as ps:  # its certificate no longer works
+        assert ps.post(f"/api/v1/process-servers/{ps_id}/heartbeat",
+                       json={"cpu_percent": 5, "memory_percent": 10, "cache_free_percent": 95}).status_code == 403
+    with appliance.client() as c:  # the name is free again, without the lost certificate
+        again = c.post("/api/v1/process-servers/register", json={**body, "csr": make_csr(new_private_key(), "ps2").decode()})
+    assert again.status_code == 200 and again.json()["process_server_id"] != ps_id
+
+
 def test_reregistered_agent_can_report_again(appliance, tmp_path):
     agent = appliance.register_agent(tmp_path)
     with appliance.operator() as op:

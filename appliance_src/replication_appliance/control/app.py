@@ -372,6 +372,13 @@ def build_control_app(ctx: ControlContext) -> FastAPI:
         with ctx.reading() as session:
             return service.list_process_servers(session, utcnow())
 
+    @app.delete(f"{API}/process-servers/{{ps_id}}", status_code=204, tags=["operators"])
+    def remove_process_server(ps_id: ServerId, actor: Actor, request: Request):
+        """Remove a scale-out process server that serves no machine (not the built-in one)."""
+        with ctx.transaction() as session:
+            service.remove_process_server(session, ps_id, actor, remote(request))
+        ctx.heartbeats.refresh_process_servers()
+
     @app.get(f"{API}/policies", response_model=list[s.PolicyOut], tags=["operators"])
     def list_policies(_actor: Actor):
         with ctx.transaction() as session:

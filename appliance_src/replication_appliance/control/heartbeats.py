@@ -291,8 +291,9 @@ class HeartbeatStore:
     def refresh_process_servers(self) -> None:
         """Which process servers are throttling (cache free space below 20 %)."""
         with self._sessions.begin() as session:
-            for ps_id, free in session.execute(select(ProcessServer.id, ProcessServer.cache_free_percent)):
-                self._throttled[ps_id] = free < rules.CACHE_FREE_THROTTLE_PERCENT
+            rows = session.execute(select(ProcessServer.id, ProcessServer.cache_free_percent)).all()
+        # replaced whole (one assignment), so a removed process server goes too
+        self._throttled = {ps_id: free < rules.CACHE_FREE_THROTTLE_PERCENT for ps_id, free in rows}
 
     async def run_flusher(self, interval_s: float = FLUSH_INTERVAL_S) -> None:
         """Flush every `interval_s` until cancelled, then a last time."""

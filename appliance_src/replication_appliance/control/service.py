@@ -426,6 +426,23 @@ def assign_policy(session: Session, machine_id: str, policy_id: int, actor: str,
     return machine
 
 
+def remove_process_server(session: Session, ps_id: str, actor: str, remote: str) -> None:
+    """Forget a scale-out process server (retired, or one that lost its certificate: its name
+    is free to register again). Its certificate stops working at once."""
+    ps = session.get(ProcessServer, ps_id)
+    if ps is None:
+        raise NotFoundError(f"process server {ps_id} is not registered")
+    if ps.builtin:
+        raise ConflictError("the built-in process server is part of this appliance and cannot be removed")
+    serving = machine_counts(session).get(ps.id, 0)
+    if serving:
+        raise ConflictError(f"process server {ps.name!r} serves {serving} machine(s): switch them to another process "
+                            f"server first (PUT /api/v1/machines/<id>/process-server)")
+    session.delete(ps)
+    audit(session, actor, "process_server.removed", "process_server", ps.id, {"name": ps.name, "address": ps.address},
+          remote)
+
+
 def list_process_servers(session: Session, now: dt.datetime) -> list[s.ProcessServerHealthOut]:
     counts = machine_counts(session)
     servers = session.scalars(select(ProcessServer).order_by(ProcessServer.name)).all()
