@@ -7,7 +7,7 @@ sequence), so a restarted apply carries on where it stopped and never applies a 
 twice. Every MARKER becomes a snapshot of the replica: a recovery point. A log is deleted
 once its position is recorded (cache storage is a staging area, not an archive); one left
 behind by an interruption, or uploaded again by a process server restarted after it had been
-applied, is deleted when apply starts next."""
+applied, is deleted when apply starts, or within ten minutes running on."""
 from __future__ import annotations
 
 import logging
@@ -99,38 +99,42 @@ class _Coalescer:
 
 
 class DiskApplier:
-    """One replica disk. Its metadata: applied position; `since_segno`, the first segment with
-    logs for the disk (a disk added later starts there); `first_marker_seq`, its first recovery
-    point (markers before it were taken without this disk)."""
+    """One replica disk. Its metadata: the applied position, and `since_segno`, the first
+    segment with logs for the disk (a disk added later starts there)."""
 
     def __init__(self, store: BlobStore, keyring: DataKeyring, machine: Manifest, disk: int) -> None:
         self.store, self.keyring, self.machine, self.disk = store, keyring, machine, disk
         self.name = replica_name(machine.machine_id, disk)
-        store.create_page_blob(self.name, machine.disk_sizes[disk])
+        self._ensure_size(machine.disk_sizes[disk])
         self.metadata = store.get_metadata(self.name)
-        snapshots = store.list_snapshots(self.name)
-        self._snapshotted = {s.metadata.get("marker_seq") for s in snapshots}
+        self._snapshotted = {s.metadata.get("marker_seq") for s in store.list_snapshots(self.name)}
         since = machine.since(disk)
         if int(self.metadata.get("since_segno", 0)) != since:
             self._start_afresh(since)
-        elif "first_marker_seq" not in self.metadata and snapshots:  # a replica from before it was recorded
-            first = min(int(s.metadata["marker_seq"]) for s in snapshots if "marker_seq" in s.metadata)
-            self.metadata = {**self.metadata, "first_marker_seq": str(first)}
-            store.set_metadata(self.name, self.metadata)
         self.position = AppliedPosition.of(self.metadata)
-        self._delete_applied_logs()
+        self.delete_applied_logs()
+
+    def _ensure_size(self, size: int) -> None:
+        try:
+            current = self.store.page_blob_size(self.name)
+        except BlobNotFound:
+            self.store.create_page_blob(self.name, size)
+            return
+        if current != size:  # the disk was resized (the agent resyncs it) or replaced
+            log.info("%s disk %d: replica resized from %d to %d bytes", self.machine.hostname, self.disk, current, size)
+            self.store.resize_page_blob(self.name, size)
 
     def _start_afresh(self, since: int) -> None:
         """A disk added after replication began (its logs start at segment `since`), or one
-        dropped and registered again at this index: the replica starts empty there. Recovery
-        points taken of an earlier disk at this index stay as they were."""
+        replaced or dropped and registered again at this index: the replica starts empty
+        there. Recovery points taken of an earlier disk at this index stay as they were."""
         if self.store.page_ranges(self.name):
             self.store.clear_pages(self.name, 0, self.machine.disk_sizes[self.disk])
         self.metadata = {"since_segno": str(since), **AppliedPosition(since - 1, 0).as_metadata()}
         self.store.set_metadata(self.name, self.metadata)
         log.info("%s disk %d: replica starts at segment %d", self.machine.hostname, self.disk, since)
 
-    def _delete_applied_logs(self) -> None:
+    def delete_applied_logs(self) -> None:
         for blob in self.store.list_blobs(logs_prefix(self.machine.machine_id, self.disk)):
             segno = segno_of(blob.name)  # None: not a log of this naming, not ours to delete
             if segno is not None and segno <= self.position.segno:
@@ -179,8 +183,6 @@ class DiskApplier:
         return True
 
     def _recovery_point(self, seq: int, marker_id: str, time_ns: int) -> None:
-        if "first_marker_seq" not in self.metadata:  # stored by the _save() that follows
-            self.metadata = {**self.metadata, "first_marker_seq": str(seq)}
         if str(seq) in self._snapshotted:
             return
         self.store.snapshot(self.name, {"marker_seq": str(seq), "marker_id": marker_id, "marker_time_ns": str(time_ns)})
@@ -199,17 +201,19 @@ def _log_metadata(name: str, meta: dict[str, str]) -> tuple[str, int]:
 
 
 class MachineApplier:
+    SWEEP_INTERVAL_S = 600.0  # logs uploaded again below a disk's position, deleted running on
+
     def __init__(self, store: BlobStore, keyring: DataKeyring, machine: Manifest | MachineRecord) -> None:
-        if not isinstance(machine, Manifest):  # every disk there from the start
-            machine = Manifest(machine.machine_id, machine.hostname, machine.disk_sizes)
-        self.store, self.keyring, self.machine = store, keyring, machine
-        self.disks = [DiskApplier(store, keyring, machine, d) for d in range(len(machine.disk_sizes))]
+        self.store, self.keyring, self.machine = store, keyring, Manifest.of(machine)
+        self.disks = [DiskApplier(store, keyring, self.machine, d) for d in range(len(self.machine.disk_sizes))]
+        self._swept_at = time.monotonic()
 
     def applied_seq(self) -> int:
         return min(d.position.seq for d in self.disks)
 
     def follow_manifest(self) -> None:
-        """Take up disks a registration added (or drop removed ones) since the manifest was read."""
+        """Take up what a registration changed since the manifest was read: disks added,
+        replaced, resized or dropped."""
         try:
             manifest = parse_manifest(self.store.get_blob(manifest_name(self.machine.machine_id))[0])
         except BlobNotFound:
@@ -229,6 +233,10 @@ class MachineApplier:
     def apply_available(self) -> int:
         """Apply every log already in storage; returns how many blobs were applied."""
         self.follow_manifest()
+        if time.monotonic() - self._swept_at >= self.SWEEP_INTERVAL_S:
+            for d in self.disks:
+                d.delete_applied_logs()
+            self._swept_at = time.monotonic()
         count = 0
         for d in self.disks:
             while d.apply_next():

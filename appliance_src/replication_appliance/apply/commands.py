@@ -57,19 +57,20 @@ def cmd_apply(args) -> int:
     dd, store, machine = _open(args)
     _hold_apply_lock(dd, machine)
     applier = MachineApplier(store, DataKeyring(store, dd.master_key()), machine)
+    # applier.machine, not machine: apply follows the manifest as registrations change it
     if args.once:
         applier.apply_until(newest_received_marker(dd, machine.machine_id), args.timeout)
-        pruned = prune(store, machine, args.retention_hours * 3600)
-        print(f"{machine.hostname}: applied up to sequence {applier.applied_seq()}; "
-              f"{len(recovery_points(store, machine))} recovery point(s), {len(pruned)} pruned")
+        pruned = prune(store, applier.machine, args.retention_hours * 3600)
+        print(f"{applier.machine.hostname}: applied up to sequence {applier.applied_seq()}; "
+              f"{len(recovery_points(store, applier.machine))} recovery point(s), {len(pruned)} pruned")
         return 0
     delay = args.poll
     while True:
         try:
             applied = applier.apply_available()
-            pruned = prune(store, machine, args.retention_hours * 3600)
+            pruned = prune(store, applier.machine, args.retention_hours * 3600)
             if applied or pruned:
-                print(f"{machine.hostname}: applied {applied} log(s), up to sequence {applier.applied_seq()}; "
+                print(f"{applier.machine.hostname}: applied {applied} log(s), up to sequence {applier.applied_seq()}; "
                       f"{len(pruned)} recovery point(s) pruned", flush=True)
             delay = args.poll
         except StorageError as e:

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..common import fileio
+from ..dataplane.manifest import Manifest
 from ..dataplane.session import MachineRecord
-from ..storage.base import BlobNotFound, BlobStore, SnapshotInfo
+from ..storage.base import BlobStore
 from .applier import ApplyError, iso, replica_name
 
 MAX_RETENTION_S = 15 * 24 * 3600
@@ -28,31 +28,17 @@ class RecoveryPoint:
         return iso(self.time_ns)
 
 
-@dataclass(frozen=True)
-class _DiskPoints:
-    snapshots: dict[int, SnapshotInfo]  # by marker sequence
-    first_marker: int  # markers before it were taken without this disk
-    applied_seq: int
-
-
-def _disk_points(store: BlobStore, name: str) -> _DiskPoints:
-    snaps = {int(s.metadata["marker_seq"]): s for s in store.list_snapshots(name) if "marker_seq" in s.metadata}
-    try:
-        meta = store.get_metadata(name)
-    except BlobNotFound:
-        meta = {}
-    first = int(meta.get("first_marker_seq", min(snaps, default=sys.maxsize)))
-    return _DiskPoints(snaps, first, int(meta.get("applied_seq", 0)))
-
-
 def recovery_points(store: BlobStore, machine: MachineRecord) -> list[RecoveryPoint]:
-    """Markers snapshotted on every disk of the machine that existed then. A point a disk
-    has not reached yet, or lost part of (an interrupted prune), is not one."""
-    disks = [_disk_points(store, replica_name(machine.machine_id, d)) for d in range(len(machine.disk_sizes))]
+    """Markers snapshotted on every disk of the machine that was there then: a disk added
+    later (its manifest's `since_seq`) is not needed for markers before it. A marker a disk
+    has not reached yet, or lost (an interrupted prune), is not a point."""
+    manifest = Manifest.of(machine)
+    per_disk = [{int(s.metadata["marker_seq"]): s for s in store.list_snapshots(replica_name(machine.machine_id, d))
+                 if "marker_seq" in s.metadata} for d in range(len(machine.disk_sizes))]
     points = []
-    for seq in sorted(set().union(*(d.snapshots for d in disks))):
-        taken = [d.snapshots.get(seq) for d in disks]
-        if any(s is None and (d.applied_seq < seq or seq >= d.first_marker) for s, d in zip(taken, disks)):
+    for seq in sorted(set().union(*per_disk)):
+        taken = [snaps.get(seq) for snaps in per_disk]
+        if any(s is None and seq > manifest.born_after(d) for d, s in enumerate(taken)):
             continue
         first = next(s for s in taken if s is not None)
         points.append(RecoveryPoint(first.metadata.get("marker_id", ""), seq, int(first.metadata.get("marker_time_ns", 0)),

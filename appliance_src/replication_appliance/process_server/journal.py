@@ -135,6 +135,7 @@ class MachineJournal:
         self._staged = 0  # records copied into the staging buffer, not yet written
         self._opened_at = 0.0
         self._unsynced = False
+        self._cut_pending = False  # repair() closed the open segment but could not cut it yet
         self.last_seq = self.state.last_sealed_seq
         self.recovered_torn_bytes = 0
         # After a failed write or fsync: the sequence up to which the journal is known durable;
@@ -212,10 +213,15 @@ class MachineJournal:
                 self._fd = None
                 self._staged = 0
                 self._unsynced = False
+                # until the cut below succeeds: if it fails (the disk still failing) the next
+                # repair must cut this segment, not forget it (apply would wait for its number)
+                self._cut_pending = True
+            if self._cut_pending:
                 open_path = self.dir / f"{self._segno:012d}.open"
                 data = open_path.read_bytes()
                 end = prefix_through(data, keep)
                 path = self._seal_cut(open_path, end)
+                self._cut_pending = False
                 sealed = SealedSegment(self.machine, self._segno, path, end)
             # markers appended after `keep` never happened: start again from the stored state
             persisted = read_state(self.dir)

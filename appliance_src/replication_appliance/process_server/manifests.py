@@ -1,6 +1,7 @@
 """Keeps each machine's manifest in storage current as segments upload (what it holds and why:
-dataplane/manifest.py). Decisions are made one at a time under a lock, but no storage call is
-made under it: a storage outage makes each call hang for its timeout, and the uploads of
+dataplane/manifest.py). Per machine, decisions are made one at a time and manifests are put
+one at a time (so an older one cannot land after a newer one), but no storage call is made
+while deciding: a storage outage makes each call hang for its timeout, and the uploads of
 other segments must go on failing and retrying meanwhile, not queue behind one."""
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from ..dataplane.manifest import (
     Manifest,
     first_segment_after,
+    kept_disks,
     manifest_bytes,
     manifest_name,
     next_manifest,
@@ -24,62 +27,75 @@ from ..storage.base import BlobNotFound, BlobStore
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Machine:
+    current: Manifest | None  # None: nothing stored yet
+    version: int = 0  # of `current`, counted up at each change
+    stored_version: int = -1
+    issued_through: int = -1  # the newest segment handed a manifest
+    issued_seq: int = 0  # the newest sequence in a segment handed one
+    deciding: threading.Lock = field(default_factory=threading.Lock)
+    putting: threading.Lock = field(default_factory=threading.Lock)
+
+
 class Manifests:
     def __init__(self, store: BlobStore, machine: Callable[[uuid.UUID], MachineRecord]) -> None:
         self._store = store
         self._machine = machine
-        self._lock = threading.Lock()
-        self._current: dict[uuid.UUID, Manifest | None] = {}  # None: nothing stored yet
-        self._version: dict[uuid.UUID, int] = {}  # of _current, counted up at each change
-        self._stored_version: dict[uuid.UUID, int] = {}
-        self._issued_through: dict[uuid.UUID, int] = {}  # the newest segment handed a manifest
+        self._lock = threading.Lock()  # guards _machines only
+        self._machines: dict[uuid.UUID, _Machine] = {}
 
-    def for_segment(self, machine: uuid.UUID, segno: int) -> Manifest:
-        """The manifest to upload segment `segno` with; it (or a newer one) is in storage when
-        this returns, so apply never meets a disk's logs without knowing where they start."""
-        if machine not in self._current:
-            stored = self._stored_manifest(machine)
-            with self._lock:
-                if machine not in self._current:
-                    self._current[machine], self._version[machine] = stored, 0
-                    if stored is not None:
-                        self._stored_version[machine] = 0
-        stored_through: int | None = None
+    def for_segment(self, machine: uuid.UUID, segno: int, last_seq: int) -> Manifest:
+        """The manifest to upload segment `segno` (whose last sequence is `last_seq`) with; it,
+        or a newer one, is in storage when this returns, so apply never meets a disk's logs
+        without knowing where they start."""
+        m = self._state(machine)
+        stored_through: tuple[int, int] | None = None
         while True:
-            with self._lock:
-                # The registration is read under the lock too: a lookup older than another
+            with m.deciding:
+                # The registration is read while deciding: a lookup older than another
                 # thread's decision would look like a dropped disk.
                 record = self._machine(machine)
-                known = self._current[machine]
-                added = known is not None and len(record.disk_sizes) > len(known.disk_sizes)
+                known = m.current
+                added = known is not None and len(record.disk_sizes) > kept_disks(known, record)
                 if not added or stored_through is not None:
-                    since_new = None
+                    since = None
                     if added:
-                        since_new = first_segment_after(segno, self._issued_through.get(machine, -1), stored_through)
-                        log.info("machine %s has %d disk(s) now (%d before): the new ones' logs start at segment %d",
-                                 machine, len(record.disk_sizes), len(known.disk_sizes), since_new)
-                    manifest = next_manifest(known, record, since_new)
+                        assert stored_through is not None and known is not None
+                        since = (first_segment_after(m.issued_through, stored_through[0]),
+                                 max(m.issued_seq, stored_through[1]))
+                        log.info("machine %s: disks %d-%d start at segment %d (after sequence %d)", machine,
+                                 kept_disks(known, record), len(record.disk_sizes) - 1, *since)
+                    manifest = next_manifest(known, record, since)
                     if manifest != known:
-                        self._current[machine] = manifest
-                        self._version[machine] += 1
-                    self._issued_through[machine] = max(self._issued_through.get(machine, -1), segno)
+                        m.current, m.version = manifest, m.version + 1
+                    m.issued_through = max(m.issued_through, segno)
+                    m.issued_seq = max(m.issued_seq, last_seq)
                     break
             stored_through = self._stored_through(machine)  # only when a disk was added: rare
-        self._store_current(machine)
+        self._store_current(machine, m)
         return manifest
 
-    def _store_current(self, machine: uuid.UUID) -> None:
-        while True:
+    def _state(self, machine: uuid.UUID) -> _Machine:
+        with self._lock:
+            m = self._machines.get(machine)
+        if m is None:
+            stored = self._stored_manifest(machine)  # no lock held: it may hang in an outage
             with self._lock:
-                version, manifest = self._version[machine], self._current[machine]
-                if self._stored_version.get(machine, -1) >= version:
-                    return
+                m = self._machines.setdefault(machine, _Machine(stored, stored_version=0 if stored else -1))
+        return m
+
+    def _store_current(self, machine: uuid.UUID, m: _Machine) -> None:
+        if m.stored_version >= m.version:
+            return
+        with m.putting:
+            with m.deciding:
+                version, manifest = m.version, m.current
+            if m.stored_version >= version:
+                return  # another thread stored it (or a newer one) meanwhile
             assert manifest is not None
             self._store.put_blob(manifest_name(machine), manifest_bytes(manifest), {})
-            with self._lock:
-                # a slower put of an older version may land after a newer one: put the newest again
-                if self._version[machine] == version:
-                    self._stored_version[machine] = version
+            m.stored_version = version
 
     def _stored_manifest(self, machine: uuid.UUID) -> Manifest | None:
         try:
@@ -87,14 +103,21 @@ class Manifests:
         except BlobNotFound:
             return None
 
-    def _stored_through(self, machine: uuid.UUID) -> int:
-        """The newest segment uploaded before (by an earlier run, say): the newest log of
-        disk 0 (every segment has one) or, as apply deletes logs, its applied position (read
-        after the listing, so a log deleted meanwhile is counted there)."""
-        segnos = (segno_of(b.name) for b in self._store.list_blobs(logs_prefix(machine, 0)))
-        newest = max((n for n in segnos if n is not None), default=-1)
+    def _stored_through(self, machine: uuid.UUID) -> tuple[int, int]:
+        """The newest segment uploaded before (by an earlier run, say) and its last sequence:
+        from the newest log of disk 0 (every segment has one) or, as apply deletes logs,
+        from its applied position (read after the listing, so a log deleted meanwhile is
+        counted there)."""
+        newest, seq = -1, 0
+        for blob in self._store.list_blobs(logs_prefix(machine, 0)):
+            n = segno_of(blob.name)
+            if n is not None and n > newest:
+                newest, seq = n, int(blob.metadata.get("last_seq", 0))
         try:
-            applied = int(self._store.get_metadata(replica_name(machine, 0)).get("applied_segno", -1))
+            meta = self._store.get_metadata(replica_name(machine, 0))
         except BlobNotFound:
-            applied = -1
-        return max(newest, applied)
+            meta = {}
+        applied = int(meta.get("applied_segno", -1))
+        if applied > newest:
+            newest, seq = applied, int(meta.get("applied_seq", 0))
+        return newest, seq

@@ -25,12 +25,16 @@ def applied_seq(store: BlobStore, machine: uuid.UUID, disk_count: int) -> int:
 def replica_digests(store: BlobStore, machine: uuid.UUID, disk: int, offset: int, blocks: int, disk_size: int) -> bytes:
     name = replica_name(machine, disk)
     end = min(offset + blocks * BLOCK, disk_size)
+    try:
+        stored = store.page_blob_size(name)
+    except BlobNotFound:
+        stored = 0  # never applied: the replica is all zeros
     out = []
     for pos in range(offset, end, READ):
         n = min(READ, end - pos)
-        try:
-            data = store.read_pages(name, pos, n)
-        except BlobNotFound:
-            data = bytes(n)  # never applied: the replica is all zeros
+        # A disk grown since its replica was sized (apply resizes it with the next log): what
+        # lies beyond the replica's end is zeros there.
+        have = max(0, min(n, stored - pos))
+        data = store.read_pages(name, pos, have) + bytes(n - have) if have else bytes(n)
         out.append(digest_blocks(data))
     return b"".join(out)

@@ -87,7 +87,7 @@ class Uploader:
     def _upload(self, seg: SealedSegment) -> None:
         data = seg.path.read_bytes()
         _, last_seq = valid_prefix(data)
-        manifest = self._manifests.for_segment(seg.machine, seg.segno)
+        manifest = self._manifests.for_segment(seg.machine, seg.segno, last_seq)
         parts = split_by_disk(data, len(manifest.disk_sizes))
         for disk, plain in enumerate(parts):
             key_id, key = self._keyring.current(seg.machine, disk)

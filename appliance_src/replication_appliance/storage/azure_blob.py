@@ -111,6 +111,12 @@ class AzureBlobStore:
             raise StorageError(f"page blob {name} exists with size {current}, not {size}")
 
     @_mapped
+    def resize_page_blob(self, name: str, size: int) -> None:
+        if size <= 0 or size % 512:
+            raise StorageError(f"page blob size {size} must be a positive multiple of 512")
+        self._blob(name).resize_blob(size)
+
+    @_mapped
     def page_blob_size(self, name: str) -> int:
         return self._blob(name).get_blob_properties().size
 

@@ -118,16 +118,28 @@ class LocalStore:
         p = self._page(name)
         size = p.stat().st_size
         check_page_range(offset, length, size)
+        if offset == 0 and length == size:  # the whole blob: an empty sparse file put in its place
+            fresh = p.with_name(p.name + ".clearing")
+            with open(fresh, "wb") as f:
+                f.truncate(size)
+                os.fsync(f.fileno())
+            os.replace(fresh, p)  # at no moment is the blob shorter (a crash between truncates was)
+            fileio.fsync_dir(p.parent)
+            return
         fd = fileio.open_fd(p, os.O_WRONLY)
         try:
-            if offset == 0 and length == size:  # the whole blob: all holes again, nothing written
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, size)
-            else:
-                fileio.pwrite_all(fd, bytes(length), offset)
+            fileio.pwrite_all(fd, bytes(length), offset)
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def resize_page_blob(self, name: str, size: int) -> None:
+        p = self._page(name)
+        if size <= 0 or size % 512:
+            raise StorageError(f"page blob size {size} must be a positive multiple of 512")
+        with open(p, "r+b") as f:
+            f.truncate(size)
+            os.fsync(f.fileno())
 
     def _source(self, name: str, snapshot: str | None) -> Path:
         if snapshot is None:

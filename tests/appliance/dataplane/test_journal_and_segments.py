@@ -285,3 +285,29 @@ def test_after_a_failure_the_journal_is_cut_back_to_its_last_durable_record(tmp_
     assert (state.last_sealed_seq, state.last_marker_seq, state.last_marker_id, state.next_segno) == (3, 2, "m2", 2)
     assert MachineJournal(tmp_path, M, 1 << 20, 60).last_seq == 3  # and so after a restart
     assert append(j, rec(F.Kind.DATA, 4, payload=b"c" * 512)) is None and j.last_seq == 4
+
+
+def test_a_repair_that_fails_is_done_again_in_full_by_the_next(tmp_path, monkeypatch):
+    """The disk still failing when the journal is repaired: the open segment must be cut and
+    sealed by a later repair, not forgotten (apply would wait for its number, and a restart
+    would seal records the agent was told to resend)."""
+    j = MachineJournal(tmp_path, M, 1 << 20, 60)
+    append(j, rec(F.Kind.DATA, 1, payload=b"a" * 4096))  # durable, segment 0 open
+    with j.lock:
+        r = rec(F.Kind.DATA, 2, payload=b"b" * 65536)
+        j.append(r[0], RecordBuffer.of(r[1], r[2]))  # never fsynced
+    j.mark_broken(1)
+    real_seal_cut = MachineJournal._seal_cut
+
+    def failing_once(self, open_path, end):
+        monkeypatch.setattr(MachineJournal, "_seal_cut", real_seal_cut)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(MachineJournal, "_seal_cut", failing_once)
+    with pytest.raises(OSError, match="Input/output"):
+        j.repair()
+    sealed = j.repair()
+    assert sealed is not None and sealed.segno == 0 and [r.header.seq for r in iter_records(sealed.path.read_bytes())] == [1]
+    assert list(j.dir.glob("*.open")) == [] and j.last_seq == 1
+    assert append(j, rec(F.Kind.DATA, 2, payload=b"c" * 512)) is None and j.last_seq == 2
+    assert [p.name for p in j.dir.glob("*.open")] == ["000000000001.open"]

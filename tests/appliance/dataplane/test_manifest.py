@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import uuid
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from replication_appliance.apply.recovery_points import export_disk, recovery_po
 from replication_appliance.common.secrets import MasterKey
 from replication_appliance.dataplane import frames as F
 from replication_appliance.dataplane.manifest import (
+    Manifest,
     ManifestError,
     first_segment_after,
     manifest_bytes,
@@ -23,6 +25,7 @@ from replication_appliance.dataplane.manifest import (
 from replication_appliance.dataplane.segment import blob_name, replica_name
 from replication_appliance.dataplane.session import MachineRecord
 from replication_appliance.process_server.journal import SealedSegment
+from replication_appliance.process_server.manifests import Manifests
 from replication_appliance.process_server.stats import Stats
 from replication_appliance.process_server.uploader import Uploader
 from replication_appliance.storage import open_store
@@ -35,39 +38,45 @@ MiB = SIZE = 1 << 20
 ONE, TWO = MachineRecord(M, "web01", (SIZE,)), MachineRecord(M, "web01", (SIZE, 2 * SIZE))
 
 
-def test_kept_disks_keep_their_start_added_ones_start_where_told_dropped_ones_go():
+def test_kept_disks_keep_their_start_added_or_replaced_ones_start_where_told_dropped_ones_go():
     first = next_manifest(None, TWO, None)
-    assert first.since_segno == (0, 0) and first.disk_sizes == TWO.disk_sizes
+    assert first.since_segno == (0, 0) == first.since_seq and first.disk_sizes == TWO.disk_sizes
     three = MachineRecord(M, "web02", (SIZE, 2 * SIZE, 3 * SIZE))
-    grown = next_manifest(first, three, 7)
-    assert grown.since_segno == (0, 0, 7) and grown.hostname == "web02"
+    grown = next_manifest(first, three, (7, 69))
+    assert (grown.since_segno, grown.since_seq, grown.hostname) == ((0, 0, 7), (0, 0, 69), "web02")
     assert next_manifest(grown, ONE, None).since_segno == (0,)
     assert next_manifest(grown, three, None) == grown  # nothing changed: nothing to store
+    resized = next_manifest(grown, MachineRecord(M, "web02", (SIZE, 4 * SIZE, 3 * SIZE)), None)
+    assert resized.since_segno == grown.since_segno and resized.disk_sizes[1] == 4 * SIZE  # the same disk, grown
     with pytest.raises(ValueError, match="segment they start at"):
         next_manifest(first, three, None)
+    # the last disk dropped and another registered in its place, in one registration: same count
+    ids = next_manifest(None, MachineRecord(M, "web01", TWO.disk_sizes, disk_ids=("1", "2")), None)
+    assert next_manifest(ids, MachineRecord(M, "web01", TWO.disk_sizes, disk_ids=("1", "3")), (5, 40)).since_segno == (0, 5)
 
 
 def test_an_added_disk_starts_above_every_segment_uploaded_without_it():
-    assert first_segment_after(5, issued_through=-1, stored_through=-1) == 5
-    assert first_segment_after(5, issued_through=9, stored_through=3) == 10  # 9 is in flight without the disk
-    assert first_segment_after(5, issued_through=-1, stored_through=12) == 13  # an earlier run uploaded 12
+    assert first_segment_after(issued_through=-1, stored_through=-1) == 0
+    assert first_segment_after(issued_through=9, stored_through=3) == 10  # 9 is in flight without the disk
+    assert first_segment_after(issued_through=-1, stored_through=12) == 13  # an earlier run uploaded 12
 
 
 def test_manifest_round_trip_and_malformed_ones():
-    m = next_manifest(next_manifest(None, ONE, None), TWO, 4)
+    m = next_manifest(next_manifest(None, ONE, None), TWO, (4, 39))
     assert parse_manifest(manifest_bytes(m)) == m
     old = b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [512, 1024]}' % str(M).encode()
-    assert parse_manifest(old).since_segno == (0, 0)  # written before disks could be added
+    assert parse_manifest(old).since_segno == (0, 0) == parse_manifest(old).since_seq  # from before disks could be added
     for bad in (b"{", b'{"machine_id": "x", "hostname": "h", "disk_sizes": [1]}',
-                b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [1], "since_segno": [0, 1]}' % str(M).encode()):
+                b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [1], "since_segno": [0, 1]}' % str(M).encode(),
+                b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [1], "since_seq": [-1]}' % str(M).encode()):
         with pytest.raises(ManifestError, match="malformed"):
             parse_manifest(bad)
 
 
 def segment(tmp_path: Path, segno: int, disks: int) -> SealedSegment:
     """A sealed segment holding one DATA frame per disk and a marker."""
-    frames = [F.Frame(F.Kind.DATA, M, disk=d, seq=10 * segno + d + 1, offset=0, payload=bytes([segno + 1]) * 4096)
-              for d in range(disks)]
+    frames = [F.Frame(F.Kind.DATA, M, disk=d, seq=10 * segno + d + 1, offset=segno * 4096,
+                      payload=bytes([segno + 1]) * 4096) for d in range(disks)]
     frames.append(F.Frame(F.Kind.MARKER, M, seq=10 * segno + 9, offset=segno, payload=f"m{segno}".encode()))
     path = tmp_path / f"{segno:012d}.sealed"
     path.write_bytes(b"".join(F.encode(f) for f in frames))
@@ -99,9 +108,95 @@ def test_a_disk_added_while_segments_upload_out_of_order_is_applied_from_its_fir
     store.set_metadata(replica_name(M, 0), {"applied_segno": "9", "applied_seq": "99"})
     applier = MachineApplier(store, keyring, manifest)
     assert applier.apply_available() == 5 and applier.applied_seq() == 139  # 10-13 on disk 0, 13 on disk 1
-    assert store.read_pages(replica_name(M, 0), 0, 4096) == bytes([14]) * 4096
-    assert store.read_pages(replica_name(M, 1), 0, 4096) == bytes([14]) * 4096
+    assert store.read_pages(replica_name(M, 0), 10 * 4096, 4 * 4096) == b"".join(bytes([n + 1]) * 4096 for n in range(10, 14))
+    assert store.read_pages(replica_name(M, 1), 13 * 4096, 4096) == bytes([14]) * 4096
     assert store.list_blobs(f"logs/{M}/") == []  # applied and deleted; disk 1's log 11, below its start, too
+
+
+def test_a_disk_starts_right_after_the_last_segment_handed_a_manifest_without_it(tmp_path):
+    """Segments 5 and 6 both hold the new disk's data and 6's upload decides first: the disk
+    must start at 5 (segment 4 went up without it), or 5's data for it would never be applied."""
+    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
+    keyring = DataKeyring(store, master)
+    registered = {M: ONE}
+    uploader = Uploader(store, keyring, registered.__getitem__, Stats())
+    uploader._upload(segment(tmp_path, 4, disks=1))
+    registered[M] = TWO
+    for segno in (6, 5):
+        uploader._upload(segment(tmp_path, segno, disks=2))
+    manifest = find_machine(store, "web01")
+    assert (manifest.since_segno, manifest.since_seq) == ((0, 5), (0, 49))
+    store.create_page_blob(replica_name(M, 0), SIZE)
+    store.set_metadata(replica_name(M, 0), {"applied_segno": "3", "applied_seq": "39"})
+    applier = MachineApplier(store, keyring, manifest)
+    assert applier.apply_available() == 5 and applier.applied_seq() == 69
+    for segno in (5, 6):
+        assert store.read_pages(replica_name(M, 1), segno * 4096, 4096) == bytes([segno + 1]) * 4096
+
+
+def test_a_slow_put_of_an_older_manifest_cannot_land_after_a_newer_one(tmp_path, monkeypatch):
+    store = open_store(str(tmp_path / "storage"))
+    registered = {M: ONE}
+    manifests = Manifests(store, registered.__getitem__)
+    real_put, in_put, release = store.put_blob, threading.Event(), threading.Event()
+
+    def first_put_slow(name, data, metadata):
+        if not in_put.is_set():
+            in_put.set()
+            release.wait(10)
+        real_put(name, data, metadata)
+
+    monkeypatch.setattr(store, "put_blob", first_put_slow)
+    older = threading.Thread(target=manifests.for_segment, args=(M, 0, 9))
+    older.start()
+    assert in_put.wait(10)  # the one-disk manifest's put hangs
+    registered[M] = TWO
+    newer = threading.Thread(target=manifests.for_segment, args=(M, 1, 19))
+    newer.start()
+    newer.join(0.5)
+    release.set()
+    older.join(10)
+    newer.join(10)
+    assert find_machine(store, "web01").disk_sizes == TWO.disk_sizes  # the newer one is what storage holds
+
+
+def test_recovery_points_before_an_added_disk_hold_the_others_and_do_not_wait_for_it(tmp_path):
+    """Disk 1 was there at marker 9, dropped, and registered again after sequence 40: points
+    19 and 29 hold disk 0 alone, 9 holds both (the earlier disk's state), and 49 waits until
+    the new disk 1 has applied it."""
+    store = open_store(str(tmp_path / "storage"))
+    manifest = Manifest(M, "web01", TWO.disk_sizes, since_segno=(0, 5), since_seq=(0, 40))
+    for disk, seqs in ((0, (9, 19, 29, 49)), (1, (9,))):
+        store.create_page_blob(replica_name(M, disk), manifest.disk_sizes[disk])
+        for seq in seqs:
+            store.snapshot(replica_name(M, disk), {"marker_seq": str(seq), "marker_id": f"m{seq}"})
+    points = recovery_points(store, manifest)
+    assert [(p.seq, [s is not None for s in p.snapshots]) for p in points] == [
+        (9, [True, True]), (19, [True, False]), (29, [True, False])]
+    store.snapshot(replica_name(M, 1), {"marker_seq": "49", "marker_id": "m49"})
+    assert [p.seq for p in recovery_points(store, manifest)] == [9, 19, 29, 49]
+
+
+def test_a_disk_replaced_at_its_index_starts_empty_and_a_resized_one_keeps_its_data(tmp_path):
+    """One registration dropped disk 1 and added another at index 1, three times the size
+    (same disk count); later disk 0 grows. Apply neither stops on the sizes nor keeps the
+    replaced disk's data."""
+    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
+    keyring = DataKeyring(store, master)
+    registered = {M: MachineRecord(M, "web01", TWO.disk_sizes, disk_ids=("1", "2"))}
+    uploader = Uploader(store, keyring, registered.__getitem__, Stats())
+    uploader._upload(segment(tmp_path, 0, disks=2))
+    applier = MachineApplier(store, keyring, find_machine(store, "web01"))
+    assert applier.apply_available() == 2
+    registered[M] = MachineRecord(M, "web01", (SIZE, 3 * SIZE), disk_ids=("1", "3"))
+    uploader._upload(segment(tmp_path, 1, disks=2))
+    registered[M] = MachineRecord(M, "web01", (2 * SIZE, 3 * SIZE), disk_ids=("1", "3"))
+    uploader._upload(segment(tmp_path, 2, disks=2))
+    assert find_machine(store, "web01").since_segno == (0, 1)
+    assert applier.apply_available() == 4 and applier.applied_seq() == 29
+    assert [store.page_blob_size(replica_name(M, d)) for d in (0, 1)] == [2 * SIZE, 3 * SIZE]
+    assert store.read_pages(replica_name(M, 0), 0, 3 * 4096) == b"".join(bytes([n]) * 4096 for n in (1, 2, 3))
+    assert store.read_pages(replica_name(M, 1), 0, 3 * 4096) == bytes(4096) + bytes([2]) * 4096 + bytes([3]) * 4096
 
 
 def test_a_disk_dropped_and_registered_again_starts_from_an_empty_replica(tmp_path):

@@ -2,12 +2,14 @@
 and only the differing blocks are sent (including blocks that became zero)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 
 from replication_appliance.apply.applier import MachineApplier
 from replication_appliance.apply.recovery_points import export_disk
 from replication_appliance.common.secrets import MasterKey
+from replication_appliance.dataplane.segment import replica_name
 from replication_appliance.storage import open_store
 from replication_appliance.storage.keyring import DataKeyring
 
@@ -53,5 +55,37 @@ def test_lost_digest_map_resyncs_by_checksum(tmp_path, pki, azurite):
         # and the map is back: the next cycle is a plain delta again
         random_writes(m.images[0], 10, seed=78)
         assert replicator(pki, m, srv.port).run_cycle().phases[0] == "disk 0: delta"
+    finally:
+        srv.stop()
+
+
+def test_a_grown_disk_is_resynced_and_its_replica_resized(tmp_path, pki, azurite):
+    """The source disk grew and the agent registered again with its new size: its map no
+    longer fits, so it resyncs; the replica (still the old size until apply reads the next
+    manifest) reads as zeros past its end, and apply resizes it (it stopped at the size before)."""
+    store = open_store(azurite.connection_string)
+    master = MasterKey(os.urandom(32))
+    m = make_machine(tmp_path, "grow02", [8 * MiB], seed=33, ps_port=0)
+    srv = InProcessServer(pki, tmp_path / "cache", [m.record], store, master, segment_max_age=0.2)
+    try:
+        first = replicator(pki, m, srv.port).run_cycle()
+        applier = MachineApplier(store, DataKeyring(store, master), m.record)
+        applier.apply_until(first.marker_seq, 60)
+        with open(m.images[0], "r+b") as f:
+            f.truncate(12 * MiB)
+            f.seek(10 * MiB)
+            f.write(os.urandom(MiB))  # data in the grown part
+        random_writes(m.images[0], 20, seed=34)
+        grown = dataclasses.replace(m.record, disk_sizes=(12 * MiB,))
+        srv.directory.register(grown)  # registered again with the new size
+        m.config.disks[0] = dataclasses.replace(m.config.disks[0], size=12 * MiB)
+        m.state.save_config(m.config)
+        report = replicator(pki, m, srv.port).run_cycle()
+        assert report.phases[0] == "disk 0: resync"
+        applier.apply_until(report.marker_seq, 60)
+        assert store.page_blob_size(replica_name(m.id, 0)) == 12 * MiB
+        out = tmp_path / "replica.img"
+        export_disk(store, grown, 0, out, None)
+        assert sha256(out) == sha256(m.images[0])
     finally:
         srv.stop()

@@ -47,6 +47,25 @@ def test_page_blobs_snapshots_and_ranges(store):
     assert store.list_snapshots(name) == []
 
 
+def test_a_page_blob_is_resized_and_cleared_whole_while_its_snapshots_and_metadata_stay(store):
+    """A resized disk's replica is resized; a disk replaced at the same index starts from an
+    empty replica (cleared whole), its earlier recovery points kept."""
+    name = "replicas/m/disk1"
+    store.create_page_blob(name, 1 << 20)
+    store.write_pages(name, 0, b"a" * 4096)
+    store.set_metadata(name, {"applied_seq": "3"})
+    snap = store.snapshot(name, {"marker_seq": "3"})
+    store.resize_page_blob(name, 2 << 20)
+    assert store.page_blob_size(name) == 2 << 20 and store.read_pages(name, 0, 4096) == b"a" * 4096
+    store.write_pages(name, (2 << 20) - 4096, b"z" * 4096)  # the grown part takes writes
+    store.clear_pages(name, 0, 2 << 20)
+    assert store.page_ranges(name) == [] and store.read_pages(name, 0, 4096) == bytes(4096)
+    assert store.page_blob_size(name) == 2 << 20 and store.get_metadata(name) == {"applied_seq": "3"}
+    assert store.read_pages(name, 0, 4096, snap) == b"a" * 4096
+    with pytest.raises(StorageError, match="positive multiple of 512"):
+        store.resize_page_blob(name, 1000)
+
+
 def test_bad_connection_string_is_not_echoed():
     with pytest.raises(StorageError) as e:
         open_store("AccountName=x;AccountKey=SECRETVALUE;BlobEndpoint=not a url")
