@@ -110,7 +110,7 @@ class DiskApplier:
         self._snapshotted = {s.metadata.get("marker_seq") for s in store.list_snapshots(self.name)}
         since = machine.since(disk)
         if int(self.metadata.get("since_segno", 0)) != since:
-            self._start_afresh(since)
+            self._start_at(since, machine.born_after(disk))
         self.position = AppliedPosition.of(self.metadata)
         self.delete_applied_logs()
 
@@ -124,15 +124,18 @@ class DiskApplier:
             log.info("%s disk %d: replica resized from %d to %d bytes", self.machine.hostname, self.disk, current, size)
             self.store.resize_page_blob(self.name, size)
 
-    def _start_afresh(self, since: int) -> None:
-        """A disk added after replication began (its logs start at segment `since`), or one
-        replaced or dropped and registered again at this index: the replica starts empty
-        there. Recovery points taken of an earlier disk at this index stay as they were."""
-        if self.store.page_ranges(self.name):
-            self.store.clear_pages(self.name, 0, self.machine.disk_sizes[self.disk])
-        self.metadata = {"since_segno": str(since), **AppliedPosition(since - 1, 0).as_metadata()}
+    def _start_at(self, since: int, since_seq: int) -> None:
+        """The disk's logs start at segment `since` (added after replication began, or
+        dropped and registered again): apply goes on from there, never back (a log of it may
+        have been applied already, and deleted). The replica keeps its content: it is what the
+        agent's digest map for this disk describes, if it kept one; without one the agent
+        sends the disk whole (a new disk) or resyncs it (a grown one)."""
+        position = AppliedPosition.of(self.metadata)
+        if position.segno < since - 1:
+            position = AppliedPosition(since - 1, max(position.seq, since_seq))
+        self.metadata = {**self.metadata, "since_segno": str(since), **position.as_metadata()}
         self.store.set_metadata(self.name, self.metadata)
-        log.info("%s disk %d: replica starts at segment %d", self.machine.hostname, self.disk, since)
+        log.info("%s disk %d: logs start at segment %d", self.machine.hostname, self.disk, since)
 
     def delete_applied_logs(self) -> None:
         for blob in self.store.list_blobs(logs_prefix(self.machine.machine_id, self.disk)):

@@ -1,15 +1,18 @@
 """A machine's manifest in cache storage (`machines/<machine>.json`): what the cloud side
-(apply, export) knows of it with no database: its hostname and, per disk, its size, its
-identity, the first segment whose logs include it and the last sequence before that segment.
+(apply, export) knows of it with no database: its hostname and, per disk, its size, the first
+segment whose logs include it and the last sequence before that segment.
 
-Disks can be added by registering again (or the last ones dropped, or replaced). A disk added
-while the machine replicates has no logs in the segments uploaded before, so apply must start
-it at a later segment, and every segment from there on must have a log for it, or apply would
-wait for ever. Segments are uploaded concurrently and out of order, so the uploader starts the
-disk above every segment already uploaded, or handed a manifest, without it: those were read
-against a registration without the disk, so they hold nothing for it; every later one is
-uploaded with the disk (`first_segment_after`). Recovery points up to `since_seq` were taken
-before the disk existed and hold the other disks only. Pure logic; the uploader does the I/O."""
+Disks can be added by registering again (or the last ones dropped, and later added again). A
+disk added while the machine replicates has no logs in the segments uploaded before, so apply
+must start it at a later segment, and every segment from there on must have a log for it, or
+apply would wait for ever. Segments are uploaded concurrently and out of order, so the uploader
+starts the disk above every segment already uploaded, or handed a manifest, without it: those
+were read against a registration without the disk, so they hold nothing for it; every later
+one is uploaded with the disk (`first_segment_after`). Recovery points up to `since_seq` were
+taken before the disk was there and hold the other disks only. A disk is known by its index:
+one replaced at its index is replicated by the agent as a change of that disk (its digest map
+and the replica both describe the disk before; a map that no longer fits the size is a resync).
+Pure logic; the uploader does the I/O."""
 from __future__ import annotations
 
 import json
@@ -42,8 +45,8 @@ class Manifest(MachineRecord):
         if isinstance(record, Manifest):
             return record
         n = len(record.disk_sizes)
-        return cls(record.machine_id, record.hostname, tuple(record.disk_sizes), disk_ids=tuple(record.disk_ids),
-                   since_segno=(0,) * n, since_seq=(0,) * n)
+        return cls(record.machine_id, record.hostname, tuple(record.disk_sizes), since_segno=(0,) * n,
+                   since_seq=(0,) * n)
 
 
 def manifest_name(machine: uuid.UUID) -> str:
@@ -52,8 +55,7 @@ def manifest_name(machine: uuid.UUID) -> str:
 
 def manifest_bytes(m: Manifest) -> bytes:
     return json.dumps({"machine_id": str(m.machine_id), "hostname": m.hostname, "disk_sizes": list(m.disk_sizes),
-                       "disk_ids": list(m.disk_ids), "since_segno": list(m.since_segno),
-                       "since_seq": list(m.since_seq)}).encode()
+                       "since_segno": list(m.since_segno), "since_seq": list(m.since_seq)}).encode()
 
 
 def parse_manifest(data: bytes) -> Manifest:
@@ -61,15 +63,13 @@ def parse_manifest(data: bytes) -> Manifest:
         d = json.loads(data)
         sizes = tuple(int(s) for s in d["disk_sizes"])
         zeros = [0] * len(sizes)  # manifests written before disks could be added
-        ids = tuple(str(i) for i in d.get("disk_ids", []))
         since = tuple(int(s) for s in d.get("since_segno", zeros))
         since_seq = tuple(int(s) for s in d.get("since_seq", zeros))
-        if len(since) != len(sizes) or len(since_seq) != len(sizes) or ids and len(ids) != len(sizes):
+        if len(since) != len(sizes) or len(since_seq) != len(sizes):
             raise ValueError(f"per-disk lists do not match its {len(sizes)} disk(s)")
         if min(since + since_seq, default=0) < 0:
             raise ValueError("negative segment or sequence")
-        return Manifest(uuid.UUID(d["machine_id"]), str(d["hostname"]), sizes, disk_ids=ids, since_segno=since,
-                        since_seq=since_seq)
+        return Manifest(uuid.UUID(d["machine_id"]), str(d["hostname"]), sizes, since_segno=since, since_seq=since_seq)
     except (ValueError, KeyError, TypeError) as e:
         raise ManifestError(f"machine manifest in storage is malformed: {e}") from None
 
@@ -81,28 +81,18 @@ def first_segment_after(issued_through: int, stored_through: int) -> int:
     return max(issued_through + 1, stored_through + 1)
 
 
-def kept_disks(known: Manifest, record: MachineRecord) -> int:
-    """How many of the known disks go on as they were: a prefix (only the last disks can be
-    dropped); a disk replaced at the same index (another identity) ends it."""
-    n = min(len(known.disk_sizes), len(record.disk_sizes))
-    for i in range(n):
-        if known.disk_ids and record.disk_ids and known.disk_ids[i] != record.disk_ids[i]:
-            return i
-    return n
-
-
 def next_manifest(known: Manifest | None, record: MachineRecord, since: tuple[int, int] | None) -> Manifest:
     """The manifest to upload a segment with, given the one known (None: nothing uploaded
     yet, so every disk starts at segment 0) and the machine's registration now. Kept disks
-    keep their start (their size may change: the replica is resized); added or replaced ones
-    start at `since` (segment, last sequence before it; required then); dropped ones go."""
+    keep their start (their size may change: the replica is resized); added ones start at
+    `since` (segment, last sequence before it; required then); dropped ones go."""
     if known is None:
         return Manifest.of(record)
-    keep = kept_disks(known, record)
+    keep = min(len(known.disk_sizes), len(record.disk_sizes))
     added = len(record.disk_sizes) - keep
     if added and since is None:
         raise ValueError("disks were added: the segment they start at is needed")
     segno, seq = since or (0, 0)
-    return Manifest(record.machine_id, record.hostname, tuple(record.disk_sizes), disk_ids=tuple(record.disk_ids),
+    return Manifest(record.machine_id, record.hostname, tuple(record.disk_sizes),
                     since_segno=known.since_segno[:keep] + (segno,) * added,
                     since_seq=known.since_seq[:keep] + (seq,) * added)

@@ -15,9 +15,6 @@ class MachineRecord:
     hostname: str
     disk_sizes: tuple[int, ...]  # bytes, in registration order (disk index 0 first)
     cert_fingerprint: str | None = None  # SHA-256 of the machine's current certificate, when pinned
-    # Per disk, what identifies it across registrations (the configuration database's row id):
-    # a disk replaced at the same index is another disk. Empty: not known (no database).
-    disk_ids: tuple[str, ...] = ()
 
 
 class MachineDirectory(Protocol):

@@ -25,8 +25,7 @@ REPORT_INTERVAL_S = 30.0
 
 def _record(m: Machine) -> MachineRecord:
     # Machine.disks is ordered by Disk.index: `--disk N` and the agent's disk numbers.
-    return MachineRecord(uuid.UUID(m.id), m.hostname, tuple(d.size_bytes for d in m.disks), m.cert_fingerprint,
-                         tuple(str(d.id) for d in m.disks))
+    return MachineRecord(uuid.UUID(m.id), m.hostname, tuple(d.size_bytes for d in m.disks), m.cert_fingerprint)
 
 
 class DatabaseDirectory:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from ..dataplane.manifest import (
     Manifest,
     first_segment_after,
-    kept_disks,
     manifest_bytes,
     manifest_name,
     next_manifest,
@@ -57,7 +56,7 @@ class Manifests:
                 # thread's decision would look like a dropped disk.
                 record = self._machine(machine)
                 known = m.current
-                added = known is not None and len(record.disk_sizes) > kept_disks(known, record)
+                added = known is not None and len(record.disk_sizes) > len(known.disk_sizes)
                 if not added or stored_through is not None:
                     since = None
                     if added:
@@ -65,7 +64,7 @@ class Manifests:
                         since = (first_segment_after(m.issued_through, stored_through[0]),
                                  max(m.issued_seq, stored_through[1]))
                         log.info("machine %s: disks %d-%d start at segment %d (after sequence %d)", machine,
-                                 kept_disks(known, record), len(record.disk_sizes) - 1, *since)
+                                 len(known.disk_sizes), len(record.disk_sizes) - 1, *since)
                     manifest = next_manifest(known, record, since)
                     if manifest != known:
                         m.current, m.version = manifest, m.version + 1
@@ -104,20 +103,17 @@ class Manifests:
             return None
 
     def _stored_through(self, machine: uuid.UUID) -> tuple[int, int]:
-        """The newest segment uploaded before (by an earlier run, say) and its last sequence:
-        from the newest log of disk 0 (every segment has one) or, as apply deletes logs,
-        from its applied position (read after the listing, so a log deleted meanwhile is
-        counted there)."""
+        """The newest segment uploaded before (by an earlier run, say) and the newest sequence
+        in those: from the logs of disk 0 (every segment has one; an empty segment's says -1,
+        so the sequence is the most any says) and, as apply deletes logs, its applied position
+        (read after the listing, so a log deleted meanwhile is counted there)."""
         newest, seq = -1, 0
         for blob in self._store.list_blobs(logs_prefix(machine, 0)):
             n = segno_of(blob.name)
-            if n is not None and n > newest:
-                newest, seq = n, int(blob.metadata.get("last_seq", 0))
+            if n is not None:
+                newest, seq = max(newest, n), max(seq, int(blob.metadata.get("last_seq", 0)))
         try:
             meta = self._store.get_metadata(replica_name(machine, 0))
         except BlobNotFound:
             meta = {}
-        applied = int(meta.get("applied_segno", -1))
-        if applied > newest:
-            newest, seq = applied, int(meta.get("applied_seq", 0))
-        return newest, seq
+        return max(newest, int(meta.get("applied_segno", -1))), max(seq, int(meta.get("applied_seq", 0)))

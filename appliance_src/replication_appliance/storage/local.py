@@ -118,7 +118,9 @@ class LocalStore:
         p = self._page(name)
         size = p.stat().st_size
         check_page_range(offset, length, size)
-        if offset == 0 and length == size:  # the whole blob: an empty sparse file put in its place
+        # The whole blob: an empty sparse file put in its place (where a file another process
+        # holds open may be replaced: not on Windows, which writes the zeros instead).
+        if offset == 0 and length == size and fileio.RENAME_OPEN:
             fresh = p.with_name(p.name + ".clearing")
             with open(fresh, "wb") as f:
                 f.truncate(size)

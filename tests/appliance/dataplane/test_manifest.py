@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from replication_appliance.apply.applier import ApplyError, MachineApplier, find_machine
+from replication_appliance.apply.applier import AppliedPosition, ApplyError, MachineApplier, find_machine
 from replication_appliance.apply.recovery_points import export_disk, recovery_points
 from replication_appliance.common.secrets import MasterKey
 from replication_appliance.dataplane import frames as F
@@ -38,7 +38,7 @@ MiB = SIZE = 1 << 20
 ONE, TWO = MachineRecord(M, "web01", (SIZE,)), MachineRecord(M, "web01", (SIZE, 2 * SIZE))
 
 
-def test_kept_disks_keep_their_start_added_or_replaced_ones_start_where_told_dropped_ones_go():
+def test_kept_disks_keep_their_start_added_ones_start_where_told_dropped_ones_go():
     first = next_manifest(None, TWO, None)
     assert first.since_segno == (0, 0) == first.since_seq and first.disk_sizes == TWO.disk_sizes
     three = MachineRecord(M, "web02", (SIZE, 2 * SIZE, 3 * SIZE))
@@ -50,9 +50,6 @@ def test_kept_disks_keep_their_start_added_or_replaced_ones_start_where_told_dro
     assert resized.since_segno == grown.since_segno and resized.disk_sizes[1] == 4 * SIZE  # the same disk, grown
     with pytest.raises(ValueError, match="segment they start at"):
         next_manifest(first, three, None)
-    # the last disk dropped and another registered in its place, in one registration: same count
-    ids = next_manifest(None, MachineRecord(M, "web01", TWO.disk_sizes, disk_ids=("1", "2")), None)
-    assert next_manifest(ids, MachineRecord(M, "web01", TWO.disk_sizes, disk_ids=("1", "3")), (5, 40)).since_segno == (0, 5)
 
 
 def test_an_added_disk_starts_above_every_segment_uploaded_without_it():
@@ -134,6 +131,23 @@ def test_a_disk_starts_right_after_the_last_segment_handed_a_manifest_without_it
         assert store.read_pages(replica_name(M, 1), segno * 4096, 4096) == bytes([segno + 1]) * 4096
 
 
+def test_an_empty_newest_segment_does_not_hide_the_points_before_an_added_disk(tmp_path):
+    """A crash's recovery seals and uploads empty segments (last sequence -1): the sequence
+    before the new disk is the most any earlier log says, not the newest one's."""
+    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
+    keyring = DataKeyring(store, master)
+    registered = {M: ONE}
+    earlier = Uploader(store, keyring, registered.__getitem__, Stats())
+    earlier._upload(segment(tmp_path, 10, disks=1))
+    empty = tmp_path / "000000000011.sealed"
+    empty.write_bytes(b"")
+    earlier._upload(SealedSegment(M, 11, empty, 0))
+    registered[M] = TWO
+    Uploader(store, keyring, registered.__getitem__, Stats())._upload(segment(tmp_path, 12, disks=2))
+    manifest = find_machine(store, "web01")
+    assert (manifest.since_segno, manifest.since_seq) == ((0, 12), (0, 109))
+
+
 def test_a_slow_put_of_an_older_manifest_cannot_land_after_a_newer_one(tmp_path, monkeypatch):
     store = open_store(str(tmp_path / "storage"))
     registered = {M: ONE}
@@ -177,44 +191,61 @@ def test_recovery_points_before_an_added_disk_hold_the_others_and_do_not_wait_fo
     assert [p.seq for p in recovery_points(store, manifest)] == [9, 19, 29, 49]
 
 
-def test_a_disk_replaced_at_its_index_starts_empty_and_a_resized_one_keeps_its_data(tmp_path):
-    """One registration dropped disk 1 and added another at index 1, three times the size
-    (same disk count); later disk 0 grows. Apply neither stops on the sizes nor keeps the
-    replaced disk's data."""
+def test_resized_disks_keep_their_replica_resized(tmp_path):
+    """A disk grown (or replaced by a larger one at its index, which the agent resyncs): apply
+    resizes the replica instead of stopping on the size, and keeps what it holds."""
     store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
     keyring = DataKeyring(store, master)
-    registered = {M: MachineRecord(M, "web01", TWO.disk_sizes, disk_ids=("1", "2"))}
+    registered = {M: TWO}
     uploader = Uploader(store, keyring, registered.__getitem__, Stats())
     uploader._upload(segment(tmp_path, 0, disks=2))
     applier = MachineApplier(store, keyring, find_machine(store, "web01"))
     assert applier.apply_available() == 2
-    registered[M] = MachineRecord(M, "web01", (SIZE, 3 * SIZE), disk_ids=("1", "3"))
+    registered[M] = MachineRecord(M, "web01", (2 * SIZE, 3 * SIZE))
     uploader._upload(segment(tmp_path, 1, disks=2))
-    registered[M] = MachineRecord(M, "web01", (2 * SIZE, 3 * SIZE), disk_ids=("1", "3"))
-    uploader._upload(segment(tmp_path, 2, disks=2))
-    assert find_machine(store, "web01").since_segno == (0, 1)
-    assert applier.apply_available() == 4 and applier.applied_seq() == 29
+    assert applier.apply_available() == 2 and applier.applied_seq() == 19
     assert [store.page_blob_size(replica_name(M, d)) for d in (0, 1)] == [2 * SIZE, 3 * SIZE]
-    assert store.read_pages(replica_name(M, 0), 0, 3 * 4096) == b"".join(bytes([n]) * 4096 for n in (1, 2, 3))
-    assert store.read_pages(replica_name(M, 1), 0, 3 * 4096) == bytes(4096) + bytes([2]) * 4096 + bytes([3]) * 4096
+    for d in (0, 1):
+        assert store.read_pages(replica_name(M, d), 0, 2 * 4096) == bytes([1]) * 4096 + bytes([2]) * 4096
 
 
-def test_a_disk_dropped_and_registered_again_starts_from_an_empty_replica(tmp_path):
+def test_a_disk_dropped_and_registered_again_goes_on_from_its_new_start(tmp_path):
+    """Its replica keeps what it holds (the agent's digest map for the disk, if it kept one,
+    describes it), apply takes it up at its new first segment, and the point taken while it
+    was gone holds disk 0 alone."""
     store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
     keyring = DataKeyring(store, master)
     registered = {M: TWO}
     uploader = Uploader(store, keyring, registered.__getitem__, Stats())
     uploader._upload(segment(tmp_path, 0, disks=2))
     MachineApplier(store, keyring, find_machine(store, "web01")).apply_available()
-    assert store.page_ranges(replica_name(M, 1)) != []
     registered[M] = ONE
     uploader._upload(segment(tmp_path, 1, disks=1))
-    registered[M] = MachineRecord(M, "web01", (SIZE, 2 * SIZE))  # another disk, at index 1 again
-    uploader._upload(segment(tmp_path, 2, disks=1))  # sealed before the disk was there: empty for it
-    applier = MachineApplier(store, keyring, find_machine(store, "web01"))
-    assert find_machine(store, "web01").since_segno == (0, 2)
-    assert applier.apply_available() == 3
-    assert store.page_ranges(replica_name(M, 1)) == []  # the earlier disk's data is gone from the replica
+    registered[M] = TWO  # the disk at index 1 again
+    uploader._upload(segment(tmp_path, 2, disks=2))
+    manifest = find_machine(store, "web01")
+    assert (manifest.since_segno, manifest.since_seq) == ((0, 2), (0, 19))
+    applier = MachineApplier(store, keyring, manifest)
+    assert applier.apply_available() == 3 and applier.applied_seq() == 29
+    assert store.read_pages(replica_name(M, 1), 0, 3 * 4096) == bytes([1]) * 4096 + bytes(4096) + bytes([3]) * 4096
+    assert [(p.seq, [s is not None for s in p.snapshots]) for p in recovery_points(store, manifest)] == [
+        (9, [True, True]), (19, [True, False]), (29, [True, True])]
+
+
+def test_a_disk_start_never_moves_apply_back(tmp_path):
+    """A disk applier that went on applying while the manifest changed under it (a log of the
+    disk's new start applied, and deleted) is rebuilt at the position it reached, not at the
+    start, where it would wait for ever for a log that is gone."""
+    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
+    name = replica_name(M, 1)
+    store.create_page_blob(name, TWO.disk_sizes[1])
+    store.set_metadata(name, {"applied_segno": "5", "applied_seq": "59"})
+    ahead = MachineApplier(store, DataKeyring(store, master), Manifest(M, "web01", TWO.disk_sizes, since_segno=(0, 3),
+                                                                       since_seq=(0, 29)))
+    assert ahead.disks[1].position == AppliedPosition(5, 59) and store.get_metadata(name)["since_segno"] == "3"
+    later = MachineApplier(store, DataKeyring(store, master), Manifest(M, "web01", TWO.disk_sizes, since_segno=(0, 9),
+                                                                       since_seq=(0, 89)))
+    assert later.disks[1].position == AppliedPosition(8, 89)
 
 
 def test_a_disk_added_to_a_replicating_machine_is_replicated_applied_and_in_later_points(tmp_path, pki):
