@@ -5,20 +5,23 @@ from __future__ import annotations
 import uuid
 
 from ..dataplane.digests import BLOCK, digest_blocks
-from ..dataplane.segment import replica_name
+from ..dataplane.segment import logs_prefix, replica_name
 from ..storage.base import BlobNotFound, BlobStore
 
 READ = 4 * 1024 * 1024
 
 
 def applied_seq(store: BlobStore, machine: uuid.UUID, disk_count: int) -> int:
-    """How far every replica disk of the machine has been applied (0: nothing yet)."""
+    """How far every replica disk of the machine has been applied (0: nothing yet). A disk
+    with neither a replica nor a log (just added: nothing of it received or uploaded yet)
+    has nothing to wait for; the other disks' logs hold back the segments still to come."""
     seqs = []
     for disk in range(disk_count):
         try:
             seqs.append(int(store.get_metadata(replica_name(machine, disk)).get("applied_seq", 0)))
         except BlobNotFound:
-            seqs.append(0)
+            if store.list_blobs(logs_prefix(machine, disk)):
+                seqs.append(0)
     return min(seqs) if seqs else 0
 
 

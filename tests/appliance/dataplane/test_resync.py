@@ -6,14 +6,14 @@ import dataclasses
 import os
 import threading
 
-from replication_appliance.apply.applier import MachineApplier
+from replication_appliance.apply.applier import MachineApplier, find_machine
 from replication_appliance.apply.recovery_points import export_disk
 from replication_appliance.common.secrets import MasterKey
 from replication_appliance.dataplane.segment import replica_name
 from replication_appliance.storage import open_store
 from replication_appliance.storage.keyring import DataKeyring
 
-from .conftest import InProcessServer, make_machine, random_writes, replicator, sha256
+from .conftest import InProcessServer, make_machine, random_writes, replicator, sha256, wait_until
 
 MiB = 1 << 20
 
@@ -87,5 +87,44 @@ def test_a_grown_disk_is_resynced_and_its_replica_resized(tmp_path, pki, azurite
         out = tmp_path / "replica.img"
         export_disk(store, grown, 0, out, None)
         assert sha256(out) == sha256(m.images[0])
+    finally:
+        srv.stop()
+
+
+def test_an_agent_that_lost_its_state_and_has_a_new_disk_resyncs_without_waiting_for_it(tmp_path, pki):
+    """Reinstalled with one more disk: every disk is fresh while the process server holds the
+    machine's history, so all are resynced. The new disk has no replica and no logs yet:
+    nothing to wait for before serving its digests (zeros), or the cycle would wait for ever."""
+    store = open_store(str(tmp_path / "storage"))
+    master = MasterKey(os.urandom(32))
+    m = make_machine(tmp_path, "lost02", [8 * MiB, 4 * MiB], seed=35, ps_port=0)
+    full_config, both = m.config, m.record
+    m.config = dataclasses.replace(full_config, disks=full_config.disks[:1])
+    m.state.save_config(m.config)
+    srv = InProcessServer(pki, tmp_path / "cache", [dataclasses.replace(both, disk_sizes=both.disk_sizes[:1])], store,
+                          master, segment_max_age=0.2)
+    try:
+        first = replicator(pki, m, srv.port).run_cycle()
+        wait_until(lambda: store.list_blobs("machines/"), 20, "the first log uploaded")
+        MachineApplier(store, DataKeyring(store, master), find_machine(store, "lost02")).apply_until(first.marker_seq, 60)
+        for f in m.state.root.glob("disk-*"):
+            f.unlink()
+        srv.directory.register(both)
+        m.config = full_config
+        m.state.save_config(m.config)
+        outcome: dict = {}
+        cycle = threading.Thread(target=lambda: outcome.update(report=replicator(pki, m, srv.port).run_cycle()),
+                                 daemon=True)
+        cycle.start()
+        cycle.join(60)
+        assert not cycle.is_alive(), "the resync waited for a disk that has nothing to apply"
+        report = outcome["report"]
+        assert report.phases == ["disk 0: resync", "disk 1: resync"]
+        applier = MachineApplier(store, DataKeyring(store, master), find_machine(store, "lost02"))
+        applier.apply_until(report.marker_seq, 60)
+        for disk, image in enumerate(m.images):
+            out = tmp_path / f"replica{disk}.img"
+            export_disk(store, both, disk, out, None)
+            assert sha256(out) == sha256(image)
     finally:
         srv.stop()
