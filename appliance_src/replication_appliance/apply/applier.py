@@ -146,8 +146,8 @@ class DiskApplier:
     def _delete_log(self, name: str) -> None:
         try:
             self.store.delete_blob(name)
-        except StorageError as e:  # applied and recorded: the next start deletes it
-            log.warning("applied log %s not deleted (%s); deleting it next time apply starts", name, e)
+        except StorageError as e:  # applied and recorded: a later sweep deletes it
+            log.warning("applied log %s not deleted (%s); it is deleted later", name, e)
 
     def _save(self, position: AppliedPosition) -> None:
         self.position = position
