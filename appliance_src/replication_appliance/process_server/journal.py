@@ -364,9 +364,14 @@ class MachineJournal:
     def open_bytes(self) -> int:
         return self._open_bytes if self._fd is not None else 0
 
-    def close(self) -> SealedSegment | None:
+    def close(self) -> None:
+        """Seal the open segment (cut back first, if a write failed); it is uploaded after the
+        next start, like every pending one."""
         with self.lock:
-            return self.repair() if self.broken_at is not None else self.seal()
+            if self.broken_at is not None:
+                self.repair()
+            else:
+                self.seal()
 
 
 class Journals:
