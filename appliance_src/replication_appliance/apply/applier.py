@@ -7,7 +7,8 @@ sequence), so a restarted apply carries on where it stopped and never applies a 
 twice. Every MARKER becomes a snapshot of the replica: a recovery point. A log is deleted
 once its position is recorded (cache storage is a staging area, not an archive); one left
 behind by an interruption, or uploaded again by a process server restarted after it had been
-applied, is deleted when apply starts, or within ten minutes running on."""
+applied, is deleted when apply starts, or within ten minutes running on; so are the logs of a
+disk dropped from the machine."""
 from __future__ import annotations
 
 import logging
@@ -29,7 +30,7 @@ from ..dataplane.segment import (
     unseal,
 )
 from ..dataplane.session import MachineRecord, resolve_in
-from ..storage.base import MAX_PAGE_WRITE, BlobNotFound, BlobStore, StorageError
+from ..storage.base import MAX_PAGE_WRITE, PAGE, BlobNotFound, BlobStore, StorageError
 from ..storage.keyring import DataKeyring
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,19 @@ class _Coalescer:
 
 class DiskApplier:
     """One replica disk. Its metadata: the applied position, and `since_segno`, the first
-    segment with logs for the disk (a disk added later starts there)."""
+    segment with logs for the disk (a disk added later starts there). Its size follows the
+    logs: each is applied to a replica of the size the disk had when its records were
+    received (a disk resized takes its new size with the first log at that size), so every
+    recovery point keeps the size of its time."""
 
     def __init__(self, store: BlobStore, keyring: DataKeyring, machine: Manifest, disk: int) -> None:
         self.store, self.keyring, self.machine, self.disk = store, keyring, machine, disk
         self.name = replica_name(machine.machine_id, disk)
-        self._ensure_size(machine.disk_sizes[disk])
+        try:
+            self.size = store.page_blob_size(self.name)
+        except BlobNotFound:
+            self.size = machine.size_at(disk, machine.since(disk))
+            store.create_page_blob(self.name, self.size)
         self.metadata = store.get_metadata(self.name)
         self._snapshotted = {s.metadata.get("marker_seq") for s in store.list_snapshots(self.name)}
         since = machine.since(disk)
@@ -114,15 +122,12 @@ class DiskApplier:
         self.position = AppliedPosition.of(self.metadata)
         self.delete_applied_logs()
 
-    def _ensure_size(self, size: int) -> None:
-        try:
-            current = self.store.page_blob_size(self.name)
-        except BlobNotFound:
-            self.store.create_page_blob(self.name, size)
-            return
-        if current != size:  # the disk was resized (the agent resyncs it) or replaced
-            log.info("%s disk %d: replica resized from %d to %d bytes", self.machine.hostname, self.disk, current, size)
-            self.store.resize_page_blob(self.name, size)
+    def _resize(self, size: int, segno: int) -> None:
+        """The disk was resized (the agent resyncs it) or replaced by one of another size."""
+        log.info("%s disk %d: replica resized from %d to %d bytes at segment %d", self.machine.hostname, self.disk,
+                 self.size, size, segno)
+        self.store.resize_page_blob(self.name, size)
+        self.size = size
 
     def _start_at(self, since: int, since_seq: int) -> None:
         """The disk's logs start at segment `since` (added after replication began, or
@@ -141,13 +146,7 @@ class DiskApplier:
         for blob in self.store.list_blobs(logs_prefix(self.machine.machine_id, self.disk)):
             segno = segno_of(blob.name)  # None: not a log of this naming, not ours to delete
             if segno is not None and segno <= self.position.segno:
-                self._delete_log(blob.name)
-
-    def _delete_log(self, name: str) -> None:
-        try:
-            self.store.delete_blob(name)
-        except StorageError as e:  # applied and recorded: a later sweep deletes it
-            log.warning("applied log %s not deleted (%s); it is deleted later", name, e)
+                _delete_log(self.store, blob.name)
 
     def _save(self, position: AppliedPosition) -> None:
         self.position = position
@@ -162,15 +161,23 @@ class DiskApplier:
             blob, meta = self.store.get_blob(name)
         except BlobNotFound:
             return False
-        key_id, blob_last_seq = _log_metadata(name, meta)
+        key_id, blob_last_seq, disk_size = _log_metadata(name, meta)
         key = self.keyring.key(self.machine.machine_id, self.disk, key_id)
-        plain = unseal(blob, key, name, key_id, blob_last_seq)  # the metadata is authenticated with it
+        plain = unseal(blob, key, name, key_id, blob_last_seq, disk_size)  # the metadata is authenticated with it
+        records = [r for r in iter_records(plain) if r.header.seq > self.position.seq]  # the rest: applied before a restart
+        # Logs of process servers before sizes were recorded: the manifest's history says it.
+        size = disk_size if disk_size is not None else self.machine.size_at(self.disk, segno)
+        end = max((r.header.offset + r.header.length for r in records if r.header.kind is Kind.DATA), default=0)
+        if end > size:
+            # Received before a shrink (checked against the size then), uploaded after it: at
+            # the newest earlier size that holds it.
+            size = next((z for _, z in reversed(self.machine.sizes(self.disk)) if z >= end), -(-end // PAGE) * PAGE)
+        if size != self.size:
+            self._resize(size, segno)
         out = _Coalescer(self.store, self.name)
         last = self.position.seq
-        for rec in iter_records(plain):
+        for rec in records:
             h = rec.header
-            if h.seq <= self.position.seq:
-                continue  # applied before a restart
             if h.kind is Kind.DATA:
                 out.add(h.offset, rec.payload)
             elif h.kind is Kind.MARKER:
@@ -182,7 +189,7 @@ class DiskApplier:
         # The segment's last sequence (it may end with another disk's data): applied means
         # "everything the process server received up to there is in this replica".
         self._save(AppliedPosition(segno, max(last, self.position.seq, blob_last_seq)))
-        self._delete_log(name)
+        _delete_log(self.store, name)
         return True
 
     def _recovery_point(self, seq: int, marker_id: str, time_ns: int) -> None:
@@ -192,40 +199,58 @@ class DiskApplier:
         self._snapshotted.add(str(seq))
 
 
-def _log_metadata(name: str, meta: dict[str, str]) -> tuple[str, int]:
-    """The key id and last sequence a log blob's metadata gives, checked for form (their
-    truth is checked by decryption: both are in the associated data)."""
+def _delete_log(store: BlobStore, name: str) -> None:
+    try:
+        store.delete_blob(name)
+    except StorageError as e:  # applied and recorded (or of no disk): a later sweep deletes it
+        log.warning("log %s not deleted (%s); it is deleted later", name, e)
+
+
+def _disk_and_segno(name: str) -> tuple[int, int] | None:
+    """(disk, segment) of a log blob `logs/<machine>/<disk>/<segno>.log`; None: not a log."""
+    parts = name.split("/")
+    segno = segno_of(name)
+    return (int(parts[2]), segno) if len(parts) == 4 and parts[2].isdigit() and segno is not None else None
+
+
+def _log_metadata(name: str, meta: dict[str, str]) -> tuple[str, int, int | None]:
+    """The key id, last sequence and disk size (None: not recorded) a log blob's metadata
+    gives, checked for form (their truth is checked by decryption: all are in the associated
+    data)."""
     if meta.get("format") != FORMAT:
         raise SegmentError(f"log blob {name} has format {meta.get('format')!r}; this appliance reads {FORMAT!r}")
     try:
-        return meta["key_id"], int(meta["last_seq"])
+        size = int(meta["disk_size"]) if "disk_size" in meta else None
+        if size is not None and (size <= 0 or size % PAGE):
+            raise ValueError
+        return meta["key_id"], int(meta["last_seq"]), size
     except (KeyError, ValueError):
-        raise SegmentError(f"log blob {name} lacks a key_id or a numeric last_seq in its metadata") from None
+        raise SegmentError(f"log blob {name} lacks a key_id or a numeric last_seq in its metadata, or has a disk_size "
+                           f"that is not a positive multiple of {PAGE}") from None
 
 
 class MachineApplier:
-    SWEEP_INTERVAL_S = 600.0  # logs uploaded again below a disk's position, deleted running on
+    SWEEP_INTERVAL_S = 600.0  # how often, running on, logs no disk will apply are deleted
 
     def __init__(self, store: BlobStore, keyring: DataKeyring, machine: Manifest | MachineRecord) -> None:
         self.store, self.keyring, self.machine = store, keyring, Manifest.of(machine)
         self.disks = [DiskApplier(store, keyring, self.machine, d) for d in range(len(self.machine.disk_sizes))]
-        self._swept_at = time.monotonic()
+        self._swept_at = -self.SWEEP_INTERVAL_S  # the first apply sweeps
 
     def applied_seq(self) -> int:
         return min(d.position.seq for d in self.disks)
 
     def follow_manifest(self) -> None:
         """Take up what a registration changed since the manifest was read: disks added,
-        replaced, resized or dropped."""
+        replaced or dropped (and the size history of logs uploaded without a size)."""
         try:
             manifest = parse_manifest(self.store.get_blob(manifest_name(self.machine.machine_id))[0])
         except BlobNotFound:
             return
         if manifest == self.machine:
             return
-        keep = 0  # disks whose replica goes on as it is
-        while (keep < min(len(self.disks), len(manifest.disk_sizes)) and manifest.since(keep) == self.machine.since(keep)
-               and manifest.disk_sizes[keep] == self.machine.disk_sizes[keep]):
+        keep = 0  # disks whose replica goes on as it is (a resize comes with the logs)
+        while keep < min(len(self.disks), len(manifest.disk_sizes)) and manifest.since(keep) == self.machine.since(keep):
             keep += 1
         self.disks = self.disks[:keep] + [DiskApplier(self.store, self.keyring, manifest, d)
                                           for d in range(keep, len(manifest.disk_sizes))]
@@ -233,12 +258,29 @@ class MachineApplier:
         for d in self.disks:
             d.machine = manifest
 
+    def sweep(self) -> int:
+        """Delete the logs no disk will apply: below a disk's position (an interrupted delete,
+        or uploaded again by a restarted process server), and every log of a disk the machine
+        no longer has (dropped; registered again, it starts above them). Returns how many."""
+        logs = [(b.name, pos) for b in self.store.list_blobs(f"logs/{self.machine.machine_id}/")
+                if (pos := _disk_and_segno(b.name)) is not None]
+        # Read after the listing: a log is put after the manifest naming its disk, so a disk
+        # listed here that this manifest lacks was dropped, not added unseen.
+        try:
+            count = len(parse_manifest(self.store.get_blob(manifest_name(self.machine.machine_id))[0]).disk_sizes)
+        except BlobNotFound:
+            return 0
+        gone = [name for name, (disk, segno) in logs
+                if disk >= count or (disk < len(self.disks) and segno <= self.disks[disk].position.segno)]
+        for name in gone:
+            _delete_log(self.store, name)
+        return len(gone)
+
     def apply_available(self) -> int:
         """Apply every log already in storage; returns how many blobs were applied."""
         self.follow_manifest()
         if time.monotonic() - self._swept_at >= self.SWEEP_INTERVAL_S:
-            for d in self.disks:
-                d.delete_applied_logs()
+            self.sweep()
             self._swept_at = time.monotonic()
         count = 0
         for d in self.disks:

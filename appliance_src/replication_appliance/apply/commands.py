@@ -86,7 +86,8 @@ def cmd_recovery_points(args) -> int:
     points = recovery_points(store, machine)
     if args.json:
         print(json.dumps([{"id": p.marker_id, "time": p.time_iso, "seq": p.seq,
-                           "disks": [d for d, s in enumerate(p.snapshots) if s is not None]} for p in points], indent=1))
+                           "disks": [d for d, s in enumerate(p.snapshots) if s is not None],
+                           "disk_sizes": [s for s in p.sizes if s is not None]} for p in points], indent=1))
     else:
         for p in points:
             missing = [str(d) for d, s in enumerate(p.snapshots) if s is None]
@@ -100,10 +101,9 @@ def cmd_export(args) -> int:
     point = find_point(store, machine, args.recovery_point) if args.recovery_point else None
     if args.out.exists() and args.out.is_dir():
         raise ApplyError(f"--out {args.out} is a directory: give the path of the raw image to write")
-    written = export_disk(store, machine, args.disk, args.out, point)
+    size, written = export_disk(store, machine, args.disk, args.out, point)
     what = f"recovery point {point.marker_id} ({point.time_iso})" if point else "the current replica"
-    print(f"wrote disk {args.disk} of {machine.hostname} from {what} to {args.out} "
-          f"({machine.disk_sizes[args.disk]} bytes, {written} stored)")
+    print(f"wrote disk {args.disk} of {machine.hostname} from {what} to {args.out} ({size} bytes, {written} stored)")
     return 0
 
 

@@ -22,6 +22,7 @@ class RecoveryPoint:
     time_ns: int
     # one per disk, in disk order; None: the disk was added to the machine after this point
     snapshots: tuple[str | None, ...]
+    sizes: tuple[int | None, ...]  # each disk's size at this point (None as above)
 
     @property
     def time_iso(self) -> str:
@@ -42,7 +43,8 @@ def recovery_points(store: BlobStore, machine: MachineRecord) -> list[RecoveryPo
             continue
         first = next(s for s in taken if s is not None)
         points.append(RecoveryPoint(first.metadata.get("marker_id", ""), seq, int(first.metadata.get("marker_time_ns", 0)),
-                                    tuple(s.snapshot_id if s else None for s in taken)))
+                                    tuple(s.snapshot_id if s else None for s in taken),
+                                    tuple(s.size if s else None for s in taken)))
     return points
 
 
@@ -88,8 +90,10 @@ def _windows(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def export_disk(store: BlobStore, machine: MachineRecord, disk: int, out: Path, point: RecoveryPoint | None) -> int:
-    """Write the replica (or a recovery point) as a raw image; unwritten pages stay holes."""
+def export_disk(store: BlobStore, machine: MachineRecord, disk: int, out: Path,
+                point: RecoveryPoint | None) -> tuple[int, int]:
+    """Write the replica (or a recovery point) as a raw image of the disk's size then;
+    unwritten pages stay holes. Returns that size and the bytes stored (written)."""
     if not 0 <= disk < len(machine.disk_sizes):
         raise ApplyError(f"disk {disk} does not exist on {machine.hostname}: disks 0..{len(machine.disk_sizes) - 1}")
     name = replica_name(machine.machine_id, disk)
@@ -97,7 +101,10 @@ def export_disk(store: BlobStore, machine: MachineRecord, disk: int, out: Path, 
     if point and snapshot is None:
         raise ApplyError(f"disk {disk} of {machine.hostname} was added after recovery point {point.marker_id} "
                          f"(sequence {point.seq}): it has no state at that point")
-    size = machine.disk_sizes[disk]
+    # the size of that state: a disk resized later is still the size it had then (and the
+    # replica takes a new size with the first log at it)
+    size = point.sizes[disk] if point else store.page_blob_size(name)
+    assert size is not None
     tmp = out.with_name(out.name + ".part")
     written = 0
     with open(tmp, "wb") as f:
@@ -108,4 +115,4 @@ def export_disk(store: BlobStore, machine: MachineRecord, disk: int, out: Path, 
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out)
-    return written
+    return size, written

@@ -3,8 +3,9 @@ next SEGMENT_ALIGN boundary may follow a record (the journal's direct writes end
 boundaries; a record never starts with a zero byte). A sealed segment is split per
 disk (its DATA frames plus every MARKER, so each disk sees every consistency point), then
 compressed with zstd and encrypted with AES-256-GCM under that disk's data key. The blob's
-name, key id and last sequence (kept in its metadata: apply advances its position by it) are
-the associated data, so a blob cannot be swapped, replayed elsewhere, or told to skip records."""
+name, key id, last sequence (kept in its metadata: apply advances its position by it) and the
+disk's size (apply sizes the replica by it; logs of earlier versions lack it) are the associated
+data, so a blob cannot be swapped, replayed elsewhere, told to skip records or resize a replica."""
 from __future__ import annotations
 
 import os
@@ -134,23 +135,25 @@ def replica_name(machine: uuid.UUID, disk: int) -> str:
     return f"replicas/{machine}/disk{disk}"
 
 
-def _aad(name: str, key_id: str, last_seq: int) -> bytes:
-    return f"{FORMAT}|{name}|{key_id}|{last_seq}".encode()
+def _aad(name: str, key_id: str, last_seq: int, disk_size: int | None) -> bytes:
+    size = "" if disk_size is None else f"|{disk_size}"
+    return f"{FORMAT}|{name}|{key_id}|{last_seq}{size}".encode()
 
 
-def seal(plain: bytes | memoryview, key: bytes, name: str, key_id: str, last_seq: int, level: int = 1) -> bytes:
+def seal(plain: bytes | memoryview, key: bytes, name: str, key_id: str, last_seq: int, level: int = 1,
+         disk_size: int | None = None) -> bytes:
     if level not in ZSTD_LEVELS:
         raise SegmentError(f"zstd level {level} is not allowed: use one of {ZSTD_LEVELS}")
     packed = zstandard.ZstdCompressor(level=level).compress(plain)
     nonce = os.urandom(NONCE)
-    return nonce + AESGCM(key).encrypt(nonce, packed, _aad(name, key_id, last_seq))
+    return nonce + AESGCM(key).encrypt(nonce, packed, _aad(name, key_id, last_seq, disk_size))
 
 
-def unseal(blob: bytes, key: bytes, name: str, key_id: str, last_seq: int) -> bytes:
+def unseal(blob: bytes, key: bytes, name: str, key_id: str, last_seq: int, disk_size: int | None = None) -> bytes:
     if len(blob) < NONCE + 16:
         raise SegmentError(f"log blob {name} is truncated ({len(blob)} bytes)")
     try:
-        packed = AESGCM(key).decrypt(blob[:NONCE], blob[NONCE:], _aad(name, key_id, last_seq))
+        packed = AESGCM(key).decrypt(blob[:NONCE], blob[NONCE:], _aad(name, key_id, last_seq, disk_size))
     except InvalidTag:
         raise SegmentError(f"log blob {name} fails authentication: wrong data key, or the blob or its metadata "
                            "was altered") from None

@@ -1,8 +1,10 @@
 """Keeps each machine's manifest in storage current as segments upload (what it holds and why:
 dataplane/manifest.py). Per machine, decisions are made one at a time and manifests are put
-one at a time (so an older one cannot land after a newer one), but no storage call is made
-while deciding: a storage outage makes each call hang for its timeout, and the uploads of
-other segments must go on failing and retrying meanwhile, not queue behind one."""
+one at a time, each only over the version last read or written (its etag), so an older one
+cannot land after a newer one, not even a put the service carries out after this side gave up
+on it. No storage call is made while deciding: a storage outage makes each call hang for its
+timeout, and the uploads of other segments must go on failing and retrying meanwhile, not
+queue behind one."""
 from __future__ import annotations
 
 import logging
@@ -16,12 +18,13 @@ from ..dataplane.manifest import (
     first_segment_after,
     manifest_bytes,
     manifest_name,
+    needs_start,
     next_manifest,
     parse_manifest,
 )
 from ..dataplane.segment import logs_prefix, replica_name, segno_of
 from ..dataplane.session import MachineRecord
-from ..storage.base import BlobNotFound, BlobStore
+from ..storage.base import BlobNotFound, BlobStore, PreconditionFailed
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ class _Machine:
     stored_version: int = -1
     issued_through: int = -1  # the newest segment handed a manifest
     issued_seq: int = 0  # the newest sequence in a segment handed one
+    etag: str | None = None  # of the manifest in storage as last read or written (None: none there)
     deciding: threading.Lock = field(default_factory=threading.Lock)
     putting: threading.Lock = field(default_factory=threading.Lock)
 
@@ -56,22 +60,22 @@ class Manifests:
                 # thread's decision would look like a dropped disk.
                 record = self._machine(machine)
                 known = m.current
-                added = known is not None and len(record.disk_sizes) > len(known.disk_sizes)
-                if not added or stored_through is not None:
+                changed = needs_start(known, record)  # disks added or resized
+                if not changed or stored_through is not None:
                     since = None
-                    if added:
+                    if changed:
                         assert stored_through is not None and known is not None
                         since = (first_segment_after(m.issued_through, stored_through[0]),
                                  max(m.issued_seq, stored_through[1]))
-                        log.info("machine %s: disks %d-%d start at segment %d (after sequence %d)", machine,
-                                 len(known.disk_sizes), len(record.disk_sizes) - 1, *since)
+                        log.info("machine %s: disk sizes %s -> %s from segment %d (after sequence %d)", machine,
+                                 list(known.disk_sizes), list(record.disk_sizes), *since)
                     manifest = next_manifest(known, record, since)
                     if manifest != known:
                         m.current, m.version = manifest, m.version + 1
                     m.issued_through = max(m.issued_through, segno)
                     m.issued_seq = max(m.issued_seq, last_seq)
                     break
-            stored_through = self._stored_through(machine)  # only when a disk was added: rare
+            stored_through = self._stored_through(machine)  # only when disks were added or resized: rare
         self._store_current(machine, m)
         return manifest
 
@@ -79,9 +83,10 @@ class Manifests:
         with self._lock:
             m = self._machines.get(machine)
         if m is None:
-            stored = self._stored_manifest(machine)  # no lock held: it may hang in an outage
+            etag = self._store.blob_etag(manifest_name(machine))  # no lock held: these may hang in an outage
+            stored = self._stored_manifest(machine)  # (changed in between: the first put re-reads the etag)
             with self._lock:
-                m = self._machines.setdefault(machine, _Machine(stored, stored_version=0 if stored else -1))
+                m = self._machines.setdefault(machine, _Machine(stored, stored_version=0 if stored else -1, etag=etag))
         return m
 
     def _store_current(self, machine: uuid.UUID, m: _Machine) -> None:
@@ -93,7 +98,13 @@ class Manifests:
             if m.stored_version >= version:
                 return  # another thread stored it (or a newer one) meanwhile
             assert manifest is not None
-            self._store.put_blob(manifest_name(machine), manifest_bytes(manifest), {})
+            name, data = manifest_name(machine), manifest_bytes(manifest)
+            try:
+                m.etag = self._store.put_blob_if(name, data, {}, m.etag)
+            except PreconditionFailed:
+                # Changed since: by a put of ours whose answer was lost (or that the service
+                # carried out late, before this one). This is the newest decision: over it.
+                m.etag = self._store.put_blob_if(name, data, {}, self._store.blob_etag(name))
             m.stored_version = version
 
     def _stored_manifest(self, machine: uuid.UUID) -> Manifest | None:

@@ -92,9 +92,10 @@ class Uploader:
         for disk, plain in enumerate(parts):
             key_id, key = self._keyring.current(seg.machine, disk)
             name = blob_name(seg.machine, disk, seg.segno)
-            self._store.put_blob(name, seal(plain, key, name, key_id, last_seq, self._level), {
+            size = manifest.size_at(disk, seg.segno)  # what its records were checked against
+            self._store.put_blob(name, seal(plain, key, name, key_id, last_seq, self._level, disk_size=size), {
                 "key_id": key_id, "format": FORMAT, "segno": str(seg.segno),
-                "last_seq": str(last_seq), "plain_bytes": str(len(plain))})
+                "last_seq": str(last_seq), "disk_size": str(size), "plain_bytes": str(len(plain))})
         seg.path.unlink()
 
     def close(self, wait: bool = True) -> None:

@@ -4,11 +4,12 @@ from .base import (
            BlobInfo,
            BlobNotFound,
            BlobStore,
+           PreconditionFailed,
            SnapshotInfo,
            StorageError,
            StorageUnavailable,
 )
 from .open import open_store, store_for_data_dir
 
-__all__ = ["BlobInfo", "BlobNotFound", "BlobStore", "SnapshotInfo", "StorageError", "StorageUnavailable",
+__all__ = ["BlobInfo", "BlobNotFound", "BlobStore", "PreconditionFailed", "SnapshotInfo", "StorageError", "StorageUnavailable",
            "open_store", "store_for_data_dir"]

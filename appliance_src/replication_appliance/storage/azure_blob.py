@@ -6,10 +6,12 @@ import functools
 from collections.abc import Callable
 from typing import TypeVar
 
+from azure.core import MatchConditions
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
     ResourceExistsError,
+    ResourceModifiedError,
     ResourceNotFoundError,
     ServiceRequestError,
     ServiceResponseError,
@@ -20,6 +22,7 @@ from .base import (
     MAX_PAGE_WRITE,
     BlobInfo,
     BlobNotFound,
+    PreconditionFailed,
     SnapshotInfo,
     StorageError,
     StorageUnavailable,
@@ -79,6 +82,22 @@ class AzureBlobStore:
     @_mapped
     def put_blob(self, name: str, data: bytes, metadata: dict[str, str]) -> None:
         self._container.upload_blob(name, bytes(data), overwrite=True, metadata=metadata)
+
+    @_mapped
+    def put_blob_if(self, name: str, data: bytes, metadata: dict[str, str], etag: str | None) -> str:
+        condition = ({"overwrite": False} if etag is None else
+                     {"overwrite": True, "etag": etag, "match_condition": MatchConditions.IfNotModified})
+        try:
+            return self._blob(name).upload_blob(bytes(data), metadata=metadata, **condition)["etag"]
+        except (ResourceModifiedError, ResourceExistsError):
+            raise PreconditionFailed(f"blob {name} changed since it was read") from None
+
+    @_mapped
+    def blob_etag(self, name: str) -> str | None:
+        try:
+            return self._blob(name).get_blob_properties().etag
+        except ResourceNotFoundError:
+            return None
 
     @_mapped
     def get_blob(self, name: str) -> tuple[bytes, dict[str, str]]:
@@ -156,7 +175,7 @@ class AzureBlobStore:
 
     @_mapped
     def list_snapshots(self, name: str) -> list[SnapshotInfo]:
-        snaps = [SnapshotInfo(b.snapshot, dict(b.metadata or {}))
+        snaps = [SnapshotInfo(b.snapshot, dict(b.metadata or {}), b.size)
                  for b in self._container.list_blobs(name_starts_with=name, include=["snapshots", "metadata"])
                  if b.name == name and b.snapshot]
         return sorted(snaps, key=lambda s: s.snapshot_id)

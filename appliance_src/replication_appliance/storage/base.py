@@ -18,6 +18,11 @@ class BlobNotFound(StorageError):
     pass
 
 
+class PreconditionFailed(StorageError):
+    """A conditional write found the blob changed since the etag given (or there already, when
+    it was to be absent)."""
+
+
 class StorageUnavailable(StorageError):
     """Storage cannot be reached now; the caller retries with backoff."""
 
@@ -33,11 +38,16 @@ class BlobInfo:
 class SnapshotInfo:
     snapshot_id: str
     metadata: dict[str, str]
+    size: int  # bytes: the page blob's size when the snapshot was taken
 
 
 class BlobStore(Protocol):
     # block blobs (cache logs, keys, small state)
     def put_blob(self, name: str, data: bytes, metadata: dict[str, str]) -> None: ...
+    # Written only if the blob's etag is still `etag` (None: only if there is no such blob);
+    # the new etag. A request carried out late cannot overwrite a newer write.
+    def put_blob_if(self, name: str, data: bytes, metadata: dict[str, str], etag: str | None) -> str: ...
+    def blob_etag(self, name: str) -> str | None: ...  # None: no such blob
     def get_blob(self, name: str) -> tuple[bytes, dict[str, str]]: ...
     def list_blobs(self, prefix: str) -> list[BlobInfo]: ...
     def delete_blob(self, name: str) -> None: ...

@@ -4,6 +4,7 @@ Block blobs are files written atomically; page blobs are sparse files; snapshots
 sparse copies. Metadata sits beside each in a `.meta.json` file."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -13,7 +14,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..common import fileio
-from .base import BlobInfo, BlobNotFound, SnapshotInfo, StorageError, check_page_range
+from .base import (
+    BlobInfo,
+    BlobNotFound,
+    PreconditionFailed,
+    SnapshotInfo,
+    StorageError,
+    check_page_range,
+)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
 
@@ -56,6 +64,23 @@ class LocalStore:
         p = self._path("blobs", name)
         _atomic_write(self._meta_path(p), json.dumps(metadata).encode())
         _atomic_write(p, bytes(data))
+
+    def put_blob_if(self, name: str, data: bytes, metadata: dict[str, str], etag: str | None) -> str:
+        with self._lock:  # one process writes a given blob conditionally (its process server)
+            if self.blob_etag(name) != etag:
+                raise PreconditionFailed(f"blob {name} changed since it was read")
+            self.put_blob(name, data, metadata)
+            new = self.blob_etag(name)
+            assert new is not None
+            return new
+
+    def blob_etag(self, name: str) -> str | None:
+        """A digest of the content and metadata: a file's time can repeat within a tick."""
+        p = self._path("blobs", name)
+        try:
+            return hashlib.sha256(p.read_bytes() + b"\0" + self._meta_path(p).read_bytes()).hexdigest()[:32]
+        except FileNotFoundError:
+            return None
 
     def get_blob(self, name: str) -> tuple[bytes, dict[str, str]]:
         p = self._path("blobs", name)
@@ -185,7 +210,7 @@ class LocalStore:
         d = self._path("snapshots", name)
         if not d.is_dir():
             return []
-        return [SnapshotInfo(p.name, self._read_meta(p)) for p in sorted(d.iterdir())
+        return [SnapshotInfo(p.name, self._read_meta(p), p.stat().st_size) for p in sorted(d.iterdir())
                 if not p.name.endswith((".meta.json", ".tmp"))]
 
     def delete_snapshot(self, name: str, snapshot_id: str) -> None:

@@ -118,6 +118,12 @@ def test_sealed_blob_is_compressed_encrypted_and_bound_to_its_name():
                       ((blob[:-1] + bytes([blob[-1] ^ 1]), key, "logs/m/0/000000000001.log", "k1", 7), "altered")):
         with pytest.raises(SegmentError, match="fails authentication"):
             unseal(*args)
+    # the disk size a log is applied at is bound to it too: neither changed nor taken away
+    sized = seal(plain, key, "logs/m/0/000000000001.log", "k1", 7, disk_size=1 << 20)
+    assert unseal(sized, key, "logs/m/0/000000000001.log", "k1", 7, 1 << 20) == plain
+    for size in (2 << 20, None):
+        with pytest.raises(SegmentError, match="fails authentication"):
+            unseal(sized, key, "logs/m/0/000000000001.log", "k1", 7, size)
     with pytest.raises(SegmentError, match="zstd level 9 is not allowed"):
         seal(plain, key, "n", "k", 1, level=9)
 

@@ -28,7 +28,7 @@ from replication_appliance.process_server.journal import SealedSegment
 from replication_appliance.process_server.manifests import Manifests
 from replication_appliance.process_server.stats import Stats
 from replication_appliance.process_server.uploader import Uploader
-from replication_appliance.storage import open_store
+from replication_appliance.storage import PreconditionFailed, StorageUnavailable, open_store
 from replication_appliance.storage.keyring import DataKeyring
 
 from .conftest import InProcessServer, make_machine, random_writes, replicator, sha256
@@ -46,10 +46,25 @@ def test_kept_disks_keep_their_start_added_ones_start_where_told_dropped_ones_go
     assert (grown.since_segno, grown.since_seq, grown.hostname) == ((0, 0, 7), (0, 0, 69), "web02")
     assert next_manifest(grown, ONE, None).since_segno == (0,)
     assert next_manifest(grown, three, None) == grown  # nothing changed: nothing to store
-    resized = next_manifest(grown, MachineRecord(M, "web02", (SIZE, 4 * SIZE, 3 * SIZE)), None)
-    assert resized.since_segno == grown.since_segno and resized.disk_sizes[1] == 4 * SIZE  # the same disk, grown
     with pytest.raises(ValueError, match="segment they start at"):
         next_manifest(first, three, None)
+
+
+def test_a_resized_disk_has_its_new_size_from_the_segment_given():
+    three = MachineRecord(M, "web01", (SIZE, 2 * SIZE, 3 * SIZE))
+    grown = next_manifest(next_manifest(None, TWO, None), three, (7, 69))
+    bigger = MachineRecord(M, "web01", (SIZE, 4 * SIZE, 3 * SIZE))
+    with pytest.raises(ValueError, match="added or resized"):
+        next_manifest(grown, bigger, None)
+    resized = next_manifest(grown, bigger, (9, 89))
+    assert resized.since_segno == grown.since_segno and resized.disk_sizes == bigger.disk_sizes  # the same disk, grown
+    assert [resized.size_at(1, n) for n in (0, 8, 9, 30)] == [2 * SIZE, 2 * SIZE, 4 * SIZE, 4 * SIZE]
+    assert [resized.size_at(d, 30) for d in (0, 2)] == [SIZE, 3 * SIZE]  # the others as they were
+    # shrunk again before segment 9 went up: 9 has the latest size; and once more from 12
+    again = next_manifest(next_manifest(resized, three, (9, 89)), MachineRecord(M, "web01", (SIZE, SIZE, 3 * SIZE)), (12, 119))
+    assert again.sizes(1) == ((0, 2 * SIZE), (12, SIZE)) and again.size_at(1, 11) == 2 * SIZE
+    assert parse_manifest(manifest_bytes(again)) == again
+    assert next_manifest(again, again, None) == again  # nothing changed: nothing to store
 
 
 def test_an_added_disk_starts_above_every_segment_uploaded_without_it():
@@ -63,9 +78,13 @@ def test_manifest_round_trip_and_malformed_ones():
     assert parse_manifest(manifest_bytes(m)) == m
     old = b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [512, 1024]}' % str(M).encode()
     assert parse_manifest(old).since_segno == (0, 0) == parse_manifest(old).since_seq  # from before disks could be added
+    assert parse_manifest(old).sizes(1) == ((0, 1024),)  # and before they could be resized
     for bad in (b"{", b'{"machine_id": "x", "hostname": "h", "disk_sizes": [1]}',
                 b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [1], "since_segno": [0, 1]}' % str(M).encode(),
-                b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [1], "since_seq": [-1]}' % str(M).encode()):
+                b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [1], "since_seq": [-1]}' % str(M).encode(),
+                b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [1], "size_history": [[[0, 2]]]}' % str(M).encode(),
+                b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [1], "size_history": [[[5, 2], [3, 1]]]}' % str(M).encode(),
+                b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [1], "size_history": []}' % str(M).encode()):
         with pytest.raises(ManifestError, match="malformed"):
             parse_manifest(bad)
 
@@ -152,15 +171,15 @@ def test_a_slow_put_of_an_older_manifest_cannot_land_after_a_newer_one(tmp_path,
     store = open_store(str(tmp_path / "storage"))
     registered = {M: ONE}
     manifests = Manifests(store, registered.__getitem__)
-    real_put, in_put, release = store.put_blob, threading.Event(), threading.Event()
+    real_put, in_put, release = store.put_blob_if, threading.Event(), threading.Event()
 
-    def first_put_slow(name, data, metadata):
+    def first_put_slow(name, data, metadata, etag):
         if not in_put.is_set():
             in_put.set()
             release.wait(10)
-        real_put(name, data, metadata)
+        return real_put(name, data, metadata, etag)
 
-    monkeypatch.setattr(store, "put_blob", first_put_slow)
+    monkeypatch.setattr(store, "put_blob_if", first_put_slow)
     older = threading.Thread(target=manifests.for_segment, args=(M, 0, 9))
     older.start()
     assert in_put.wait(10)  # the one-disk manifest's put hangs
@@ -172,6 +191,34 @@ def test_a_slow_put_of_an_older_manifest_cannot_land_after_a_newer_one(tmp_path,
     older.join(10)
     newer.join(10)
     assert find_machine(store, "web01").disk_sizes == TWO.disk_sizes  # the newer one is what storage holds
+
+
+@pytest.mark.parametrize("lands", ["before the newer put", "after it"])
+def test_a_manifest_put_whose_answer_was_lost_cannot_overwrite_a_newer_one(tmp_path, monkeypatch, lands):
+    """The one-disk manifest's put times out on this side but reaches the service anyway:
+    before the two-disk one is put (which then goes over it), or after (refused: it was
+    made against the version before)."""
+    store = open_store(str(tmp_path / "storage"))
+    registered = {M: ONE}
+    manifests = Manifests(store, registered.__getitem__)
+    real_put, lost = store.put_blob_if, []
+
+    def answer_lost(*request):
+        lost.append(request)
+        raise StorageUnavailable("storage unreachable during put_blob_if: ServiceResponseError")
+
+    monkeypatch.setattr(store, "put_blob_if", answer_lost)
+    with pytest.raises(StorageUnavailable):
+        manifests.for_segment(M, 0, 9)
+    monkeypatch.setattr(store, "put_blob_if", real_put)
+    if lands == "before the newer put":
+        real_put(*lost[0])
+    registered[M] = TWO
+    manifests.for_segment(M, 1, 19)
+    if lands == "after it":
+        with pytest.raises(PreconditionFailed):
+            real_put(*lost[0])
+    assert find_machine(store, "web01").disk_sizes == TWO.disk_sizes
 
 
 def test_recovery_points_before_an_added_disk_hold_the_others_and_do_not_wait_for_it(tmp_path):
@@ -209,6 +256,67 @@ def test_resized_disks_keep_their_replica_resized(tmp_path):
         assert store.read_pages(replica_name(M, d), 0, 2 * 4096) == bytes([1]) * 4096 + bytes([2]) * 4096
 
 
+def sealed(tmp_path: Path, segno: int, writes: list[tuple[int, int]]) -> SealedSegment:
+    """Segment `segno` of one disk: a DATA frame of a page of byte `segno + 1` at each
+    (sequence, offset), then a marker at sequence 10 * segno + 9."""
+    frames = [F.Frame(F.Kind.DATA, M, disk=0, seq=seq, offset=offset, payload=bytes([segno + 1]) * 4096)
+              for seq, offset in writes]
+    frames.append(F.Frame(F.Kind.MARKER, M, seq=10 * segno + 9, offset=segno, payload=f"m{segno}".encode()))
+    path = tmp_path / f"{segno:012d}.sealed"
+    path.write_bytes(b"".join(F.encode(f) for f in frames))
+    return SealedSegment(M, segno, path, path.stat().st_size)
+
+
+def test_a_resized_disk_takes_its_size_with_its_logs_and_every_point_keeps_its_own(tmp_path):
+    """1 MiB, grown to 3 MiB (segment 1 writes past the old end), then shrunk to 512 KiB while
+    segments 3 and 4 were in flight: 4 went up first at 3 MiB, so 3 (which writes past the new
+    end) is applied at 3 MiB too, and the new size starts at 5. Segment 6 still writes past the
+    new end (received from a session that began before the shrink): it is applied at the size it
+    needs. An apply that read the manifest before the growth, and one that reads it after the
+    shrink, both get every point right."""
+    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
+    keyring = DataKeyring(store, master)
+    registered = {M: ONE}
+    uploader = Uploader(store, keyring, registered.__getitem__, Stats())
+    uploader._upload(sealed(tmp_path, 0, [(1, 0)]))
+    early = MachineApplier(store, keyring, find_machine(store, "web01"))  # knows only the 1 MiB disk
+    registered[M] = MachineRecord(M, "web01", (3 * MiB,))
+    uploader._upload(sealed(tmp_path, 1, [(11, 2 * MiB)]))
+    assert early.disks[0].apply_next() and early.disks[0].apply_next()  # the manifest not read again
+    assert store.page_blob_size(replica_name(M, 0)) == 3 * MiB
+    uploader._upload(sealed(tmp_path, 2, [(21, 4096)]))
+    uploader._upload(sealed(tmp_path, 4, [(41, 0)]))
+    registered[M] = MachineRecord(M, "web01", (MiB // 2,))
+    uploader._upload(sealed(tmp_path, 3, [(31, 2 * MiB + 4096)]))
+    uploader._upload(sealed(tmp_path, 5, [(51, 8192)]))
+    uploader._upload(sealed(tmp_path, 6, [(61, 2 * MiB + 8192)]))
+    uploader._upload(sealed(tmp_path, 7, [(71, 0)]))
+    assert find_machine(store, "web01").sizes(0) == ((0, MiB), (1, 3 * MiB), (5, MiB // 2))
+
+    late = MachineApplier(store, keyring, find_machine(store, "web01"))
+    assert late.apply_available() == 6 and late.applied_seq() == 79
+    points = recovery_points(store, late.machine)
+    assert [(p.seq, p.sizes) for p in points] == [(9, (MiB,)), (19, (3 * MiB,)), (29, (3 * MiB,)), (39, (3 * MiB,)),
+                                                  (49, (3 * MiB,)), (59, (MiB // 2,)), (69, (3 * MiB,)),
+                                                  (79, (MiB // 2,))]
+    page = {n: bytes([n + 1]) * 4096 for n in range(8)}
+    expected = {9: {0: page[0]}, 19: {0: page[0], 2 * MiB: page[1]}, 39: {0: page[0], 4096: page[2], 2 * MiB: page[1],
+                                                                         2 * MiB + 4096: page[3]},
+                59: {0: page[4], 4096: page[2], 8192: page[5]},
+                69: {0: page[4], 4096: page[2], 8192: page[5], 2 * MiB + 8192: page[6]},  # what the shrink cut is gone
+                79: {0: page[7], 4096: page[2], 8192: page[5]}}
+    for p in points:
+        if p.seq in expected:
+            out = tmp_path / f"point{p.seq}.img"
+            assert export_disk(store, late.machine, 0, out, p)[0] == p.sizes[0]
+            image = out.read_bytes()
+            assert len(image) == p.sizes[0]
+            for offset, data in expected[p.seq].items():
+                assert image[offset:offset + 4096] == data
+            assert image.count(0) == len(image) - 4096 * len(expected[p.seq])
+    assert export_disk(store, late.machine, 0, tmp_path / "now.img", None)[0] == MiB // 2
+
+
 def test_a_disk_dropped_and_registered_again_goes_on_from_its_new_start(tmp_path):
     """Its replica keeps what it holds (the agent's digest map for the disk, if it kept one,
     describes it), apply takes it up at its new first segment, and the point taken while it
@@ -230,6 +338,23 @@ def test_a_disk_dropped_and_registered_again_goes_on_from_its_new_start(tmp_path
     assert store.read_pages(replica_name(M, 1), 0, 3 * 4096) == bytes([1]) * 4096 + bytes(4096) + bytes([3]) * 4096
     assert [(p.seq, [s is not None for s in p.snapshots]) for p in recovery_points(store, manifest)] == [
         (9, [True, True]), (19, [True, False]), (29, [True, True])]
+
+
+def test_logs_of_a_dropped_disk_are_swept_but_not_those_of_a_disk_added_unseen(tmp_path):
+    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
+    keyring = DataKeyring(store, master)
+    registered = {M: TWO}
+    uploader = Uploader(store, keyring, registered.__getitem__, Stats())
+    uploader._upload(segment(tmp_path, 0, disks=2))
+    registered[M] = ONE  # disk 1 dropped before its log 0 was applied
+    uploader._upload(segment(tmp_path, 1, disks=1))
+    applier = MachineApplier(store, keyring, find_machine(store, "web01"))
+    assert applier.apply_available() == 2 and store.list_blobs(f"logs/{M}/") == []
+    # an apply that has not read the manifest adding disk 1 again keeps that disk's logs
+    registered[M] = TWO
+    uploader._upload(segment(tmp_path, 2, disks=2))
+    assert applier.sweep() == 0 and [b.name for b in store.list_blobs(f"logs/{M}/")] == [
+        blob_name(M, 0, 2), blob_name(M, 1, 2)]
 
 
 def test_a_disk_start_never_moves_apply_back(tmp_path):

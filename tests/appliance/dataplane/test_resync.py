@@ -7,7 +7,7 @@ import os
 import threading
 
 from replication_appliance.apply.applier import MachineApplier, find_machine
-from replication_appliance.apply.recovery_points import export_disk
+from replication_appliance.apply.recovery_points import export_disk, recovery_points
 from replication_appliance.common.secrets import MasterKey
 from replication_appliance.dataplane.segment import replica_name
 from replication_appliance.storage import open_store
@@ -71,6 +71,7 @@ def test_a_grown_disk_is_resynced_and_its_replica_resized(tmp_path, pki, azurite
         first = replicator(pki, m, srv.port).run_cycle()
         applier = MachineApplier(store, DataKeyring(store, master), m.record)
         applier.apply_until(first.marker_seq, 60)
+        before = sha256(m.images[0])
         with open(m.images[0], "r+b") as f:
             f.truncate(12 * MiB)
             f.seek(10 * MiB)
@@ -87,6 +88,11 @@ def test_a_grown_disk_is_resynced_and_its_replica_resized(tmp_path, pki, azurite
         out = tmp_path / "replica.img"
         export_disk(store, grown, 0, out, None)
         assert sha256(out) == sha256(m.images[0])
+        # the point before the growth is still the 8 MiB disk it was
+        points = {p.seq: p for p in recovery_points(store, applier.machine)}
+        assert (points[first.marker_seq].sizes, points[report.marker_seq].sizes) == ((8 * MiB,), (12 * MiB,))
+        export_disk(store, grown, 0, out, points[first.marker_seq])
+        assert sha256(out) == before
     finally:
         srv.stop()
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from replication_appliance.storage import BlobNotFound, StorageError, open_store
+from replication_appliance.storage import BlobNotFound, PreconditionFailed, StorageError, open_store
 
 
 @pytest.fixture(params=["azurite", "local"])
@@ -62,8 +62,26 @@ def test_a_page_blob_is_resized_and_cleared_whole_while_its_snapshots_and_metada
     assert store.page_ranges(name) == [] and store.read_pages(name, 0, 4096) == bytes(4096)
     assert store.page_blob_size(name) == 2 << 20 and store.get_metadata(name) == {"applied_seq": "3"}
     assert store.read_pages(name, 0, 4096, snap) == b"a" * 4096
+    later = store.snapshot(name, {"marker_seq": "4"})
+    store.resize_page_blob(name, 1 << 19)  # shrunk
+    assert [(s.snapshot_id, s.size) for s in store.list_snapshots(name)] == [(snap, 1 << 20), (later, 2 << 20)]
+    assert store.page_blob_size(name) == 1 << 19
     with pytest.raises(StorageError, match="positive multiple of 512"):
         store.resize_page_blob(name, 1000)
+
+
+def test_a_conditional_put_lands_only_over_the_version_it_was_given(store):
+    name = "machines/m.json"
+    assert store.blob_etag(name) is None
+    first = store.put_blob_if(name, b"v1", {}, None)  # only if absent
+    assert store.blob_etag(name) == first and store.get_blob(name)[0] == b"v1"
+    with pytest.raises(PreconditionFailed):
+        store.put_blob_if(name, b"v1 again", {}, None)
+    second = store.put_blob_if(name, b"v2", {}, first)
+    assert second != first and store.blob_etag(name) == second
+    with pytest.raises(PreconditionFailed):  # a put carried out late, against the version before
+        store.put_blob_if(name, b"v1 late", {}, first)
+    assert store.get_blob(name)[0] == b"v2"
 
 
 def test_bad_connection_string_is_not_echoed():
