@@ -18,9 +18,10 @@ from datetime import UTC, datetime
 
 from ..common.errors import ApplianceError
 from ..dataplane.frames import Kind
-from ..dataplane.manifest import Manifest, manifest_name, parse_manifest
+from ..dataplane.manifest import Manifest, ManifestError, manifest_name, parse_manifest
 from ..dataplane.segment import (
     FORMAT,
+    FORMAT_V2,
     SegmentError,
     blob_name,
     iter_records,
@@ -53,17 +54,27 @@ class AppliedPosition:
         return {"applied_segno": str(self.segno), "applied_seq": str(self.seq)}
 
 
-def machines_in(store: BlobStore) -> list[Manifest]:
-    return [parse_manifest(store.get_blob(b.name)[0]) for b in store.list_blobs("machines/")]
+def machines_in(store: BlobStore) -> tuple[list[Manifest], list[str]]:
+    """The machines' manifests in storage, and the names of those that cannot be read (one
+    damaged manifest must not keep apply from every other machine)."""
+    found, unreadable = [], []
+    for b in store.list_blobs("machines/"):
+        try:
+            found.append(parse_manifest(store.get_blob(b.name)[0]))
+        except ManifestError as e:
+            log.warning("%s: %s", b.name, e)
+            unreadable.append(b.name)
+    return found, unreadable
 
 
 def find_machine(store: BlobStore, id_or_hostname: str) -> Manifest:
-    records = machines_in(store)
+    records, unreadable = machines_in(store)
     rec = resolve_in(records, id_or_hostname)
     if rec is None:
         known = ", ".join(f"{r.hostname} ({r.machine_id})" for r in records) or "none yet"
+        damaged = f"; manifests that cannot be read (malformed JSON): {', '.join(unreadable)}" if unreadable else ""
         raise ApplyError(f"machine {id_or_hostname!r} has no replication data in storage (or the hostname is ambiguous); "
-                         f"known machines: {known}")
+                         f"known machines: {known}{damaged}")
     return rec
 
 
@@ -112,7 +123,7 @@ class DiskApplier:
         try:
             self.size = store.page_blob_size(self.name)
         except BlobNotFound:
-            self.size = machine.size_at(disk, machine.since(disk))
+            self.size = machine.disk_sizes[disk]
             store.create_page_blob(self.name, self.size)
         self.metadata = store.get_metadata(self.name)
         self._snapshotted = {s.metadata.get("marker_seq") for s in store.list_snapshots(self.name)}
@@ -164,20 +175,21 @@ class DiskApplier:
         key_id, blob_last_seq, disk_size = _log_metadata(name, meta)
         key = self.keyring.key(self.machine.machine_id, self.disk, key_id)
         plain = unseal(blob, key, name, key_id, blob_last_seq, disk_size)  # the metadata is authenticated with it
-        records = [r for r in iter_records(plain) if r.header.seq > self.position.seq]  # the rest: applied before a restart
-        # Logs of process servers before sizes were recorded: the manifest's history says it.
-        size = disk_size if disk_size is not None else self.machine.size_at(self.disk, segno)
+        records = list(iter_records(plain))
         end = max((r.header.offset + r.header.length for r in records if r.header.kind is Kind.DATA), default=0)
-        if end > size:
-            # Received before a shrink (checked against the size then), uploaded after it: at
-            # the newest earlier size that holds it.
-            size = next((z for _, z in reversed(self.machine.sizes(self.disk)) if z >= end), -(-end // PAGE) * PAGE)
-        if size != self.size:
-            self._resize(size, segno)
+        if disk_size is None:  # a log of an earlier version: the size now, or what its records need
+            disk_size = max(self.machine.disk_sizes[self.disk], -(-end // PAGE) * PAGE)
+        elif end > disk_size:  # authenticated, so written this way by a process server: a bug there
+            raise SegmentError(f"log blob {name} writes up to byte {end}, past the end of disk {self.disk} of "
+                               f"{self.machine.hostname} ({disk_size} bytes) that it gives")
+        if disk_size != self.size:
+            self._resize(disk_size, segno)
         out = _Coalescer(self.store, self.name)
         last = self.position.seq
         for rec in records:
             h = rec.header
+            if h.seq <= self.position.seq:
+                continue  # applied before a restart
             if h.kind is Kind.DATA:
                 out.add(h.offset, rec.payload)
             elif h.kind is Kind.MARKER:
@@ -214,19 +226,20 @@ def _disk_and_segno(name: str) -> tuple[int, int] | None:
 
 
 def _log_metadata(name: str, meta: dict[str, str]) -> tuple[str, int, int | None]:
-    """The key id, last sequence and disk size (None: not recorded) a log blob's metadata
-    gives, checked for form (their truth is checked by decryption: all are in the associated
-    data)."""
-    if meta.get("format") != FORMAT:
-        raise SegmentError(f"log blob {name} has format {meta.get('format')!r}; this appliance reads {FORMAT!r}")
+    """The key id, last sequence and disk size (None: a log of FORMAT_V2, without one) a log
+    blob's metadata gives, checked for form (their truth is checked by decryption: all are in
+    the associated data)."""
+    fmt = meta.get("format")
+    if fmt not in (FORMAT, FORMAT_V2):
+        raise SegmentError(f"log blob {name} has format {fmt!r}; this appliance reads {FORMAT!r} and {FORMAT_V2!r}")
     try:
-        size = int(meta["disk_size"]) if "disk_size" in meta else None
+        size = int(meta["disk_size"]) if fmt == FORMAT else None
         if size is not None and (size <= 0 or size % PAGE):
             raise ValueError
         return meta["key_id"], int(meta["last_seq"]), size
     except (KeyError, ValueError):
-        raise SegmentError(f"log blob {name} lacks a key_id or a numeric last_seq in its metadata, or has a disk_size "
-                           f"that is not a positive multiple of {PAGE}") from None
+        raise SegmentError(f"log blob {name} lacks a key_id, a numeric last_seq or (format {FORMAT}) a disk_size "
+                           f"that is a positive multiple of {PAGE} in its metadata") from None
 
 
 class MachineApplier:
@@ -242,7 +255,7 @@ class MachineApplier:
 
     def follow_manifest(self) -> None:
         """Take up what a registration changed since the manifest was read: disks added,
-        replaced or dropped (and the size history of logs uploaded without a size)."""
+        replaced or dropped (a resize comes with the logs)."""
         try:
             manifest = parse_manifest(self.store.get_blob(manifest_name(self.machine.machine_id))[0])
         except BlobNotFound:

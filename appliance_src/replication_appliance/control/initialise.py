@@ -202,7 +202,7 @@ def _refuse_used_database(engine, url: URL) -> None:
         raise DatabaseError(f"cannot connect to {url.render_as_string(hide_password=True)}: {exc.orig}") from None
     if tables:
         raise DatabaseError(f"database {url.render_as_string(hide_password=True)} is not empty "
-                            f"({len(tables)} tables, e.g. {sorted(tables)[0]}): give an empty database")
+                            f"({len(tables)} tables, e.g. {min(tables)}): give an empty database")
 
 
 def _roll_back_schema(engine) -> None:

@@ -3,9 +3,10 @@ next SEGMENT_ALIGN boundary may follow a record (the journal's direct writes end
 boundaries; a record never starts with a zero byte). A sealed segment is split per
 disk (its DATA frames plus every MARKER, so each disk sees every consistency point), then
 compressed with zstd and encrypted with AES-256-GCM under that disk's data key. The blob's
-name, key id, last sequence (kept in its metadata: apply advances its position by it) and the
-disk's size (apply sizes the replica by it; logs of earlier versions lack it) are the associated
-data, so a blob cannot be swapped, replayed elsewhere, told to skip records or resize a replica."""
+format, name, key id, last sequence (kept in its metadata: apply advances its position by it)
+and the disk's size its records were checked against (apply sizes the replica by it) are the
+associated data, so a blob cannot be swapped, replayed elsewhere, told to skip records or
+resize a replica. Logs of format FORMAT_V2 (earlier versions) carry no size."""
 from __future__ import annotations
 
 import os
@@ -28,7 +29,8 @@ from .frames import (
     decode_header,
 )
 
-FORMAT = "zstd+aes256gcm/2"
+FORMAT = "zstd+aes256gcm/3"
+FORMAT_V2 = "zstd+aes256gcm/2"  # without the disk size: still read
 SEGMENT_ALIGN = 4096
 NONCE = 12
 ZSTD_LEVELS = (1, 2, 3)
@@ -136,12 +138,14 @@ def replica_name(machine: uuid.UUID, disk: int) -> str:
 
 
 def _aad(name: str, key_id: str, last_seq: int, disk_size: int | None) -> bytes:
-    size = "" if disk_size is None else f"|{disk_size}"
-    return f"{FORMAT}|{name}|{key_id}|{last_seq}{size}".encode()
+    if disk_size is None:
+        return f"{FORMAT_V2}|{name}|{key_id}|{last_seq}".encode()
+    return f"{FORMAT}|{name}|{key_id}|{last_seq}|{disk_size}".encode()
 
 
-def seal(plain: bytes | memoryview, key: bytes, name: str, key_id: str, last_seq: int, level: int = 1,
-         disk_size: int | None = None) -> bytes:
+def seal(plain: bytes | memoryview, key: bytes, name: str, key_id: str, last_seq: int, disk_size: int | None,
+         level: int = 1) -> bytes:
+    """A log blob of FORMAT (`disk_size` None: of FORMAT_V2, as earlier versions wrote)."""
     if level not in ZSTD_LEVELS:
         raise SegmentError(f"zstd level {level} is not allowed: use one of {ZSTD_LEVELS}")
     packed = zstandard.ZstdCompressor(level=level).compress(plain)
@@ -149,7 +153,8 @@ def seal(plain: bytes | memoryview, key: bytes, name: str, key_id: str, last_seq
     return nonce + AESGCM(key).encrypt(nonce, packed, _aad(name, key_id, last_seq, disk_size))
 
 
-def unseal(blob: bytes, key: bytes, name: str, key_id: str, last_seq: int, disk_size: int | None = None) -> bytes:
+def unseal(blob: bytes, key: bytes, name: str, key_id: str, last_seq: int, disk_size: int | None) -> bytes:
+    """`disk_size` None: a log of FORMAT_V2."""
     if len(blob) < NONCE + 16:
         raise SegmentError(f"log blob {name} is truncated ({len(blob)} bytes)")
     try:

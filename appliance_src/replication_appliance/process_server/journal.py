@@ -2,7 +2,13 @@
 
     CACHE/<machine>/<segno>.open     the segment being appended (at most one)
     CACHE/<machine>/<segno>.sealed   closed, waiting for upload (deleted once uploaded)
+    CACHE/<machine>/<segno>.sizes    the disk sizes its records were checked against (JSON)
     CACHE/<machine>/state.json       next segment number, last sealed sequence, last marker
+
+A segment's records are all checked against one registration's disk sizes: a session that
+starts with other sizes (the machine registered again with a disk resized) seals the open
+segment first. The sizes go up with the segment, so apply sizes the replica by them whenever
+the segment is uploaded.
 
 Segments are written with direct I/O where the file system allows it (O_DIRECT): a large
 record goes from the buffer it was received into straight to the disk, with no copy into the
@@ -105,6 +111,23 @@ class SealedSegment:
     segno: int
     path: Path
     size: int
+    disk_sizes: tuple[int, ...] | None = None  # None: not recorded (a segment of an earlier version)
+
+    @classmethod
+    def at(cls, machine: uuid.UUID, path: Path, size: int | None = None) -> SealedSegment:
+        return cls(machine, int(path.stem), path, path.stat().st_size if size is None else size, _read_sizes(path))
+
+    def remove(self) -> None:
+        """Once uploaded: the segment, then its sizes (one left behind goes at the next start)."""
+        self.path.unlink()
+        self.path.with_suffix(".sizes").unlink(missing_ok=True)
+
+
+def _read_sizes(segment: Path) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(n) for n in json.loads(segment.with_suffix(".sizes").read_text()))
+    except FileNotFoundError:
+        return None
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -136,6 +159,8 @@ class MachineJournal:
         self._opened_at = 0.0
         self._unsynced = False
         self._cut_pending = False  # repair() closed the open segment but could not cut it yet
+        self._sizes: tuple[int, ...] | None = None  # of the session appending (None: not given)
+        self._open_sizes: tuple[int, ...] | None = None  # the open segment's
         self.last_seq = self.state.last_sealed_seq
         self.recovered_torn_bytes = 0
         # After a failed write or fsync: the sequence up to which the journal is known durable;
@@ -173,6 +198,9 @@ class MachineJournal:
             self.last_seq = max(self.last_seq, last)
             self._note_markers(data[:end])
             self.state.last_sealed_seq = max(self.state.last_sealed_seq, last)
+        for p in self.dir.glob("*.sizes"):  # of a segment uploaded (or never opened, its number untaken)
+            if not p.with_suffix(".sealed").exists():
+                p.unlink()
         fileio.fsync_dir(self.dir)
         _write_json_atomic(self.dir / "state.json", asdict(self.state))
 
@@ -222,7 +250,7 @@ class MachineJournal:
                 end = prefix_through(data, keep)
                 path = self._seal_cut(open_path, end)
                 self._cut_pending = False
-                sealed = SealedSegment(self.machine, self._segno, path, end)
+                sealed = SealedSegment.at(self.machine, path, end)
             # markers appended after `keep` never happened: start again from the stored state
             persisted = read_state(self.dir)
             for field in ("last_marker_seq", "last_marker_id", "last_marker_time_ns"):
@@ -250,6 +278,16 @@ class MachineJournal:
         self.state.last_marker_time_ns = h.offset
 
     # -- appending ------------------------------------------------------------------------
+    def begin_session(self, disk_sizes: tuple[int, ...]) -> SealedSegment | None:
+        """A session checks its records against these sizes: an open segment checked against
+        others is sealed first (returned), so each segment has one set of sizes."""
+        with self.lock:
+            sealed = None
+            if self._fd is not None and self._open_sizes != tuple(disk_sizes):
+                sealed = self.seal()
+            self._sizes = tuple(disk_sizes)
+            return sealed
+
     def append(self, h: Header, record: RecordBuffer) -> None:
         """Write one record (not yet durable). Caller holds `lock` across append..sync."""
         if self._fd is None:
@@ -270,6 +308,8 @@ class MachineJournal:
     def _open_segment(self) -> None:
         segno = self.state.next_segno
         path = self.dir / f"{segno:012d}.open"
+        if self._sizes is not None:  # before the segment: no segment of this version is without them
+            fileio.replace_file(path.with_suffix(".sizes"), json.dumps(self._sizes).encode())
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
             self._fd = fileio.open_fd(path, flags | O_DIRECT, 0o600)
@@ -278,6 +318,7 @@ class MachineJournal:
             self._fd = fileio.open_fd(path, flags, 0o600)
         # Only now is the number taken: one skipped would stall apply, which goes by number.
         self._segno, self.state.next_segno = segno, segno + 1
+        self._open_sizes = self._sizes
         self._file_bytes = self._staged = 0
         self._opened_at = time.monotonic()
         fileio.fsync_dir(self.dir)
@@ -356,10 +397,10 @@ class MachineJournal:
             self.state.last_sealed_seq = self.last_seq
             fileio.fsync_dir(self.dir)
             _write_json_atomic(self.dir / "state.json", asdict(self.state))
-            return SealedSegment(self.machine, self._segno, sealed, self._open_bytes)
+            return SealedSegment(self.machine, self._segno, sealed, self._open_bytes, self._open_sizes)
 
     def pending(self) -> list[SealedSegment]:
-        return [SealedSegment(self.machine, int(p.stem), p, p.stat().st_size) for p in sorted(self.dir.glob("*.sealed"))]
+        return [SealedSegment.at(self.machine, p) for p in sorted(self.dir.glob("*.sealed"))]
 
     def open_bytes(self) -> int:
         return self._open_bytes if self._fd is not None else 0

@@ -18,7 +18,6 @@ from ..dataplane.manifest import (
     first_segment_after,
     manifest_bytes,
     manifest_name,
-    needs_start,
     next_manifest,
     parse_manifest,
 )
@@ -60,22 +59,22 @@ class Manifests:
                 # thread's decision would look like a dropped disk.
                 record = self._machine(machine)
                 known = m.current
-                changed = needs_start(known, record)  # disks added or resized
-                if not changed or stored_through is not None:
+                added = known is not None and len(record.disk_sizes) > len(known.disk_sizes)
+                if not added or stored_through is not None:
                     since = None
-                    if changed:
+                    if added:
                         assert stored_through is not None and known is not None
                         since = (first_segment_after(m.issued_through, stored_through[0]),
                                  max(m.issued_seq, stored_through[1]))
-                        log.info("machine %s: disk sizes %s -> %s from segment %d (after sequence %d)", machine,
-                                 list(known.disk_sizes), list(record.disk_sizes), *since)
+                        log.info("machine %s: disks %d-%d start at segment %d (after sequence %d)", machine,
+                                 len(known.disk_sizes), len(record.disk_sizes) - 1, *since)
                     manifest = next_manifest(known, record, since)
                     if manifest != known:
                         m.current, m.version = manifest, m.version + 1
                     m.issued_through = max(m.issued_through, segno)
                     m.issued_seq = max(m.issued_seq, last_seq)
                     break
-            stored_through = self._stored_through(machine)  # only when disks were added or resized: rare
+            stored_through = self._stored_through(machine)  # only when a disk was added: rare
         self._store_current(machine, m)
         return manifest
 
@@ -102,9 +101,16 @@ class Manifests:
             try:
                 m.etag = self._store.put_blob_if(name, data, {}, m.etag)
             except PreconditionFailed:
-                # Changed since: by a put of ours whose answer was lost (or that the service
-                # carried out late, before this one). This is the newest decision: over it.
-                m.etag = self._store.put_blob_if(name, data, {}, self._store.blob_etag(name))
+                # Changed since: by a put of ours whose answer was lost, or that the service
+                # carried out late, before this one (this process server is the machine's one
+                # writer). This is the newest decision: it goes over that.
+                etag = self._store.blob_etag(name)
+                stored = self._stored_manifest(machine)
+                if stored != manifest:
+                    log.info("manifest of machine %s changed in storage since it was last written here (a put whose "
+                             "answer was lost): writing the current one over it", machine)
+                    etag = self._store.put_blob_if(name, data, {}, etag)
+                m.etag = etag
             m.stored_version = version
 
     def _stored_manifest(self, machine: uuid.UUID) -> Manifest | None:

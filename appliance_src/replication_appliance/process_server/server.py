@@ -341,6 +341,13 @@ class ProcessServer:
                 self.uploader.submit(sealed)
             for seg in journal.pending():  # one sealed just before the failure may not have been handed over
                 self.uploader.submit(seg)
+        try:
+            sealed = journal.begin_session(record.disk_sizes)  # a segment holds records of one registration
+        except OSError as e:  # the seal could not finish: it is tried again at the next session
+            return self._refuse(sock, record.machine_id, FrameError(
+                ErrorCode.INTERNAL, f"the process server's cache disk is failing ({e}): retry later"))
+        if sealed is not None:
+            self.uploader.submit(sealed)
         reader = _Reader(sock)
         session = Session(record, journal.last_seq)
         commit = GroupCommit(journal, self.uploader.submit, self.config.queue_bytes, self.buffers)

@@ -16,6 +16,7 @@ from ..common.errors import DatabaseError
 from ..dataplane.manifest import ManifestError
 from ..dataplane.segment import (
     FORMAT,
+    FORMAT_V2,
     SegmentError,
     blob_name,
     seal,
@@ -30,6 +31,15 @@ from .manifests import Manifests
 from .stats import Stats
 
 log = logging.getLogger(__name__)
+
+
+def _checked_size(seg: SealedSegment, disk: int, size_now: int) -> int | None:
+    """The size the segment's records of `disk` were checked against: the journal's record
+    (None: not recorded, a segment of an earlier version); a disk added since the segment was
+    received has nothing in it, so its size now."""
+    if seg.disk_sizes is None:
+        return None
+    return seg.disk_sizes[disk] if disk < len(seg.disk_sizes) else size_now
 
 
 class Uploader:
@@ -92,11 +102,15 @@ class Uploader:
         for disk, plain in enumerate(parts):
             key_id, key = self._keyring.current(seg.machine, disk)
             name = blob_name(seg.machine, disk, seg.segno)
-            size = manifest.size_at(disk, seg.segno)  # what its records were checked against
-            self._store.put_blob(name, seal(plain, key, name, key_id, last_seq, self._level, disk_size=size), {
-                "key_id": key_id, "format": FORMAT, "segno": str(seg.segno),
-                "last_seq": str(last_seq), "disk_size": str(size), "plain_bytes": str(len(plain))})
-        seg.path.unlink()
+            meta = {"key_id": key_id, "format": FORMAT, "segno": str(seg.segno), "last_seq": str(last_seq),
+                    "plain_bytes": str(len(plain))}
+            size = _checked_size(seg, disk, manifest.disk_sizes[disk])
+            if size is None:  # a segment sealed by an earlier version: a log as it wrote them
+                meta["format"] = FORMAT_V2
+            else:
+                meta["disk_size"] = str(size)
+            self._store.put_blob(name, seal(plain, key, name, key_id, last_seq, size, self._level), meta)
+        seg.remove()
 
     def close(self, wait: bool = True) -> None:
         self._stopping.set()

@@ -108,24 +108,26 @@ def test_split_by_disk_keeps_markers_everywhere():
 def test_sealed_blob_is_compressed_encrypted_and_bound_to_its_name():
     key, other = os.urandom(32), os.urandom(32)
     plain = b"the quick brown fox jumps over the lazy dog. " * 2000
-    blob = seal(plain, key, "logs/m/0/000000000001.log", "k1", 7, level=3)
+    name = "logs/m/0/000000000001.log"
+    blob = seal(plain, key, name, "k1", 7, 1 << 20, level=3)
     assert len(blob) < len(plain) // 10 and b"quick brown" not in blob
-    assert unseal(blob, key, "logs/m/0/000000000001.log", "k1", 7) == plain
-    for args, why in (((blob, other, "logs/m/0/000000000001.log", "k1", 7), "wrong key"),
-                      ((blob, key, "logs/m/0/000000000002.log", "k1", 7), "moved to another name"),
-                      ((blob, key, "logs/m/0/000000000001.log", "k2", 7), "other key id"),
-                      ((blob, key, "logs/m/0/000000000001.log", "k1", 10**18), "metadata's last sequence altered"),
-                      ((blob[:-1] + bytes([blob[-1] ^ 1]), key, "logs/m/0/000000000001.log", "k1", 7), "altered")):
+    assert unseal(blob, key, name, "k1", 7, 1 << 20) == plain
+    for args, why in (((blob, other, name, "k1", 7, 1 << 20), "wrong key"),
+                      ((blob, key, "logs/m/0/000000000002.log", "k1", 7, 1 << 20), "moved to another name"),
+                      ((blob, key, name, "k2", 7, 1 << 20), "other key id"),
+                      ((blob, key, name, "k1", 10**18, 1 << 20), "metadata's last sequence altered"),
+                      ((blob, key, name, "k1", 7, 2 << 20), "metadata's disk size altered"),
+                      ((blob, key, name, "k1", 7, None), "passed off as format 2, without a size"),
+                      ((blob[:-1] + bytes([blob[-1] ^ 1]), key, name, "k1", 7, 1 << 20), "altered")):
         with pytest.raises(SegmentError, match="fails authentication"):
             unseal(*args)
-    # the disk size a log is applied at is bound to it too: neither changed nor taken away
-    sized = seal(plain, key, "logs/m/0/000000000001.log", "k1", 7, disk_size=1 << 20)
-    assert unseal(sized, key, "logs/m/0/000000000001.log", "k1", 7, 1 << 20) == plain
-    for size in (2 << 20, None):
-        with pytest.raises(SegmentError, match="fails authentication"):
-            unseal(sized, key, "logs/m/0/000000000001.log", "k1", 7, size)
+    # format 2 (earlier versions: no size) still opens, and cannot be given a size
+    v2 = seal(plain, key, name, "k1", 7, None)
+    assert unseal(v2, key, name, "k1", 7, None) == plain
+    with pytest.raises(SegmentError, match="fails authentication"):
+        unseal(v2, key, name, "k1", 7, 1 << 20)
     with pytest.raises(SegmentError, match="zstd level 9 is not allowed"):
-        seal(plain, key, "n", "k", 1, level=9)
+        seal(plain, key, "n", "k", 1, 512, level=9)
 
 
 def padded(raw: bytes) -> bytes:
@@ -317,3 +319,42 @@ def test_a_repair_that_fails_is_done_again_in_full_by_the_next(tmp_path, monkeyp
     assert list(j.dir.glob("*.open")) == [] and j.last_seq == 1
     assert append(j, rec(F.Kind.DATA, 2, payload=b"c" * 512)) is None and j.last_seq == 2
     assert [p.name for p in j.dir.glob("*.open")] == ["000000000001.open"]
+
+
+def test_each_segment_keeps_the_disk_sizes_its_records_were_checked_against(tmp_path):
+    """A session with other sizes (registered again, a disk resized) seals the open segment
+    first; the sizes stay with each segment through a restart, and go with it when uploaded."""
+    j = MachineJournal(tmp_path, M, 1 << 20, 60)
+    assert j.begin_session((8192,)) is None  # nothing open
+    append(j, rec(F.Kind.DATA, 1, payload=b"a" * 4096))
+    assert j.begin_session((8192,)) is None  # the same sizes (a reconnect): the segment goes on
+    append(j, rec(F.Kind.DATA, 2, payload=b"b" * 4096))
+    with j.lock:
+        j.sync()
+    first = j.begin_session((16384,))
+    assert first is not None and first.disk_sizes == (8192,) and [r.header.seq for r in iter_records(first.path.read_bytes())] == [1, 2]
+    append(j, rec(F.Kind.DATA, 3, offset=8192, payload=b"c" * 4096))
+    with j.lock:
+        j.sync()
+    j.close()  # sealed at 16384
+    restarted = MachineJournal(tmp_path, M, 1 << 20, 60)
+    assert [(s.segno, s.disk_sizes) for s in restarted.pending()] == [(0, (8192,)), (1, (16384,))]
+    first.remove()
+    assert [p.name for p in sorted(j.dir.iterdir()) if p.suffix in (".sealed", ".sizes")] == [
+        "000000000001.sealed", "000000000001.sizes"]
+    # a sizes file outliving its segment (a crash between the two deletions) goes at the next start
+    (j.dir / "000000000000.sizes").write_text("[8192]")
+    MachineJournal(tmp_path, M, 1 << 20, 60)
+    assert not (j.dir / "000000000000.sizes").exists() and (j.dir / "000000000001.sizes").exists()
+
+
+def test_sizes_of_a_repaired_segment_are_kept(tmp_path):
+    j = MachineJournal(tmp_path, M, 1 << 20, 60)
+    j.begin_session((8192,))
+    append(j, rec(F.Kind.DATA, 1, payload=b"a" * 4096))
+    with j.lock:
+        j.sync()
+    append(j, rec(F.Kind.DATA, 2, payload=b"b" * 4096))
+    j.mark_broken(1)  # the write of 2 failed
+    sealed = j.repair()
+    assert sealed is not None and sealed.disk_sizes == (8192,) and j.last_seq == 1

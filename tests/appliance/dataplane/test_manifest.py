@@ -19,16 +19,18 @@ from replication_appliance.dataplane.manifest import (
     ManifestError,
     first_segment_after,
     manifest_bytes,
+    manifest_name,
     next_manifest,
     parse_manifest,
 )
-from replication_appliance.dataplane.segment import blob_name, replica_name
+from replication_appliance.dataplane.segment import FORMAT, blob_name, replica_name
 from replication_appliance.dataplane.session import MachineRecord
 from replication_appliance.process_server.journal import SealedSegment
 from replication_appliance.process_server.manifests import Manifests
 from replication_appliance.process_server.stats import Stats
 from replication_appliance.process_server.uploader import Uploader
 from replication_appliance.storage import PreconditionFailed, StorageUnavailable, open_store
+from replication_appliance.storage.azure_blob import AzureBlobStore
 from replication_appliance.storage.keyring import DataKeyring
 
 from .conftest import InProcessServer, make_machine, random_writes, replicator, sha256
@@ -46,25 +48,10 @@ def test_kept_disks_keep_their_start_added_ones_start_where_told_dropped_ones_go
     assert (grown.since_segno, grown.since_seq, grown.hostname) == ((0, 0, 7), (0, 0, 69), "web02")
     assert next_manifest(grown, ONE, None).since_segno == (0,)
     assert next_manifest(grown, three, None) == grown  # nothing changed: nothing to store
+    resized = next_manifest(grown, MachineRecord(M, "web02", (SIZE, 4 * SIZE, 3 * SIZE)), None)
+    assert resized.since_segno == grown.since_segno and resized.disk_sizes[1] == 4 * SIZE  # the same disk, grown
     with pytest.raises(ValueError, match="segment they start at"):
         next_manifest(first, three, None)
-
-
-def test_a_resized_disk_has_its_new_size_from_the_segment_given():
-    three = MachineRecord(M, "web01", (SIZE, 2 * SIZE, 3 * SIZE))
-    grown = next_manifest(next_manifest(None, TWO, None), three, (7, 69))
-    bigger = MachineRecord(M, "web01", (SIZE, 4 * SIZE, 3 * SIZE))
-    with pytest.raises(ValueError, match="added or resized"):
-        next_manifest(grown, bigger, None)
-    resized = next_manifest(grown, bigger, (9, 89))
-    assert resized.since_segno == grown.since_segno and resized.disk_sizes == bigger.disk_sizes  # the same disk, grown
-    assert [resized.size_at(1, n) for n in (0, 8, 9, 30)] == [2 * SIZE, 2 * SIZE, 4 * SIZE, 4 * SIZE]
-    assert [resized.size_at(d, 30) for d in (0, 2)] == [SIZE, 3 * SIZE]  # the others as they were
-    # shrunk again before segment 9 went up: 9 has the latest size; and once more from 12
-    again = next_manifest(next_manifest(resized, three, (9, 89)), MachineRecord(M, "web01", (SIZE, SIZE, 3 * SIZE)), (12, 119))
-    assert again.sizes(1) == ((0, 2 * SIZE), (12, SIZE)) and again.size_at(1, 11) == 2 * SIZE
-    assert parse_manifest(manifest_bytes(again)) == again
-    assert next_manifest(again, again, None) == again  # nothing changed: nothing to store
 
 
 def test_an_added_disk_starts_above_every_segment_uploaded_without_it():
@@ -78,15 +65,20 @@ def test_manifest_round_trip_and_malformed_ones():
     assert parse_manifest(manifest_bytes(m)) == m
     old = b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [512, 1024]}' % str(M).encode()
     assert parse_manifest(old).since_segno == (0, 0) == parse_manifest(old).since_seq  # from before disks could be added
-    assert parse_manifest(old).sizes(1) == ((0, 1024),)  # and before they could be resized
     for bad in (b"{", b'{"machine_id": "x", "hostname": "h", "disk_sizes": [1]}',
                 b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [1], "since_segno": [0, 1]}' % str(M).encode(),
-                b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [1], "since_seq": [-1]}' % str(M).encode(),
-                b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [1], "size_history": [[[0, 2]]]}' % str(M).encode(),
-                b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [1], "size_history": [[[5, 2], [3, 1]]]}' % str(M).encode(),
-                b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [1], "size_history": []}' % str(M).encode()):
+                b'{"machine_id": "%s", "hostname": "h", "disk_sizes": [1], "since_seq": [-1]}' % str(M).encode()):
         with pytest.raises(ManifestError, match="malformed"):
             parse_manifest(bad)
+
+
+def test_a_damaged_manifest_does_not_hide_the_other_machines(tmp_path):
+    store = open_store(str(tmp_path / "storage"))
+    store.put_blob(manifest_name(M), manifest_bytes(next_manifest(None, ONE, None)), {})
+    store.put_blob("machines/damaged.json", b"v2", {})
+    assert find_machine(store, "web01").machine_id == M
+    with pytest.raises(ApplyError, match="known machines: web01 .*cannot be read .*machines/damaged.json"):
+        find_machine(store, "db01")
 
 
 def segment(tmp_path: Path, segno: int, disks: int) -> SealedSegment:
@@ -193,12 +185,19 @@ def test_a_slow_put_of_an_older_manifest_cannot_land_after_a_newer_one(tmp_path,
     assert find_machine(store, "web01").disk_sizes == TWO.disk_sizes  # the newer one is what storage holds
 
 
+@pytest.fixture(params=["local", "azurite"])
+def any_store(request, tmp_path):
+    if request.param == "azurite":  # a container of its own: the machine id is the module's
+        return AzureBlobStore(request.getfixturevalue("azurite").connection_string, container=f"t{uuid.uuid4().hex}")
+    return open_store(str(tmp_path / "storage"))
+
+
 @pytest.mark.parametrize("lands", ["before the newer put", "after it"])
-def test_a_manifest_put_whose_answer_was_lost_cannot_overwrite_a_newer_one(tmp_path, monkeypatch, lands):
+def test_a_manifest_put_whose_answer_was_lost_cannot_overwrite_a_newer_one(any_store, monkeypatch, lands):
     """The one-disk manifest's put times out on this side but reaches the service anyway:
     before the two-disk one is put (which then goes over it), or after (refused: it was
-    made against the version before)."""
-    store = open_store(str(tmp_path / "storage"))
+    made against the version before). Then a third, over the second."""
+    store = any_store
     registered = {M: ONE}
     manifests = Manifests(store, registered.__getitem__)
     real_put, lost = store.put_blob_if, []
@@ -219,6 +218,9 @@ def test_a_manifest_put_whose_answer_was_lost_cannot_overwrite_a_newer_one(tmp_p
         with pytest.raises(PreconditionFailed):
             real_put(*lost[0])
     assert find_machine(store, "web01").disk_sizes == TWO.disk_sizes
+    registered[M] = ONE
+    manifests.for_segment(M, 2, 29)  # over the version it wrote (or read after the refusal)
+    assert find_machine(store, "web01").disk_sizes == ONE.disk_sizes
 
 
 def test_recovery_points_before_an_added_disk_hold_the_others_and_do_not_wait_for_it(tmp_path):
@@ -256,55 +258,47 @@ def test_resized_disks_keep_their_replica_resized(tmp_path):
         assert store.read_pages(replica_name(M, d), 0, 2 * 4096) == bytes([1]) * 4096 + bytes([2]) * 4096
 
 
-def sealed(tmp_path: Path, segno: int, writes: list[tuple[int, int]]) -> SealedSegment:
-    """Segment `segno` of one disk: a DATA frame of a page of byte `segno + 1` at each
-    (sequence, offset), then a marker at sequence 10 * segno + 9."""
+def sealed(tmp_path: Path, segno: int, size: int, writes: list[tuple[int, int]]) -> SealedSegment:
+    """Segment `segno` of one disk, received while it had `size` bytes: a DATA frame of a page
+    of byte `segno + 1` at each (sequence, offset), then a marker at sequence 10 * segno + 9."""
     frames = [F.Frame(F.Kind.DATA, M, disk=0, seq=seq, offset=offset, payload=bytes([segno + 1]) * 4096)
               for seq, offset in writes]
     frames.append(F.Frame(F.Kind.MARKER, M, seq=10 * segno + 9, offset=segno, payload=f"m{segno}".encode()))
     path = tmp_path / f"{segno:012d}.sealed"
     path.write_bytes(b"".join(F.encode(f) for f in frames))
-    return SealedSegment(M, segno, path, path.stat().st_size)
+    return SealedSegment(M, segno, path, path.stat().st_size, (size,))
 
 
 def test_a_resized_disk_takes_its_size_with_its_logs_and_every_point_keeps_its_own(tmp_path):
-    """1 MiB, grown to 3 MiB (segment 1 writes past the old end), then shrunk to 512 KiB while
-    segments 3 and 4 were in flight: 4 went up first at 3 MiB, so 3 (which writes past the new
-    end) is applied at 3 MiB too, and the new size starts at 5. Segment 6 still writes past the
-    new end (received from a session that began before the shrink): it is applied at the size it
-    needs. An apply that read the manifest before the growth, and one that reads it after the
-    shrink, both get every point right."""
+    """1 MiB, grown to 3 MiB (segment 1 writes past the old end); then segments 2-4, received
+    at 3 MiB, wait in the cache while the disk is shrunk to 512 KiB, and go up out of order
+    after that: each log is applied at the size its records were received at, whenever it is
+    uploaded, so every point is the disk as it was. An apply that read the manifest before the
+    growth, and one that reads it after the shrink, both get every point right."""
     store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
     keyring = DataKeyring(store, master)
     registered = {M: ONE}
     uploader = Uploader(store, keyring, registered.__getitem__, Stats())
-    uploader._upload(sealed(tmp_path, 0, [(1, 0)]))
+    uploader._upload(sealed(tmp_path, 0, MiB, [(1, 0)]))
     early = MachineApplier(store, keyring, find_machine(store, "web01"))  # knows only the 1 MiB disk
     registered[M] = MachineRecord(M, "web01", (3 * MiB,))
-    uploader._upload(sealed(tmp_path, 1, [(11, 2 * MiB)]))
+    uploader._upload(sealed(tmp_path, 1, 3 * MiB, [(11, 2 * MiB)]))
     assert early.disks[0].apply_next() and early.disks[0].apply_next()  # the manifest not read again
     assert store.page_blob_size(replica_name(M, 0)) == 3 * MiB
-    uploader._upload(sealed(tmp_path, 2, [(21, 4096)]))
-    uploader._upload(sealed(tmp_path, 4, [(41, 0)]))
     registered[M] = MachineRecord(M, "web01", (MiB // 2,))
-    uploader._upload(sealed(tmp_path, 3, [(31, 2 * MiB + 4096)]))
-    uploader._upload(sealed(tmp_path, 5, [(51, 8192)]))
-    uploader._upload(sealed(tmp_path, 6, [(61, 2 * MiB + 8192)]))
-    uploader._upload(sealed(tmp_path, 7, [(71, 0)]))
-    assert find_machine(store, "web01").sizes(0) == ((0, MiB), (1, 3 * MiB), (5, MiB // 2))
+    for segno, writes in ((3, [(31, 2 * MiB + 4096)]), (2, [(21, 4096)]), (4, [(41, 0)])):
+        uploader._upload(sealed(tmp_path, segno, 3 * MiB, writes))
+    uploader._upload(sealed(tmp_path, 5, MiB // 2, [(51, 8192)]))
 
     late = MachineApplier(store, keyring, find_machine(store, "web01"))
-    assert late.apply_available() == 6 and late.applied_seq() == 79
+    assert late.apply_available() == 4 and late.applied_seq() == 59
     points = recovery_points(store, late.machine)
     assert [(p.seq, p.sizes) for p in points] == [(9, (MiB,)), (19, (3 * MiB,)), (29, (3 * MiB,)), (39, (3 * MiB,)),
-                                                  (49, (3 * MiB,)), (59, (MiB // 2,)), (69, (3 * MiB,)),
-                                                  (79, (MiB // 2,))]
-    page = {n: bytes([n + 1]) * 4096 for n in range(8)}
-    expected = {9: {0: page[0]}, 19: {0: page[0], 2 * MiB: page[1]}, 39: {0: page[0], 4096: page[2], 2 * MiB: page[1],
-                                                                         2 * MiB + 4096: page[3]},
-                59: {0: page[4], 4096: page[2], 8192: page[5]},
-                69: {0: page[4], 4096: page[2], 8192: page[5], 2 * MiB + 8192: page[6]},  # what the shrink cut is gone
-                79: {0: page[7], 4096: page[2], 8192: page[5]}}
+                                                  (49, (3 * MiB,)), (59, (MiB // 2,))]
+    page = {n: bytes([n + 1]) * 4096 for n in range(6)}
+    expected = {9: {0: page[0]}, 19: {0: page[0], 2 * MiB: page[1]},
+                49: {0: page[4], 4096: page[2], 2 * MiB: page[1], 2 * MiB + 4096: page[3]},
+                59: {0: page[4], 4096: page[2], 8192: page[5]}}
     for p in points:
         if p.seq in expected:
             out = tmp_path / f"point{p.seq}.img"
@@ -317,27 +311,23 @@ def test_a_resized_disk_takes_its_size_with_its_logs_and_every_point_keeps_its_o
     assert export_disk(store, late.machine, 0, tmp_path / "now.img", None)[0] == MiB // 2
 
 
-def test_a_disk_dropped_and_registered_again_goes_on_from_its_new_start(tmp_path):
-    """Its replica keeps what it holds (the agent's digest map for the disk, if it kept one,
-    describes it), apply takes it up at its new first segment, and the point taken while it
-    was gone holds disk 0 alone."""
+def test_logs_of_earlier_versions_are_still_applied(tmp_path):
+    """Format 2 logs (no disk size; sealed segments of an earlier version have none either):
+    applied at the size registered now, or what their records need."""
     store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
     keyring = DataKeyring(store, master)
-    registered = {M: TWO}
+    registered = {M: ONE}
     uploader = Uploader(store, keyring, registered.__getitem__, Stats())
-    uploader._upload(segment(tmp_path, 0, disks=2))
-    MachineApplier(store, keyring, find_machine(store, "web01")).apply_available()
-    registered[M] = ONE
-    uploader._upload(segment(tmp_path, 1, disks=1))
-    registered[M] = TWO  # the disk at index 1 again
-    uploader._upload(segment(tmp_path, 2, disks=2))
-    manifest = find_machine(store, "web01")
-    assert (manifest.since_segno, manifest.since_seq) == ((0, 2), (0, 19))
-    applier = MachineApplier(store, keyring, manifest)
-    assert applier.apply_available() == 3 and applier.applied_seq() == 29
-    assert store.read_pages(replica_name(M, 1), 0, 3 * 4096) == bytes([1]) * 4096 + bytes(4096) + bytes([3]) * 4096
-    assert [(p.seq, [s is not None for s in p.snapshots]) for p in recovery_points(store, manifest)] == [
-        (9, [True, True]), (19, [True, False]), (29, [True, True])]
+    legacy = sealed(tmp_path, 0, MiB, [(1, 0), (2, 2 * MiB)])  # received at 3 MiB, before the disk shrank
+    uploader._upload(dataclasses.replace(legacy, disk_sizes=None))  # sizes not recorded
+    assert "disk_size" not in store.get_blob(blob_name(M, 0, 0))[1]  # a format 2 log, as the earlier version wrote
+    uploader._upload(sealed(tmp_path, 1, MiB, [(11, 4096)]))
+    assert store.get_blob(blob_name(M, 0, 1))[1]["format"] == FORMAT
+    applier = MachineApplier(store, keyring, find_machine(store, "web01"))
+    assert applier.disks[0].apply_next() and store.page_blob_size(replica_name(M, 0)) == 2 * MiB + 4096
+    assert store.read_pages(replica_name(M, 0), 2 * MiB, 4096) == bytes([1]) * 4096
+    assert applier.disks[0].apply_next() and store.page_blob_size(replica_name(M, 0)) == MiB
+    assert [p.sizes for p in recovery_points(store, applier.machine)] == [(2 * MiB + 4096,), (MiB,)]
 
 
 def test_logs_of_a_dropped_disk_are_swept_but_not_those_of_a_disk_added_unseen(tmp_path):
@@ -355,6 +345,29 @@ def test_logs_of_a_dropped_disk_are_swept_but_not_those_of_a_disk_added_unseen(t
     uploader._upload(segment(tmp_path, 2, disks=2))
     assert applier.sweep() == 0 and [b.name for b in store.list_blobs(f"logs/{M}/")] == [
         blob_name(M, 0, 2), blob_name(M, 1, 2)]
+
+
+def test_the_sweep_takes_a_disk_added_while_it_lists_for_added_not_dropped(tmp_path, monkeypatch):
+    """The manifest adding disk 1, then disk 1's first log, go up while the sweep lists: the
+    manifest read after the listing names the disk, so its log stays."""
+    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
+    keyring = DataKeyring(store, master)
+    registered = {M: ONE}
+    uploader = Uploader(store, keyring, registered.__getitem__, Stats())
+    uploader._upload(segment(tmp_path, 0, disks=1))
+    applier = MachineApplier(store, keyring, find_machine(store, "web01"))
+    real_list, added = store.list_blobs, []
+
+    def listing_while_a_disk_is_added(prefix):
+        if not added:
+            added.append(prefix)
+            registered[M] = TWO
+            uploader._upload(segment(tmp_path, 1, disks=2))
+        return real_list(prefix)
+
+    monkeypatch.setattr(store, "list_blobs", listing_while_a_disk_is_added)
+    applier.sweep()
+    assert added and store.list_blobs(blob_name(M, 1, 1))
 
 
 def test_a_disk_start_never_moves_apply_back(tmp_path):

@@ -134,3 +134,49 @@ def test_an_agent_that_lost_its_state_and_has_a_new_disk_resyncs_without_waiting
             assert sha256(out) == sha256(image)
     finally:
         srv.stop()
+
+
+def test_segments_received_before_a_shrink_are_applied_at_their_size_after_it(tmp_path, pki, azurite):
+    """Two cycles at 12 MiB wait in the cache (uploads held back) while the disk is shrunk to
+    8 MiB and the agent registered again. When the process server comes back with uploads,
+    each log is applied at the size its records were checked against: the two points are the
+    12 MiB disk as it was, the next one (after the resync) the 8 MiB disk."""
+    store = open_store(azurite.connection_string)
+    master = MasterKey(os.urandom(32))
+    m = make_machine(tmp_path, "shrink03", [12 * MiB], seed=35, ps_port=0)
+    srv = InProcessServer(pki, tmp_path / "cache", [m.record], store, master, segment_max_age=0.2, upload_concurrency=0)
+    try:
+        states = {}
+        for seed in (36, 37):
+            report = replicator(pki, m, srv.port).run_cycle()
+            states[report.marker_seq] = m.images[0].read_bytes()
+            with open(m.images[0], "r+b") as f:
+                f.seek(10 * MiB)
+                f.write(os.urandom(64 * 1024))  # past the 8 MiB the disk will have
+            random_writes(m.images[0], 20, seed=seed)
+    finally:
+        srv.stop()
+    assert store.list_blobs(f"logs/{m.id}/") == []  # all still in the cache
+    with open(m.images[0], "r+b") as f:
+        f.truncate(8 * MiB)
+    shrunk = dataclasses.replace(m.record, disk_sizes=(8 * MiB,))
+    m.config.disks[0] = dataclasses.replace(m.config.disks[0], size=8 * MiB)
+    m.state.save_config(m.config)
+    srv = InProcessServer(pki, tmp_path / "cache", [shrunk], store, master, segment_max_age=0.2)
+    try:
+        applier = MachineApplier(store, DataKeyring(store, master), shrunk)
+        applying = threading.Thread(target=applier.apply_until, args=(max(states), 60))
+        applying.start()
+        report = replicator(pki, m, srv.port, resync_wait=60).run_cycle()  # its map no longer fits: a resync, once applied
+        applying.join(60)
+        assert report.phases[0] == "disk 0: resync"
+        states[report.marker_seq] = m.images[0].read_bytes()
+        applier.apply_until(report.marker_seq, 60)
+        points = recovery_points(store, applier.machine)
+        assert [p.sizes[0] for p in points] == [12 * MiB, 12 * MiB, 8 * MiB]
+        for p in points:
+            out = tmp_path / f"point-{p.seq}.img"
+            export_disk(store, shrunk, 0, out, p)
+            assert out.read_bytes() == states[p.seq]
+    finally:
+        srv.stop()
