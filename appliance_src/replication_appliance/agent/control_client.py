@@ -70,6 +70,7 @@ def register(server: str, passphrase: str, ca_file: Path, state: StateDir, disks
     disks = sorted(disks, key=lambda d: index[d.path])
     # No process server yet (none has headroom): heartbeats hand one out later.
     config = AgentConfig(out["machine_id"], hostname, server, (out.get("process_server") or {}).get("address", ""), disks)
+    state.drop_disks_from(len(disks))
     state.save_config(config)
     return config
 

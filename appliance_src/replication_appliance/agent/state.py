@@ -95,6 +95,19 @@ class StateDir:
         self.root.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.config_path, json.dumps(asdict(config), indent=1))
 
+    def drop_disks_from(self, count: int) -> None:
+        """The machine is registered again with `count` disks, fewer than the config here has.
+        Data of the dropped ones still waiting on the process server goes with them, so their
+        digest maps (which count it as sent) no longer describe their replicas: should such a
+        disk be registered again, it is resynced (a delta phase without a map)."""
+        try:
+            had = len(self.load_config().disks)
+        except AgentStateError:  # nothing registered here before
+            return
+        for disk in range(count, had):
+            self.digests(disk).unlink(missing_ok=True)  # first: without a map, any phase with progress resyncs
+            self.save_disk(disk, DiskState(phase=PHASE_DELTA))
+
     def load_disk(self, disk: int) -> DiskState:
         try:
             return DiskState(**json.loads((self.root / f"disk-{disk}.json").read_text()))

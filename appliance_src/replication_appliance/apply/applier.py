@@ -177,8 +177,10 @@ class DiskApplier:
         plain = unseal(blob, key, name, key_id, blob_last_seq, disk_size)  # the metadata is authenticated with it
         records = list(iter_records(plain))
         end = max((r.header.offset + r.header.length for r in records if r.header.kind is Kind.DATA), default=0)
-        if disk_size is None:  # a log of an earlier version: the size now, or what its records need
-            disk_size = max(self.machine.disk_sizes[self.disk], -(-end // PAGE) * PAGE)
+        if disk_size is None:
+            # A log of an earlier version: the size now, or what its records need, but never
+            # smaller (its records may predate a shrink; the first format 3 log brings that).
+            disk_size = max(self.size, self.machine.disk_sizes[self.disk], -(-end // PAGE) * PAGE)
         elif end > disk_size:  # authenticated, so written this way by a process server: a bug there
             raise SegmentError(f"log blob {name} writes up to byte {end}, past the end of disk {self.disk} of "
                                f"{self.machine.hostname} ({disk_size} bytes) that it gives")

@@ -124,9 +124,13 @@ class SealedSegment:
 
 
 def _read_sizes(segment: Path) -> tuple[int, ...] | None:
+    path = segment.with_suffix(".sizes")
     try:
-        return tuple(int(n) for n in json.loads(segment.with_suffix(".sizes").read_text()))
+        return tuple(int(n) for n in json.loads(path.read_text()))
     except FileNotFoundError:
+        return None
+    except (ValueError, TypeError) as e:  # damaged (it is written whole): uploaded as an earlier version's
+        log.error("%s cannot be read (%s): the segment is uploaded without its disk sizes", path, e)
         return None
 
 
@@ -161,6 +165,8 @@ class MachineJournal:
         self._cut_pending = False  # repair() closed the open segment but could not cut it yet
         self._sizes: tuple[int, ...] | None = None  # of the session appending (None: not given)
         self._open_sizes: tuple[int, ...] | None = None  # the open segment's
+        # A seal failed after its rename: the segment is sealed but was never handed over for upload
+        self.handover_due = False
         self.last_seq = self.state.last_sealed_seq
         self.recovered_torn_bytes = 0
         # After a failed write or fsync: the sequence up to which the journal is known durable;
@@ -201,6 +207,8 @@ class MachineJournal:
         for p in self.dir.glob("*.sizes"):  # of a segment uploaded (or never opened, its number untaken)
             if not p.with_suffix(".sealed").exists():
                 p.unlink()
+        for p in self.dir.glob("*.sizes.tmp"):  # a crash while writing one
+            p.unlink()
         fileio.fsync_dir(self.dir)
         _write_json_atomic(self.dir / "state.json", asdict(self.state))
 
@@ -393,14 +401,30 @@ class MachineJournal:
             self._fd = None
             open_path = self.dir / f"{self._segno:012d}.open"
             sealed = open_path.with_suffix(".sealed")
-            os.replace(open_path, sealed)
+            try:
+                os.replace(open_path, sealed)
+            except OSError:
+                # Closed, not sealed: only repair() may end it now (all of it is durable: no cut),
+                # or the next write would open another segment beside it.
+                self._cut_pending, self.broken_at = True, self.last_seq
+                raise
             self.state.last_sealed_seq = self.last_seq
-            fileio.fsync_dir(self.dir)
-            _write_json_atomic(self.dir / "state.json", asdict(self.state))
+            try:
+                fileio.fsync_dir(self.dir)
+                _write_json_atomic(self.dir / "state.json", asdict(self.state))
+            except OSError:
+                self.handover_due = True  # sealed, yet the caller hears of a failure: hand it over later
+                raise
             return SealedSegment(self.machine, self._segno, sealed, self._open_bytes, self._open_sizes)
 
     def pending(self) -> list[SealedSegment]:
-        return [SealedSegment.at(self.machine, p) for p in sorted(self.dir.glob("*.sealed"))]
+        found = []
+        for p in sorted(self.dir.glob("*.sealed")):
+            try:
+                found.append(SealedSegment.at(self.machine, p))
+            except FileNotFoundError:  # uploaded and removed since the listing
+                continue
+        return found
 
     def open_bytes(self) -> int:
         return self._open_bytes if self._fd is not None else 0

@@ -1,28 +1,31 @@
 """Answers an agent's resync: digests of the replica's 4 KiB blocks, computed from the
-replica page blob once it holds everything this process server has received."""
+replica page blob once it holds everything this process server has received (all of it
+uploaded, and every log applied)."""
 from __future__ import annotations
 
 import uuid
 
 from ..dataplane.digests import BLOCK, digest_blocks
-from ..dataplane.segment import logs_prefix, replica_name
+from ..dataplane.segment import logs_prefix, replica_name, segno_of
 from ..storage.base import BlobNotFound, BlobStore
 
 READ = 4 * 1024 * 1024
 
 
-def applied_seq(store: BlobStore, machine: uuid.UUID, disk_count: int) -> int:
-    """How far every replica disk of the machine has been applied (0: nothing yet). A disk
-    with neither a replica nor a log (just added: nothing of it received or uploaded yet)
-    has nothing to wait for; the other disks' logs hold back the segments still to come."""
-    seqs = []
+def logs_applied(store: BlobStore, machine: uuid.UUID, disk_count: int) -> bool:
+    """Whether every log in storage has been applied: none of any disk lies above its
+    replica's applied segment. A disk with neither a replica nor a log (just added) has nothing
+    to wait for; nor has one registered again after it was dropped, until a log of it comes."""
     for disk in range(disk_count):
         try:
-            seqs.append(int(store.get_metadata(replica_name(machine, disk)).get("applied_seq", 0)))
+            applied = int(store.get_metadata(replica_name(machine, disk)).get("applied_segno", -1))
         except BlobNotFound:
-            if store.list_blobs(logs_prefix(machine, disk)):
-                seqs.append(0)
-    return min(seqs) if seqs else 0
+            applied = -1
+        for blob in store.list_blobs(logs_prefix(machine, disk)):
+            segno = segno_of(blob.name)
+            if segno is not None and segno > applied:
+                return False
+    return True
 
 
 def replica_digests(store: BlobStore, machine: uuid.UUID, disk: int, offset: int, blocks: int, disk_size: int) -> bytes:

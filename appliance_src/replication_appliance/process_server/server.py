@@ -41,7 +41,7 @@ from ..storage.keyring import DataKeyring
 from .buffers import RecordBufferPool
 from .commit import GroupCommit
 from .journal import Journals, MachineJournal, RecordBuffer
-from .resync import applied_seq, replica_digests
+from .resync import logs_applied, replica_digests
 from .stats import HealthReport, Stats, write_report
 from .uploader import Uploader
 
@@ -221,6 +221,10 @@ class ProcessServer:
         while not self._stop.wait(0.5):
             try:
                 for j in self.journals.all():
+                    if j.handover_due:  # a seal failed after its rename: its segment waits in the cache
+                        j.handover_due = False
+                        for seg in j.pending():
+                            self.uploader.submit(seg)
                     seg = j.seal_if_old()
                     if seg is not None:
                         self.uploader.submit(seg)
@@ -343,7 +347,7 @@ class ProcessServer:
                 self.uploader.submit(seg)
         try:
             sealed = journal.begin_session(record.disk_sizes)  # a segment holds records of one registration
-        except OSError as e:  # the seal could not finish: it is tried again at the next session
+        except OSError as e:  # the seal could not finish: a repair (next session) or the monitor completes it
             return self._refuse(sock, record.machine_id, FrameError(
                 ErrorCode.INTERNAL, f"the process server's cache disk is failing ({e}): retry later"))
         if sealed is not None:
@@ -418,7 +422,11 @@ class ProcessServer:
         size = record.disk_sizes[h.disk]
         blocks = digest_block_count(payload, h.offset, size)
         try:
-            ready = applied_seq(self._store, record.machine_id, len(record.disk_sizes)) >= journal.last_seq
+            # everything received is uploaded (nothing in the journal) and applied; not "applied up to
+            # the journal's last sequence": a disk registered again after it was dropped has no
+            # log past its replica's position, and its position stays where the drop left it
+            ready = (journal.open_bytes() == 0 and not journal.pending()
+                     and logs_applied(self._store, record.machine_id, len(record.disk_sizes)))
             if not ready:
                 return Frame(Kind.DIGESTS, record.machine_id, disk=h.disk, offset=h.offset, flags=Flag.NOT_READY)
             data = replica_digests(self._store, record.machine_id, h.disk, h.offset, blocks, size)

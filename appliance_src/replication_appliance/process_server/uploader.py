@@ -74,8 +74,8 @@ class Uploader:
         unexpected = 0
         while not self._stopping.is_set():
             try:
-                self._upload(seg)
-                self._stats.upload_ok(seg.size)
+                if self._upload(seg):
+                    self._stats.upload_ok(seg.size)
                 break
             except SegmentError as e:  # retrying cannot mend it: keep it in the cache for the operator
                 log.error("segment %d of %s cannot be uploaded, kept at %s: %s", seg.segno, seg.machine, seg.path, e)
@@ -94,8 +94,12 @@ class Uploader:
         with self._lock:
             self._queued.discard((seg.machine, seg.segno))
 
-    def _upload(self, seg: SealedSegment) -> None:
-        data = seg.path.read_bytes()
+    def _upload(self, seg: SealedSegment) -> bool:
+        """Store the segment's logs, then remove it; False: it was gone already."""
+        try:
+            data = seg.path.read_bytes()
+        except FileNotFoundError:  # uploaded and removed since it was listed (handed over twice)
+            return False
         _, last_seq = valid_prefix(data)
         manifest = self._manifests.for_segment(seg.machine, seg.segno, last_seq)
         parts = split_by_disk(data, len(manifest.disk_sizes))
@@ -111,6 +115,7 @@ class Uploader:
                 meta["disk_size"] = str(size)
             self._store.put_blob(name, seal(plain, key, name, key_id, last_seq, size, self._level), meta)
         seg.remove()
+        return True
 
     def close(self, wait: bool = True) -> None:
         self._stopping.set()

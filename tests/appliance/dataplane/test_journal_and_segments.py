@@ -358,3 +358,41 @@ def test_sizes_of_a_repaired_segment_are_kept(tmp_path):
     j.mark_broken(1)  # the write of 2 failed
     sealed = j.repair()
     assert sealed is not None and sealed.disk_sizes == (8192,) and j.last_seq == 1
+
+
+def test_a_seal_that_fails_halfway_is_finished_by_repair_or_handed_over_later(tmp_path, monkeypatch):
+    """The rename fails: the segment, closed, is neither left behind for a second open one nor
+    lost; the next repair seals it whole. The state write after the rename fails: the sealed
+    segment is marked for handover (the monitor submits the pending ones)."""
+    j = MachineJournal(tmp_path, M, 1 << 20, 60)
+    j.begin_session((8192,))
+    append(j, rec(F.Kind.DATA, 1, payload=b"a" * 4096))
+    real_replace = os.replace
+
+    def rename_fails(src, dst):
+        if str(src).endswith(".open"):
+            raise OSError(errno.EIO, "I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(journal_module.os, "replace", rename_fails)
+    with pytest.raises(OSError):
+        j.begin_session((16384,))
+    monkeypatch.setattr(journal_module.os, "replace", real_replace)
+    assert j.broken_at == 1 and [p.name for p in j.dir.glob("*.open")] == ["000000000000.open"]
+    sealed = j.repair()  # as the next session starts
+    assert sealed is not None and sealed.segno == 0 and sealed.disk_sizes == (8192,) and j.last_seq == 1
+    assert [r.header.seq for r in iter_records(sealed.path.read_bytes())] == [1]
+    assert sorted(p.name for p in j.dir.glob("*.open")) == []
+
+    j.begin_session((16384,))
+    append(j, rec(F.Kind.DATA, 2, payload=b"b" * 4096))
+    real_write = journal_module._write_json_atomic
+
+    def state_write_fails(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(journal_module, "_write_json_atomic", state_write_fails)
+    with pytest.raises(OSError):
+        j.begin_session((8192,))
+    monkeypatch.setattr(journal_module, "_write_json_atomic", real_write)
+    assert j.handover_due and [(s.segno, s.disk_sizes) for s in j.pending()] == [(0, (8192,)), (1, (16384,))]

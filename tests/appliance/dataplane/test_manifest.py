@@ -318,16 +318,25 @@ def test_logs_of_earlier_versions_are_still_applied(tmp_path):
     keyring = DataKeyring(store, master)
     registered = {M: ONE}
     uploader = Uploader(store, keyring, registered.__getitem__, Stats())
-    legacy = sealed(tmp_path, 0, MiB, [(1, 0), (2, 2 * MiB)])  # received at 3 MiB, before the disk shrank
-    uploader._upload(dataclasses.replace(legacy, disk_sizes=None))  # sizes not recorded
+    for segno, writes in ((0, [(1, 0), (2, 2 * MiB)]), (1, [(11, 4096)])):  # received at 3 MiB, before a shrink
+        uploader._upload(dataclasses.replace(sealed(tmp_path, segno, MiB, writes), disk_sizes=None))  # sizes not recorded
     assert "disk_size" not in store.get_blob(blob_name(M, 0, 0))[1]  # a format 2 log, as the earlier version wrote
-    uploader._upload(sealed(tmp_path, 1, MiB, [(11, 4096)]))
-    assert store.get_blob(blob_name(M, 0, 1))[1]["format"] == FORMAT
+    uploader._upload(sealed(tmp_path, 2, MiB, [(21, 8192)]))
+    assert store.get_blob(blob_name(M, 0, 2))[1]["format"] == FORMAT
     applier = MachineApplier(store, keyring, find_machine(store, "web01"))
-    assert applier.disks[0].apply_next() and store.page_blob_size(replica_name(M, 0)) == 2 * MiB + 4096
-    assert store.read_pages(replica_name(M, 0), 2 * MiB, 4096) == bytes([1]) * 4096
-    assert applier.disks[0].apply_next() and store.page_blob_size(replica_name(M, 0)) == MiB
-    assert [p.sizes for p in recovery_points(store, applier.machine)] == [(2 * MiB + 4096,), (MiB,)]
+    sizes = []
+    for _ in range(3):
+        assert applier.disks[0].apply_next()
+        sizes.append(store.page_blob_size(replica_name(M, 0)))
+    # the second format 2 log needs no more than 8 KiB, yet may predate the shrink: not cut
+    assert sizes == [2 * MiB + 4096, 2 * MiB + 4096, MiB]
+    assert [p.sizes for p in recovery_points(store, applier.machine)] == [(2 * MiB + 4096,)] * 2 + [(MiB,)]
+    out = tmp_path / "point19.img"
+    export_disk(store, applier.machine, 0, out, recovery_points(store, applier.machine)[1])
+    assert out.read_bytes()[2 * MiB:] == bytes([1]) * 4096
+    # a segment handed over twice (listed while its upload finished) is not uploaded again
+    again = sealed(tmp_path, 3, MiB, [(31, 0)])
+    assert uploader._upload(again) and not uploader._upload(again)
 
 
 def test_logs_of_a_dropped_disk_are_swept_but_not_those_of_a_disk_added_unseen(tmp_path):

@@ -180,3 +180,57 @@ def test_segments_received_before_a_shrink_are_applied_at_their_size_after_it(tm
             assert out.read_bytes() == states[p.seq]
     finally:
         srv.stop()
+
+
+def test_a_disk_dropped_with_data_waiting_and_registered_again_is_resynced(tmp_path, pki, azurite):
+    """A cycle's changes to disk 1 wait in the cache (uploads held back) when the machine is
+    registered again without disk 1: they go with the disk. Registered again with it later,
+    the disk is resynced (the agent forgot its map at the drop, since the map counts those
+    changes as sent), so the replica is the source, not the source less the dropped writes."""
+    store = open_store(azurite.connection_string)
+    master = MasterKey(os.urandom(32))
+    m = make_machine(tmp_path, "drop04", [8 * MiB, 8 * MiB], seed=38, ps_port=0)
+    two, one = m.record, dataclasses.replace(m.record, disk_sizes=(8 * MiB,))
+    both = list(m.config.disks)
+    applier = MachineApplier(store, DataKeyring(store, master), two)
+    srv = InProcessServer(pki, tmp_path / "cache", [two], store, master, segment_max_age=0.2)
+    try:
+        applier.apply_until(replicator(pki, m, srv.port).run_cycle().marker_seq, 60)
+    finally:
+        srv.stop()
+    srv = InProcessServer(pki, tmp_path / "cache", [two], store, master, segment_max_age=0.2, upload_concurrency=0)
+    try:
+        random_writes(m.images[1], 30, seed=39)
+        assert replicator(pki, m, srv.port).run_cycle().bytes_sent > 0  # acknowledged, still in the cache
+    finally:
+        srv.stop()
+    m.state.drop_disks_from(1)  # as `mobility-agent register` does with one disk fewer
+    m.config.disks = both[:1]
+    m.state.save_config(m.config)
+    srv = InProcessServer(pki, tmp_path / "cache", [one], store, master, segment_max_age=0.2)
+    stop = threading.Event()
+
+    def apply_on():
+        while not stop.is_set():
+            applier.apply_available()
+            stop.wait(0.2)
+
+    applying = threading.Thread(target=apply_on)
+    applying.start()
+    try:
+        replicator(pki, m, srv.port).run_cycle()  # the backlog goes up with one disk
+        srv.directory.register(two)  # and disk 1 is registered again
+        m.config.disks = both
+        m.state.save_config(m.config)
+        report = replicator(pki, m, srv.port, resync_wait=60).run_cycle()
+        assert "disk 1: resync" in report.phases
+        stop.set()
+        applying.join(30)
+        applier.apply_until(report.marker_seq, 60)
+        for disk, image in enumerate(m.images):
+            out = tmp_path / f"replica{disk}.img"
+            export_disk(store, two, disk, out, None)
+            assert sha256(out) == sha256(image), f"disk {disk}"
+    finally:
+        stop.set()
+        srv.stop()
