@@ -81,6 +81,15 @@ def test_a_damaged_manifest_does_not_hide_the_other_machines(tmp_path):
         find_machine(store, "db01")
 
 
+def uploading(tmp_path: Path, record: MachineRecord):
+    """Local storage, a keyring on it, the machine's registration (a dict a test changes) and
+    an uploader that reads it."""
+    store = open_store(str(tmp_path / "storage"))
+    keyring = DataKeyring(store, MasterKey(os.urandom(32)))
+    registered = {M: record}
+    return store, keyring, registered, Uploader(store, keyring, registered.__getitem__, Stats())
+
+
 def segment(tmp_path: Path, segno: int, disks: int) -> SealedSegment:
     """A sealed segment holding one DATA frame per disk and a marker."""
     frames = [F.Frame(F.Kind.DATA, M, disk=d, seq=10 * segno + d + 1, offset=segno * 4096,
@@ -95,10 +104,7 @@ def test_a_disk_added_while_segments_upload_out_of_order_is_applied_from_its_fir
     """Segment 12 went up with the one-disk manifest (an earlier run of the process server);
     segment 11, left in the cache, goes up after the registration added a disk. The disk must
     start at 13 (12 has no log for it), and apply takes it up from there."""
-    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
-    keyring = DataKeyring(store, master)
-    registered = {M: ONE}
-    earlier = Uploader(store, keyring, registered.__getitem__, Stats())
+    store, keyring, registered, earlier = uploading(tmp_path, ONE)
     for segno in (10, 12):
         earlier._upload(segment(tmp_path, segno, disks=1))
     earlier.close()
@@ -124,10 +130,7 @@ def test_a_disk_added_while_segments_upload_out_of_order_is_applied_from_its_fir
 def test_a_disk_starts_right_after_the_last_segment_handed_a_manifest_without_it(tmp_path):
     """Segments 5 and 6 both hold the new disk's data and 6's upload decides first: the disk
     must start at 5 (segment 4 went up without it), or 5's data for it would never be applied."""
-    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
-    keyring = DataKeyring(store, master)
-    registered = {M: ONE}
-    uploader = Uploader(store, keyring, registered.__getitem__, Stats())
+    store, keyring, registered, uploader = uploading(tmp_path, ONE)
     uploader._upload(segment(tmp_path, 4, disks=1))
     registered[M] = TWO
     for segno in (6, 5):
@@ -145,10 +148,7 @@ def test_a_disk_starts_right_after_the_last_segment_handed_a_manifest_without_it
 def test_an_empty_newest_segment_does_not_hide_the_points_before_an_added_disk(tmp_path):
     """A crash's recovery seals and uploads empty segments (last sequence -1): the sequence
     before the new disk is the most any earlier log says, not the newest one's."""
-    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
-    keyring = DataKeyring(store, master)
-    registered = {M: ONE}
-    earlier = Uploader(store, keyring, registered.__getitem__, Stats())
+    store, keyring, registered, earlier = uploading(tmp_path, ONE)
     earlier._upload(segment(tmp_path, 10, disks=1))
     empty = tmp_path / "000000000011.sealed"
     empty.write_bytes(b"")
@@ -243,10 +243,7 @@ def test_recovery_points_before_an_added_disk_hold_the_others_and_do_not_wait_fo
 def test_resized_disks_keep_their_replica_resized(tmp_path):
     """A disk grown (or replaced by a larger one at its index, which the agent resyncs): apply
     resizes the replica instead of stopping on the size, and keeps what it holds."""
-    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
-    keyring = DataKeyring(store, master)
-    registered = {M: TWO}
-    uploader = Uploader(store, keyring, registered.__getitem__, Stats())
+    store, keyring, registered, uploader = uploading(tmp_path, TWO)
     uploader._upload(segment(tmp_path, 0, disks=2))
     applier = MachineApplier(store, keyring, find_machine(store, "web01"))
     assert applier.apply_available() == 2
@@ -275,10 +272,7 @@ def test_a_resized_disk_takes_its_size_with_its_logs_and_every_point_keeps_its_o
     after that: each log is applied at the size its records were received at, whenever it is
     uploaded, so every point is the disk as it was. An apply that read the manifest before the
     growth, and one that reads it after the shrink, both get every point right."""
-    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
-    keyring = DataKeyring(store, master)
-    registered = {M: ONE}
-    uploader = Uploader(store, keyring, registered.__getitem__, Stats())
+    store, keyring, registered, uploader = uploading(tmp_path, ONE)
     uploader._upload(sealed(tmp_path, 0, MiB, [(1, 0)]))
     early = MachineApplier(store, keyring, find_machine(store, "web01"))  # knows only the 1 MiB disk
     registered[M] = MachineRecord(M, "web01", (3 * MiB,))
@@ -314,10 +308,7 @@ def test_a_resized_disk_takes_its_size_with_its_logs_and_every_point_keeps_its_o
 def test_logs_of_earlier_versions_are_still_applied(tmp_path):
     """Format 2 logs (no disk size; sealed segments of an earlier version have none either):
     applied at the size registered now, or what their records need."""
-    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
-    keyring = DataKeyring(store, master)
-    registered = {M: ONE}
-    uploader = Uploader(store, keyring, registered.__getitem__, Stats())
+    store, keyring, registered, uploader = uploading(tmp_path, ONE)
     for segno, writes in ((0, [(1, 0), (2, 2 * MiB)]), (1, [(11, 4096)])):  # received at 3 MiB, before a shrink
         uploader._upload(dataclasses.replace(sealed(tmp_path, segno, MiB, writes), disk_sizes=None))  # sizes not recorded
     assert "disk_size" not in store.get_blob(blob_name(M, 0, 0))[1]  # a format 2 log, as the earlier version wrote
@@ -340,10 +331,7 @@ def test_logs_of_earlier_versions_are_still_applied(tmp_path):
 
 
 def test_logs_of_a_dropped_disk_are_swept_but_not_those_of_a_disk_added_unseen(tmp_path):
-    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
-    keyring = DataKeyring(store, master)
-    registered = {M: TWO}
-    uploader = Uploader(store, keyring, registered.__getitem__, Stats())
+    store, keyring, registered, uploader = uploading(tmp_path, TWO)
     uploader._upload(segment(tmp_path, 0, disks=2))
     registered[M] = ONE  # disk 1 dropped before its log 0 was applied
     uploader._upload(segment(tmp_path, 1, disks=1))
@@ -359,10 +347,7 @@ def test_logs_of_a_dropped_disk_are_swept_but_not_those_of_a_disk_added_unseen(t
 def test_the_sweep_takes_a_disk_added_while_it_lists_for_added_not_dropped(tmp_path, monkeypatch):
     """The manifest adding disk 1, then disk 1's first log, go up while the sweep lists: the
     manifest read after the listing names the disk, so its log stays."""
-    store, master = open_store(str(tmp_path / "storage")), MasterKey(os.urandom(32))
-    keyring = DataKeyring(store, master)
-    registered = {M: ONE}
-    uploader = Uploader(store, keyring, registered.__getitem__, Stats())
+    store, keyring, registered, uploader = uploading(tmp_path, ONE)
     uploader._upload(segment(tmp_path, 0, disks=1))
     applier = MachineApplier(store, keyring, find_machine(store, "web01"))
     real_list, added = store.list_blobs, []
