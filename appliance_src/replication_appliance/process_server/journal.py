@@ -298,6 +298,10 @@ class MachineJournal:
 
     def append(self, h: Header, record: RecordBuffer) -> None:
         """Write one record (not yet durable). Caller holds `lock` across append..sync."""
+        if self.broken_at is not None:
+            # e.g. the monitor's seal failed under a running session: its segment is closed but
+            # not sealed, and a write now would open the next one beside it
+            raise OSError(f"the journal of {self.machine} failed and is not repaired yet")
         if self._fd is None:
             self._open_segment()
         if record.length >= DIRECT_RECORD_BYTES:

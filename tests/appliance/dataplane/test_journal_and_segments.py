@@ -379,6 +379,8 @@ def test_a_seal_that_fails_halfway_is_finished_by_repair_or_handed_over_later(tm
         j.begin_session((16384,))
     monkeypatch.setattr(journal_module.os, "replace", real_replace)
     assert j.broken_at == 1 and [p.name for p in j.dir.glob("*.open")] == ["000000000000.open"]
+    with pytest.raises(OSError, match="not repaired"):  # a session still running (the monitor's seal failed)
+        append(j, rec(F.Kind.DATA, 2, payload=b"b" * 4096))
     sealed = j.repair()  # as the next session starts
     assert sealed is not None and sealed.segno == 0 and sealed.disk_sizes == (8192,) and j.last_seq == 1
     assert [r.header.seq for r in iter_records(sealed.path.read_bytes())] == [1]
