@@ -341,9 +341,20 @@ class Link:
     def close(self) -> None:
         self._to_write.put(None)
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes both threads
         except OSError:
             pass
-        self._writer.join(timeout=5)  # before close(): it may be inside a write
-        self.sock.close()
+        # The socket is closed only once neither thread can be inside a call on it: OpenSSL holds
+        # the descriptor's number, and a file opened meanwhile could take it (the alert OpenSSL
+        # sends on reading garbage would land in that file).
+        self._writer.join(timeout=5)
         self._reader.join(timeout=5)
+        if self._writer.is_alive() or self._reader.is_alive():
+            threading.Thread(target=self._close_when_done, name="agent-link-close", daemon=True).start()
+        else:
+            self.sock.close()
+
+    def _close_when_done(self) -> None:
+        self._writer.join()
+        self._reader.join()
+        self.sock.close()

@@ -164,7 +164,7 @@ class ProcessServer:
             self._listener.close()
         with self._lock:
             for s in self._sessions.values():
-                _shutdown(s)
+                _cut_off(s)
         self.journals.close()
         self.uploader.close(wait=False)
 
@@ -317,22 +317,27 @@ class ProcessServer:
                                 "the client certificate does not belong to a registered machine: register the agent first"))
         with self._lock:
             old = self._sessions.get(record.machine_id)
+            self._sessions[record.machine_id] = sock  # from now on an old session knows it was taken over
             lock = self._session_locks.setdefault(record.machine_id, threading.Lock())
-        if old is not None:
-            _shutdown(old)  # a reconnecting agent takes over from its dead connection
-        if not lock.acquire(timeout=30):
-            # INTERNAL, not PROTOCOL: the old session is on its way out and the agent should come back
-            return self._refuse(sock, record.machine_id, FrameError(ErrorCode.INTERNAL, "another session of this "
-                                                                    "machine is still ending: retry later"))
         try:
-            with self._lock:
-                self._sessions[record.machine_id] = sock
-            self._run_session(sock, record, self.journals.get(record.machine_id))
+            if old is not None:
+                _cut_off(old)  # a reconnecting agent takes over from its dead connection
+            if not lock.acquire(timeout=30):
+                # INTERNAL, not PROTOCOL: the old session is on its way out and the agent should come back
+                return self._refuse(sock, record.machine_id, FrameError(ErrorCode.INTERNAL, "another session of this "
+                                                                        "machine is still ending: retry later"))
+            try:
+                self._run_session(sock, record, self.journals.get(record.machine_id))
+            finally:
+                lock.release()
         finally:
             with self._lock:
                 if self._sessions.get(record.machine_id) is sock:
                     del self._sessions[record.machine_id]
-            lock.release()
+
+    def _taken_over(self, machine: uuid.UUID, sock: socket.socket) -> bool:
+        with self._lock:
+            return self._sessions.get(machine) is not sock
 
     def _run_session(self, sock: ssl.SSLSocket, record, journal: MachineJournal) -> None:
         if journal.broken_at is not None:  # the last session's write or fsync failed
@@ -372,8 +377,8 @@ class ProcessServer:
             while not self._stop.is_set():
                 if self._throttled and session.greeted:  # a newcomer gets its WELCOME first
                     ack_all()
-                    # sock.fileno() < 0: a reconnect of this machine closed this session
-                    while self._throttled and not self._stop.is_set() and sock.fileno() >= 0:
+                    while (self._throttled and not self._stop.is_set()
+                           and not self._taken_over(record.machine_id, sock)):  # a reconnect of this machine
                         time.sleep(0.2)
                 commit.raise_error()
                 if commit.durable_seq > acked:
@@ -437,11 +442,20 @@ class ProcessServer:
 
 
 def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+    """Hang up a socket this thread serves."""
+    _cut_off(sock)
     try:
         sock.close()
+    except OSError:
+        pass
+
+
+def _cut_off(sock: socket.socket) -> None:
+    """Hang up a socket another thread serves: woken, that thread ends and closes it. Closing it
+    here could free its descriptor while that thread is still inside a read (OpenSSL holds the
+    number): a file opened meanwhile would take the number, and the alert OpenSSL sends on
+    reading it would land in that file (a journal segment, a manifest)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass

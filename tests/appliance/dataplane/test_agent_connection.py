@@ -121,6 +121,32 @@ def test_the_data_connection_has_tcp_keepalive(tmp_path, pki):
         srv.stop()
 
 
+def test_the_link_closes_its_socket_only_once_no_thread_can_be_inside_a_call_on_it(tmp_path, pki):
+    """A thread still inside a read when the descriptor is closed could read (and answer with a
+    TLS alert) a file opened meanwhile under the same number: close() waits, and when a thread
+    is slow to leave, the socket is closed once it has."""
+    record = MachineRecord(uuid.uuid4(), "close01", (MiB,))
+    srv = InProcessServer(pki, tmp_path / "cache", [record], open_store(str(tmp_path / "storage")),
+                          MasterKey(os.urandom(32)))
+    link = Link(("127.0.0.1", srv.port), pki.client_context(record.machine_id), record.machine_id, Outbox(MiB),
+                RateLimit(None))
+    release = threading.Event()
+    real_reader = link._reader
+    link._reader = threading.Thread(target=release.wait, args=(30,), daemon=True)  # stands for a read not yet returned
+    link._reader.start()
+    try:
+        started = time.monotonic()
+        link.close()
+        assert time.monotonic() - started >= 4.5  # it waited for the reader
+        assert link.sock.fileno() != -1  # and, the reader still in, left the socket open
+        real_reader.join(5)
+        release.set()
+        wait_until(lambda: link.sock.fileno() == -1, 10, "the socket closed once the reader left")
+    finally:
+        release.set()
+        srv.stop()
+
+
 def test_a_process_server_that_lost_acknowledged_frames_ends_the_cycle_at_once(tmp_path, pki):
     store = open_store(str(tmp_path / "storage"))
     master = MasterKey(os.urandom(32))
