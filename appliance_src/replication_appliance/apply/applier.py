@@ -25,7 +25,6 @@ from ..dataplane.segment import (
     SegmentError,
     blob_name,
     iter_records,
-    logs_prefix,
     replica_name,
     segno_of,
     unseal,
@@ -131,7 +130,6 @@ class DiskApplier:
         if int(self.metadata.get("since_segno", 0)) != since:
             self._start_at(since, machine.born_after(disk))
         self.position = AppliedPosition.of(self.metadata)
-        self.delete_applied_logs()
 
     def _resize(self, size: int, segno: int) -> None:
         """The disk was resized (the agent resyncs it) or replaced by one of another size."""
@@ -152,12 +150,6 @@ class DiskApplier:
         self.metadata = {**self.metadata, "since_segno": str(since), **position.as_metadata()}
         self.store.set_metadata(self.name, self.metadata)
         log.info("%s disk %d: logs start at segment %d", self.machine.hostname, self.disk, since)
-
-    def delete_applied_logs(self) -> None:
-        for blob in self.store.list_blobs(logs_prefix(self.machine.machine_id, self.disk)):
-            segno = segno_of(blob.name)  # None: not a log of this naming, not ours to delete
-            if segno is not None and segno <= self.position.segno:
-                _delete_log(self.store, blob.name)
 
     def _save(self, position: AppliedPosition) -> None:
         self.position = position
@@ -250,7 +242,8 @@ class MachineApplier:
     def __init__(self, store: BlobStore, keyring: DataKeyring, machine: Manifest | MachineRecord) -> None:
         self.store, self.keyring, self.machine = store, keyring, Manifest.of(machine)
         self.disks = [DiskApplier(store, keyring, self.machine, d) for d in range(len(self.machine.disk_sizes))]
-        self._swept_at = -self.SWEEP_INTERVAL_S  # the first apply sweeps
+        self.sweep()  # logs an interruption left behind go when apply starts
+        self._swept_at = time.monotonic()
 
     def applied_seq(self) -> int:
         return min(d.position.seq for d in self.disks)
@@ -272,6 +265,7 @@ class MachineApplier:
         self.machine = manifest
         for d in self.disks:
             d.machine = manifest
+        self._swept_at = -self.SWEEP_INTERVAL_S  # a disk's start moved: the logs below it go at once
 
     def sweep(self) -> int:
         """Delete the logs no disk will apply: below a disk's position (an interrupted delete,
@@ -283,8 +277,8 @@ class MachineApplier:
         # listed here that this manifest lacks was dropped, not added unseen.
         try:
             count = len(parse_manifest(self.store.get_blob(manifest_name(self.machine.machine_id))[0]).disk_sizes)
-        except BlobNotFound:
-            return 0
+        except BlobNotFound:  # none yet: no log of a disk this applier lacks either
+            count = len(self.disks)
         gone = [name for name, (disk, segno) in logs
                 if disk >= count or (disk < len(self.disks) and segno <= self.disks[disk].position.segno)]
         for name in gone:

@@ -430,6 +430,10 @@ class MachineJournal:
                 continue
         return found
 
+    def has_pending(self) -> bool:
+        """A sealed segment waits for upload (no listing of them all: asked on every resync request)."""
+        return next(self.dir.glob("*.sealed"), None) is not None
+
     def open_bytes(self) -> int:
         return self._open_bytes if self._fd is not None else 0
 
