@@ -248,15 +248,15 @@ class MachineApplier:
     def applied_seq(self) -> int:
         return min(d.position.seq for d in self.disks)
 
-    def follow_manifest(self) -> None:
+    def follow_manifest(self) -> bool:
         """Take up what a registration changed since the manifest was read: disks added,
-        replaced or dropped (a resize comes with the logs)."""
+        replaced or dropped (a resize comes with the logs). Whether anything changed."""
         try:
             manifest = parse_manifest(self.store.get_blob(manifest_name(self.machine.machine_id))[0])
         except BlobNotFound:
-            return
+            return False
         if manifest == self.machine:
-            return
+            return False
         keep = 0  # disks whose replica goes on as it is (a resize comes with the logs)
         while keep < min(len(self.disks), len(manifest.disk_sizes)) and manifest.since(keep) == self.machine.since(keep):
             keep += 1
@@ -266,6 +266,7 @@ class MachineApplier:
         for d in self.disks:
             d.machine = manifest
         self._swept_at = -self.SWEEP_INTERVAL_S  # a disk's start moved: the logs below it go at once
+        return True
 
     def sweep(self) -> int:
         """Delete the logs no disk will apply: below a disk's position (an interrupted delete,
@@ -287,15 +288,21 @@ class MachineApplier:
 
     def apply_available(self) -> int:
         """Apply every log already in storage; returns how many blobs were applied."""
-        self.follow_manifest()
-        if time.monotonic() - self._swept_at >= self.SWEEP_INTERVAL_S:
-            self.sweep()
-            self._swept_at = time.monotonic()
         count = 0
-        for d in self.disks:
-            while d.apply_next():
-                count += 1
-        return count
+        self.follow_manifest()
+        while True:
+            if time.monotonic() - self._swept_at >= self.SWEEP_INTERVAL_S:
+                self.sweep()
+                self._swept_at = time.monotonic()
+            for d in self.disks:
+                while d.apply_next():
+                    count += 1
+            # A log goes up after the manifest naming its disk: one read now names every disk of
+            # the logs just applied. A disk added since the read above had logs put beside those
+            # of the others: without this, applied_seq() would count the others' and not wait
+            # for it (`apply_until` returning with the added disk's data not in its replica).
+            if not self.follow_manifest():
+                return count
 
     def apply_until(self, seq: int, timeout: float, poll: float = 0.5) -> None:
         deadline = time.monotonic() + timeout

@@ -364,6 +364,30 @@ def test_the_sweep_takes_a_disk_added_while_it_lists_for_added_not_dropped(tmp_p
     assert added and store.list_blobs(blob_name(M, 1, 1))
 
 
+def test_apply_takes_up_a_disk_added_after_it_read_the_manifest_before_it_counts_others_logs(tmp_path, monkeypatch):
+    """Apply reads the one-disk manifest; then the manifest adding disk 1 and segment 1's logs
+    of both disks go up; then apply finds disk 0's log. It must not count that log as the
+    machine applied up to its marker while disk 1's log of the same segment waits unread."""
+    store, keyring, registered, uploader = uploading(tmp_path, ONE)
+    uploader._upload(segment(tmp_path, 0, disks=1))
+    applier = MachineApplier(store, keyring, find_machine(store, "web01"))
+    assert applier.apply_available() == 1 and applier.applied_seq() == 9
+    real_get, added = store.get_blob, []
+
+    def disk_added_right_after_the_manifest_is_read(name):
+        got = real_get(name)
+        if name == manifest_name(M) and not added:
+            added.append(name)
+            registered[M] = TWO
+            uploader._upload(segment(tmp_path, 1, disks=2))
+        return got
+
+    monkeypatch.setattr(store, "get_blob", disk_added_right_after_the_manifest_is_read)
+    assert applier.apply_available() == 2 and added
+    assert applier.applied_seq() == 19 and [d.disk for d in applier.disks] == [0, 1]
+    assert store.read_pages(replica_name(M, 1), 4096, 4096) == bytes([2]) * 4096
+
+
 def test_a_disk_start_never_moves_apply_back(tmp_path):
     """A disk applier that went on applying while the manifest changed under it (a log of the
     disk's new start applied, and deleted) is rebuilt at the position it reached, not at the
