@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 import shutil
+from contextlib import closing
 from pathlib import Path
 
 import paramiko
@@ -102,8 +103,7 @@ def as_sudoer(transport: SshTransport, tmp_path: Path, mode: str) -> StandInSudo
 
 
 def test_commands_share_one_shell_but_not_their_state(sshd: SshServer, tmp_path: Path):
-    transport = connect(sshd, tmp_path)
-    try:
+    with closing(connect(sshd, tmp_path)) as transport:
         first = transport.run("echo out; echo err >&2; printf 'no newline'; exit 7")
         assert (first.exit_code, first.stdout, first.stderr) == (7, "out\nno newline", "err\n")
         # One shell ($$ is the same), but `exit` and `cd` ended with the command's own subshell.
@@ -117,24 +117,18 @@ def test_commands_share_one_shell_but_not_their_state(sshd: SshServer, tmp_path:
         assert fed.stdout == secret + "\n"
         assert transport.run("cat").stdout == ""  # no input left over for the next command
         assert transport.run("false").exit_code == 1
-    finally:
-        transport.close()
 
 
 def test_reads_go_over_sftp_and_missing_files_are_none(sshd: SshServer, tmp_path: Path):
-    transport = connect(sshd, tmp_path)
-    try:
+    with closing(connect(sshd, tmp_path)) as transport:
         present = tmp_path / "marker"
         present.write_text("1.2.3\n")
         assert transport.read_text(str(present)) == "1.2.3\n"
         assert transport.read_text(str(tmp_path / "missing" / "marker")) is None
-    finally:
-        transport.close()
 
 
 def test_a_failed_upload_is_a_clear_error(sshd: SshServer, tmp_path: Path):
-    transport = connect(sshd, tmp_path)
-    try:
+    with closing(connect(sshd, tmp_path)) as transport:
         local = tmp_path / "mobility-agent-1.0.0-linux.tar.gz"
         local.write_bytes(b"package")
         remote = str(tmp_path / "missing" / local.name)
@@ -143,8 +137,6 @@ def test_a_failed_upload_is_a_clear_error(sshd: SshServer, tmp_path: Path):
             transport.put(local, remote)
         transport.put(local, str(tmp_path / "copied"))  # the next upload works
         assert (tmp_path / "copied").read_bytes() == b"package"
-    finally:
-        transport.close()
 
 
 # The register step reads its passphrase as `mobility-agent register --passphrase-file /dev/stdin`.
@@ -153,31 +145,25 @@ READS_STDIN = "cat /dev/stdin"
 
 def test_a_key_is_never_sent_and_nopasswd_sudo_gets_the_input_intact(sshd: SshServer, tmp_path: Path,
                                                                       sent: list[bytes]):
-    transport = connect(sshd, tmp_path)
     key = sshd.key_path.read_text()
-    try:
+    with closing(connect(sshd, tmp_path)) as transport:
         sudo = as_sudoer(transport, tmp_path, "nopasswd")
         for _ in range(2):
             result = transport.run(READS_STDIN, stdin=PASSPHRASE + "\n")
             assert (result.exit_code, result.stdout) == (0, PASSPHRASE + "\n"), result.stderr
         assert transport.run("id -u").stdout == "0\n"
-    finally:
-        transport.close()
     assert sudo.read("calls").splitlines() == ["-n -k sh"] * 4  # the check, then every command
     assert key.strip().splitlines()[1] not in b"".join(sent).decode()
 
 
 def test_a_key_without_a_sudo_password_is_refused_clearly_when_sudo_asks_for_one(sshd: SshServer, tmp_path: Path,
                                                                                  sent: list[bytes]):
-    transport = connect(sshd, tmp_path)
     key = sshd.key_path.read_text()
-    try:
+    with closing(connect(sshd, tmp_path)) as transport:
         sudo = as_sudoer(transport, tmp_path, "password")
         with pytest.raises(TargetAuthError, match=f"sudo on 127.0.0.1:{sshd.port} asks 'root' for a password and "
                                                   "credential 'root-key' holds none .*--sudo-password-file.*NOPASSWD"):
             transport.run(READS_STDIN, stdin=PASSPHRASE + "\n")
-    finally:
-        transport.close()
     assert sudo.read("calls").splitlines() == ["-n -k sh"] and sudo.read("typed") == ""
     assert key.strip().splitlines()[1] not in b"".join(sent).decode() and PASSPHRASE not in b"".join(sent).decode()
 
@@ -186,16 +172,13 @@ def test_sudo_reads_the_password_every_time_and_the_command_only_its_input(sshd:
                                                                            sent: list[bytes]):
     """sudo caches credentials per parent process, and every command is a child of the same
     remote shell: without -k, the second command would not be asked and would read the password."""
-    transport = connect(sshd, tmp_path, sudo_password=SUDO_PASSWORD)
     key = sshd.key_path.read_text()
-    try:
+    with closing(connect(sshd, tmp_path, sudo_password=SUDO_PASSWORD)) as transport:
         sudo = as_sudoer(transport, tmp_path, "password")
         for _ in range(3):
             result = transport.run(READS_STDIN, stdin=PASSPHRASE + "\n")
             assert (result.exit_code, result.stdout) == (0, PASSPHRASE + "\n"), result.stderr
         assert transport.run("cat").stdout == ""  # without input: the password is not left for the command
-    finally:
-        transport.close()
     assert sudo.read("calls").splitlines() == ["-n -k sh"] + ["-k -S sh"] * 5
     assert sudo.read("typed") == (SUDO_PASSWORD + "\n") * 5  # what sudo read: the password, each time, only
     assert key.strip().splitlines()[1] not in b"".join(sent).decode()
@@ -203,36 +186,27 @@ def test_sudo_reads_the_password_every_time_and_the_command_only_its_input(sshd:
 
 
 def test_no_password_is_sent_when_sudo_asks_for_none(sshd: SshServer, tmp_path: Path, sent: list[bytes]):
-    transport = connect(sshd, tmp_path, sudo_password=SUDO_PASSWORD)
-    try:
+    with closing(connect(sshd, tmp_path, sudo_password=SUDO_PASSWORD)) as transport:
         as_sudoer(transport, tmp_path, "nopasswd")
         result = transport.run(READS_STDIN, stdin=PASSPHRASE + "\n")
         assert (result.exit_code, result.stdout) == (0, PASSPHRASE + "\n"), result.stderr
-    finally:
-        transport.close()
     assert SUDO_PASSWORD not in b"".join(sent).decode()
 
 
 def test_a_wrong_sudo_password_is_refused_before_any_command_reads_input(sshd: SshServer, tmp_path: Path):
-    transport = connect(sshd, tmp_path, sudo_password="not-the-password")
-    try:
+    with closing(connect(sshd, tmp_path, sudo_password="not-the-password")) as transport:
         sudo = as_sudoer(transport, tmp_path, "password")
         with pytest.raises(TargetAuthError, match=f"sudo on 127.0.0.1:{sshd.port} refused 'root' with the password "
                                                   "of credential 'root-key' .*Sorry, try again"):
             transport.run(READS_STDIN, stdin=PASSPHRASE + "\n")
         assert "not-the-password" not in sudo.read("calls")  # nor in sudo's argv
-    finally:
-        transport.close()
     assert sudo.read("typed") == "not-the-password\n"  # sudo's second try found no more input: no passphrase
 
 
 def test_no_sudo_on_the_target_is_a_clear_error(sshd: SshServer, tmp_path: Path):
     if shutil.which("sudo"):
         pytest.skip("this machine (the target) has sudo")
-    transport = connect(sshd, tmp_path)
-    try:
+    with closing(connect(sshd, tmp_path)) as transport:
         transport.sudo = True
         with pytest.raises(TargetAuthError, match=f"127.0.0.1:{sshd.port} has no sudo, and 'root' is not root"):
             transport.run("true")
-    finally:
-        transport.close()
