@@ -430,12 +430,13 @@ class MachineJournal:
                 continue
         return found
 
-    def has_pending(self) -> bool:
-        """A sealed segment waits for upload (no listing of them all: asked on every resync request)."""
-        return next(self.dir.glob("*.sealed"), None) is not None
-
-    def open_bytes(self) -> int:
-        return self._open_bytes if self._fd is not None else 0
+    def drained(self) -> bool:
+        """Everything received has left the cache: no segment open, none sealed and waiting
+        for upload (no listing of them all: asked on every resync request), none left closed
+        and unsealed by a failure. Under the lock: a seal under way has closed its segment but
+        not yet renamed it, and would be missed."""
+        with self.lock:
+            return self._fd is None and self.broken_at is None and next(self.dir.glob("*.sealed"), None) is None
 
     def close(self) -> None:
         """Seal the open segment (cut back first, if a write failed); it is uploaded after the

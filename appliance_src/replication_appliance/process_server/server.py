@@ -430,8 +430,7 @@ class ProcessServer:
             # everything received is uploaded (nothing in the journal) and applied; not "applied up to
             # the journal's last sequence": a disk registered again after it was dropped has no
             # log past its replica's position, and its position stays where the drop left it
-            ready = (journal.open_bytes() == 0 and not journal.has_pending()
-                     and logs_applied(self._store, record.machine_id, len(record.disk_sizes)))
+            ready = journal.drained() and logs_applied(self._store, record.machine_id, len(record.disk_sizes))
             if not ready:
                 return Frame(Kind.DIGESTS, record.machine_id, disk=h.disk, offset=h.offset, flags=Flag.NOT_READY)
             data = replica_digests(self._store, record.machine_id, h.disk, h.offset, blocks, size)

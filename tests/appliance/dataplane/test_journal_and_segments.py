@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -398,3 +399,47 @@ def test_a_seal_that_fails_halfway_is_finished_by_repair_or_handed_over_later(tm
         j.begin_session((8192,))
     monkeypatch.setattr(journal_module, "_write_json_atomic", real_write)
     assert j.handover_due and [(s.segno, s.disk_sizes) for s in j.pending()] == [(0, (8192,)), (1, (16384,))]
+
+
+def test_a_journal_is_drained_only_with_nothing_open_waiting_or_broken(tmp_path, monkeypatch):
+    """What a resync's readiness asks. A seal under way (segment closed, not yet renamed
+    `.sealed`) must not look drained: the replica's digests would be taken without that
+    segment, whose data is applied after them and may undo a block the resync skipped."""
+    j = MachineJournal(tmp_path, M, 1 << 20, 60)
+    assert j.drained()
+    append(j, rec(F.Kind.DATA, 1, payload=b"a" * 4096))
+    assert not j.drained()  # open
+    renaming, go_on, real_replace = threading.Event(), threading.Event(), os.replace
+
+    def slow_rename(src, dst):
+        renaming.set()
+        go_on.wait(10)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(journal_module.os, "replace", slow_rename)
+    sealing = threading.Thread(target=j.seal)
+    sealing.start()
+    assert renaming.wait(10)
+    answers: list[bool] = []
+    asking = threading.Thread(target=lambda: answers.append(j.drained()))
+    asking.start()
+    asking.join(0.5)  # waits for the seal (the old check answered at once: drained)
+    go_on.set()
+    asking.join(10)
+    sealing.join(10)
+    assert answers == [False]  # sealed, waiting for upload
+    monkeypatch.setattr(journal_module.os, "replace", real_replace)
+    for seg in j.pending():
+        seg.remove()
+    assert j.drained()
+    append(j, rec(F.Kind.DATA, 2, payload=b"b" * 4096))
+
+    def failing_rename(src, dst):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(journal_module.os, "replace", failing_rename)
+    with pytest.raises(OSError):
+        j.seal()
+    monkeypatch.setattr(journal_module.os, "replace", real_replace)
+    assert not j.drained()  # closed, not sealed: it waits for a repair to seal it
+    assert j.repair() is not None and not j.drained()
