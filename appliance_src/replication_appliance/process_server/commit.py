@@ -165,14 +165,20 @@ class GroupCommit:
             while batch := self._next_batch():
                 seq, nbytes = batch[-1][0].seq, sum(rec.length for _, rec in batch)
                 with self._journal.lock:
-                    for h, rec in batch:
-                        self._journal.append(h, rec)
-                    if self._journal.seal_due() or not fileio.RENAME_OPEN:
-                        # sealing renames the segment, which Windows refuses while the sync
-                        # thread holds a descriptor of it: there every fsync is made here
-                        fd, sealed = None, self._journal.sync()
-                    else:
-                        fd, sealed = self._journal.sync_handle(), None
+                    try:
+                        for h, rec in batch:
+                            self._journal.append(h, rec)
+                        if self._journal.seal_due() or not fileio.RENAME_OPEN:
+                            # sealing renames the segment, which Windows refuses while the sync
+                            # thread holds a descriptor of it: there every fsync is made here
+                            fd, sealed = None, self._journal.sync()
+                        else:
+                            fd, sealed = self._journal.sync_handle(), None
+                    except OSError:
+                        # before the lock goes: the monitor's age seal would flush and count a
+                        # record the failed write left staged, or keep one it left half written
+                        self._journal.mark_broken(self.durable_seq)
+                        raise
                 self._pool.give_back([rec for _, rec in batch])
                 if fd is None:
                     if sealed is not None:

@@ -379,10 +379,12 @@ class MachineJournal:
     def sync_handle(self) -> int:
         """A new descriptor of the open segment, for an fsync outside the lock while appends
         go on (group commit); the caller closes it. Sealing fsyncs too, so a segment sealed
-        before that fsync runs loses nothing."""
+        before that fsync runs loses nothing. Opened anew, not a dup: a write-back error is
+        reported once per open file, and the seal's fsync must hear of one the sync thread's
+        fsync heard of first (or it would seal, and count, records the disk lost)."""
         assert self._fd is not None
         self._flush_staging()
-        return os.dup(self._fd)
+        return fileio.open_fd(self.dir / f"{self._segno:012d}.open", os.O_RDONLY)
 
     def seal_if_old(self) -> SealedSegment | None:
         with self.lock:
@@ -420,6 +422,19 @@ class MachineJournal:
                 self.handover_due = True  # sealed, yet the caller hears of a failure: hand it over later
                 raise
             return SealedSegment(self.machine, self._segno, sealed, self._open_bytes, self._open_sizes)
+
+    def take_handover(self) -> list[SealedSegment]:
+        """The segments to hand over for upload after a seal failed past its rename, once
+        state.json counts them (raises while it cannot be written): uploaded and deleted
+        uncounted, a restart would find neither them nor their count, and give their segment
+        numbers and sequences out again (the agent resending into numbers apply has passed)."""
+        with self.lock:
+            if not self.handover_due:
+                return []
+            fileio.fsync_dir(self.dir)
+            _write_json_atomic(self.dir / "state.json", asdict(self.state))
+            self.handover_due = False
+            return self.pending()
 
     def pending(self) -> list[SealedSegment]:
         found = []

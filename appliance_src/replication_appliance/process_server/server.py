@@ -124,6 +124,8 @@ class ProcessServer:
         self._sessions: dict[uuid.UUID, socket.socket] = {}
         self._session_locks: dict[uuid.UUID, threading.Lock] = {}
         self._lock = threading.Lock()
+        self._serving = 0  # sessions between registering and ending (stop() waits for them)
+        self._served = threading.Condition(self._lock)
         self._throttled = False
         self._commits: set[GroupCommit] = set()
         self._free_at_scan = 0
@@ -156,8 +158,9 @@ class ProcessServer:
         log.info("process server listening on %s:%d", self.config.host, self.port)
         return self.port
 
-    def stop(self) -> None:
-        self._stop.set()
+    def stop(self, session_wait: float = 10.0) -> None:
+        with self._lock:
+            self._stop.set()  # under the lock: a session registers only while not stopping
         for t in self._threads:
             t.join(timeout=5)
         if self._listener is not None:
@@ -165,6 +168,14 @@ class ProcessServer:
         with self._lock:
             for s in self._sessions.values():
                 _cut_off(s)
+            # The sessions' commits write to the journals closed below: one still writing would
+            # open a segment after the close (and a server started again on this cache in the
+            # same process would find a second writer in its journal).
+            deadline = time.monotonic() + session_wait
+            while self._serving and (left := deadline - time.monotonic()) > 0:
+                self._served.wait(left)
+            if self._serving:
+                log.warning("%d session(s) did not end within %.0fs of stopping", self._serving, session_wait)
         self.journals.close()
         self.uploader.close(wait=False)
 
@@ -221,10 +232,12 @@ class ProcessServer:
         while not self._stop.wait(0.5):
             try:
                 for j in self.journals.all():
-                    if j.handover_due:  # a seal failed after its rename: its segment waits in the cache
-                        j.handover_due = False
-                        for seg in j.pending():
+                    try:
+                        for seg in j.take_handover():  # a seal failed after its rename
                             self.uploader.submit(seg)
+                    except OSError as e:
+                        log.warning("journal of %s: sealed segments wait in the cache until its state can be "
+                                    "written (%s)", j.machine, e)
                     seg = j.seal_if_old()
                     if seg is not None:
                         self.uploader.submit(seg)
@@ -316,9 +329,17 @@ class ProcessServer:
             return self._refuse(sock, NIL, FrameError(ErrorCode.NOT_AUTHORIZED,
                                 "the client certificate does not belong to a registered machine: register the agent first"))
         with self._lock:
-            old = self._sessions.get(record.machine_id)
-            self._sessions[record.machine_id] = sock  # from now on an old session knows it was taken over
-            lock = self._session_locks.setdefault(record.machine_id, threading.Lock())
+            if self._stop.is_set():
+                stopping = True
+            else:
+                stopping = False
+                old = self._sessions.get(record.machine_id)
+                self._sessions[record.machine_id] = sock  # from now on an old session knows it was taken over
+                lock = self._session_locks.setdefault(record.machine_id, threading.Lock())
+                self._serving += 1
+        if stopping:
+            return self._refuse(sock, record.machine_id, FrameError(ErrorCode.INTERNAL, "the process server is "
+                                                                    "stopping: retry later"))
         try:
             if old is not None:
                 _cut_off(old)  # a reconnecting agent takes over from its dead connection
@@ -334,6 +355,8 @@ class ProcessServer:
             with self._lock:
                 if self._sessions.get(record.machine_id) is sock:
                     del self._sessions[record.machine_id]
+                self._serving -= 1
+                self._served.notify_all()
 
     def _taken_over(self, machine: uuid.UUID, sock: socket.socket) -> bool:
         with self._lock:

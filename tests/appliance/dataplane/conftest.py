@@ -171,6 +171,12 @@ def replicator(pki: Pki, m: Machine, port: int | None = None, **kw) -> Replicato
     return Replicator(m.config, m.state, connect, **kw)
 
 
+def wait_uploaded(server: ProcessServer, timeout: float = 60) -> None:
+    """Until everything received has left the cache: stop() leaves segments not yet uploaded
+    there (the next start uploads them), and a test that applies after it would wait in vain."""
+    wait_until(lambda: all(j.drained() for j in server.journals.all()), timeout, "the cache to be uploaded")
+
+
 class InProcessServer:
     def __init__(self, pki: Pki, cache: Path, records: list[MachineRecord], store, master: MasterKey, **cfg) -> None:
         self.directory = StaticDirectory(records)

@@ -26,7 +26,7 @@ from replication_appliance.storage.keyring import DataKeyring
 
 from tests.fixtures.ports import free_port
 
-from .conftest import InProcessServer, make_machine, replicator, sha256, wait_until
+from .conftest import InProcessServer, make_machine, replicator, sha256, wait_until, wait_uploaded
 
 MiB = 1 << 20
 AGENT = [sys.executable, "-m", "replication_appliance.agent.cli"]
@@ -74,6 +74,9 @@ def test_continuous_run_outlives_a_process_server_outage_and_replicates_once_it_
         server.start()
         wait_until(lambda: "cycle done" in out_path.read_text(), 60, "a cycle to complete")
         assert agent.poll() is None
+        agent.terminate()
+        agent.wait(30)
+        wait_uploaded(server)
     finally:
         agent.terminate()
         agent.wait(30)

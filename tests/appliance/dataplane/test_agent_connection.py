@@ -174,7 +174,9 @@ def test_a_process_server_that_lost_acknowledged_frames_ends_the_cycle_at_once(t
     try:
         with pytest.raises(AcknowledgedDataLost, match=r"reports sequence 0 but had acknowledged 5: .*resync"):
             rep.run_cycle()
-        assert time.monotonic() - started < 5, "retried although retrying cannot help"
+        # retrying would go on for reconnect_for (10 s); the rest (a server stopped and another
+        # started, 64 MiB of buffers touched) takes well under that even on a loaded machine
+        assert time.monotonic() - started < 9, "retried although retrying cannot help"
         assert rep.link is None
         wait_until(lambda: not link_threads(), 5, "the agent's connections to be closed")
         assert m.state.load_disk(0).cycles == 0

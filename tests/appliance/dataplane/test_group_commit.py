@@ -16,7 +16,7 @@ from replication_appliance.dataplane import frames as F
 from replication_appliance.dataplane.segment import iter_records, valid_prefix
 from replication_appliance.process_server import commit as commit_module
 from replication_appliance.process_server.commit import GroupCommit
-from replication_appliance.process_server.journal import MachineJournal
+from replication_appliance.process_server.journal import MachineJournal, RecordBuffer
 
 from .conftest import refuse_renaming_open_files
 
@@ -157,18 +157,49 @@ def test_after_a_failed_write_only_repair_ends_the_segment(tmp_path, monkeypatch
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(fileio, "pwrite", failing_pwrite)
+    # The writer held as it starts handling the failure (the journal lock is released by then):
+    # the monitor's seal comes in there.
+    failing, go_on, real_fail = threading.Event(), threading.Event(), GroupCommit._fail
+
+    def held_fail(self, e):
+        failing.set()
+        go_on.wait(10)
+        real_fail(self, e)
+
+    monkeypatch.setattr(GroupCommit, "_fail", held_fail)
     c = GroupCommit(j, on_sealed=lambda s: None, max_queued_bytes=8 << 20)
     try:
         put(c, F.Kind.DATA, 1, b"a" * 4096)
         assert c.wait_durable() == 1
         armed[0] = True
         put(c, F.Kind.DATA, 2, b"b" * (4096 if failure == "staged record" else 256 << 10))
+        assert failing.wait(10)
+        assert j.seal_if_old() is None and list(j.dir.glob("*.sealed")) == []
+        go_on.set()
         with pytest.raises(OSError, match="No space left"):
             c.wait_durable()
         assert j.seal_if_old() is None and list(j.dir.glob("*.sealed")) == []
     finally:
+        go_on.set()
         c.close()  # repairs: the segment ends at the last durable record
     sealed = list(j.dir.glob("*.sealed"))
     assert len(sealed) == 1 and valid_prefix(sealed[0].read_bytes())[0] == sealed[0].stat().st_size
     assert records(j) == [(1, b"a" * 4096)] and j.last_seq == 1
     assert MachineJournal(tmp_path, M, 1 << 30, 60).last_seq == 1
+
+
+def test_the_sync_thread_fsyncs_a_file_opened_anew_not_a_dup(tmp_path):
+    """A write-back error is reported once per open file: on a dup of the journal's descriptor
+    the sync thread's fsync would take it, and the seal's fsync of the same segment would
+    succeed and count records the disk lost. Separate open files keep separate offsets."""
+    j = MachineJournal(tmp_path, M, max_segment_bytes=1 << 30, max_segment_age=60)
+    with j.lock:
+        r = F.encode(F.Frame(F.Kind.DATA, M, seq=1, payload=b"a" * 4096))
+        j.append(F.decode_header(r[:F.HEADER_SIZE]), RecordBuffer.of(r[:F.HEADER_SIZE], r[F.HEADER_SIZE:]))
+        fd = j.sync_handle()
+    try:
+        os.lseek(fd, 100, os.SEEK_SET)
+        assert os.lseek(j._fd, 0, os.SEEK_CUR) == 0
+        os.fsync(fd)
+    finally:
+        os.close(fd)

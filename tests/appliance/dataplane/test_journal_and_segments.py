@@ -399,6 +399,18 @@ def test_a_seal_that_fails_halfway_is_finished_by_repair_or_handed_over_later(tm
         j.begin_session((8192,))
     monkeypatch.setattr(journal_module, "_write_json_atomic", real_write)
     assert j.handover_due and [(s.segno, s.disk_sizes) for s in j.pending()] == [(0, (8192,)), (1, (16384,))]
+    # Handed over (uploaded, deleted) only once state.json counts them: a restart after that
+    # must not give their numbers and sequences out again.
+    monkeypatch.setattr(journal_module, "_write_json_atomic", state_write_fails)
+    with pytest.raises(OSError):
+        j.take_handover()
+    monkeypatch.setattr(journal_module, "_write_json_atomic", real_write)
+    handed = j.take_handover()
+    assert [s.segno for s in handed] == [0, 1] and not j.handover_due and j.take_handover() == []
+    for s in handed:
+        s.remove()
+    restarted = MachineJournal(tmp_path, M, 1 << 20, 60)
+    assert (restarted.last_seq, restarted.state.next_segno) == (2, 2)
 
 
 def test_a_journal_is_drained_only_with_nothing_open_waiting_or_broken(tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ from replication_appliance.storage import PreconditionFailed, StorageUnavailable
 from replication_appliance.storage.azure_blob import AzureBlobStore
 from replication_appliance.storage.keyring import DataKeyring
 
-from .conftest import InProcessServer, make_machine, random_writes, replicator, sha256
+from .conftest import InProcessServer, make_machine, random_writes, replicator, sha256, wait_uploaded
 
 M = uuid.uuid4()
 MiB = SIZE = 1 << 20
@@ -426,6 +426,7 @@ def test_a_disk_added_to_a_replicating_machine_is_replicated_applied_and_in_late
                 random_writes(img, 50, seed=70 + cycle)
             report = replicator(pki, m, srv.port).run_cycle()
             states[report.marker_seq] = [sha256(p) for p in m.images[:len(m.config.disks)]]
+        wait_uploaded(srv.server)
     finally:
         srv.stop()
     manifest = find_machine(store, "grow01")

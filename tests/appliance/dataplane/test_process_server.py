@@ -161,12 +161,15 @@ def test_back_pressure_when_cache_free_space_is_low(pki, tmp_path, machines):
         t = threading.Thread(target=pump, daemon=True)
         t.start()
         wait_until(lambda: srv.server.health().throttled, 20, "throttling")
+        journal = srv.server.journals.get(m)
+        # throttled, the session acknowledges what it made durable and takes nothing more
+        wait_until(lambda: link.throttled and journal.last_seq == outbox.acked, 20, "the durable frames acknowledged")
         time.sleep(1.0)
         acked = outbox.acked
         report = srv.server.health()
         assert report.throttled and report.cache_used_bytes > 0.8 * capacity and report.throttle_events >= 1
         assert acked < 16 and link.throttled
-        assert srv.server.journals.get(m).last_seq == acked  # nothing beyond what is durable was acknowledged
+        assert journal.last_seq == acked  # nothing beyond what is durable was acknowledged, nor taken since
         # space comes back (uploads drain the cache): the agent carries on, nothing was dropped
         def drain():
             for seg in srv.server.journals.get(m).pending():
@@ -450,3 +453,40 @@ def test_apply_deletes_each_log_it_applied_and_one_uploaded_again_after_it(pki, 
     assert applier.apply_available() == 1 and applier.applied_seq() == 4
     assert store.list_blobs(f"logs/{m}/") == []
     assert store.read_pages(replica_name(m, 0), 0, 4096) == second  # log 0 was not applied over log 1
+
+
+def test_stop_closes_the_journals_only_after_every_session_ended(pki, tmp_path, machines, monkeypatch):
+    """A session still starting (or writing) when stop() is called writes to its journal: were
+    the journals closed first, it would open a segment after the close, and a server started
+    again on the same cache in this process would share that journal with it."""
+    m = machines[0].machine_id
+    entered, go_on, events = threading.Event(), threading.Event(), []
+    real_begin, real_close = journal_module.MachineJournal.begin_session, journal_module.Journals.close
+
+    def held_begin(self, sizes):
+        entered.set()
+        go_on.wait(10)
+        events.append("session wrote")
+        return real_begin(self, sizes)
+
+    def recorded_close(self):
+        events.append("journals closed")
+        real_close(self)
+
+    monkeypatch.setattr(journal_module.MachineJournal, "begin_session", held_begin)
+    monkeypatch.setattr(journal_module.Journals, "close", recorded_close)
+    srv = InProcessServer(pki, tmp_path / "cache", machines, open_store(str(tmp_path / "storage")),
+                          MasterKey(os.urandom(32)), upload_concurrency=0)
+    s = tls(pki, srv.port, m)
+    try:
+        assert entered.wait(10)
+        stopping = threading.Thread(target=srv.stop)
+        stopping.start()
+        stopping.join(0.5)
+        assert stopping.is_alive()  # waiting for the session
+        go_on.set()
+        stopping.join(20)
+        assert not stopping.is_alive() and events == ["session wrote", "journals closed"]
+    finally:
+        go_on.set()
+        s.close()
