@@ -294,6 +294,7 @@ class MachineApplier:
             if time.monotonic() - self._swept_at >= self.SWEEP_INTERVAL_S:
                 self.sweep()
                 self._swept_at = time.monotonic()
+            before = count
             for d in self.disks:
                 while d.apply_next():
                     count += 1
@@ -301,7 +302,7 @@ class MachineApplier:
             # the logs just applied. A disk added since the read above had logs put beside those
             # of the others: without this, applied_seq() would count the others' and not wait
             # for it (`apply_until` returning with the added disk's data not in its replica).
-            if not self.follow_manifest():
+            if count == before or not self.follow_manifest():
                 return count
 
     def apply_until(self, seq: int, timeout: float, poll: float = 0.5) -> None:

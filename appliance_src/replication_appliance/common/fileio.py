@@ -3,8 +3,8 @@
 Positional reads and writes use `os.preadv`/`os.pwrite`/`os.pread` where they exist; Windows
 has none of them, so there a seek is followed by a plain read or write. That is only safe on a
 descriptor no other thread moves at the same time, which holds for every caller here: each
-opens its own descriptor or uses it from one thread (the journal's under its lock; a second
-descriptor made with `dup` for fsync shares the position, but fsync does not move it).
+opens its own descriptor or uses it from one thread (the journal's under its lock; the group
+commit's fsync uses a descriptor of its own, opened read-only, and fsync moves no position).
 
 Descriptors are opened in binary mode: on Windows `os.open` otherwise translates line ends,
 which would corrupt disk blocks, journal records and keys. A directory's entries are made

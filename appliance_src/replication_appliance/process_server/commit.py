@@ -140,6 +140,7 @@ class GroupCommit:
             pass  # unread wakeups are pending already
 
     def _durable(self, seq: int, nbytes: int) -> None:
+        self._journal.note_durable(seq)
         with self._cond:
             self.durable_seq = max(self.durable_seq, seq)
             self._queued_bytes -= nbytes

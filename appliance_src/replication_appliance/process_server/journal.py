@@ -168,11 +168,13 @@ class MachineJournal:
         # A seal failed after its rename: the segment is sealed but was never handed over for upload
         self.handover_due = False
         self.last_seq = self.state.last_sealed_seq
+        self.durable_seq = 0  # appended and made durable (by an fsync here, or a group commit's)
         self.recovered_torn_bytes = 0
         # After a failed write or fsync: the sequence up to which the journal is known durable;
         # the rest must be cut away (repair()) before anyone is told where the journal ends.
         self.broken_at: int | None = None
         self._recover()
+        self.durable_seq = self.last_seq  # whatever recovery kept was fsynced by it
 
     # -- recovery -------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -265,7 +267,7 @@ class MachineJournal:
                 setattr(self.state, field, getattr(persisted, field))
             if sealed is not None:
                 self._note_markers(data[:end])
-            self.last_seq = self.state.last_sealed_seq = keep
+            self.last_seq = self.state.last_sealed_seq = self.durable_seq = keep
             fileio.fsync_dir(self.dir)
             _write_json_atomic(self.dir / "state.json", asdict(self.state))
             self.broken_at = None
@@ -367,9 +369,20 @@ class MachineJournal:
 
     def _fsync_open(self) -> None:
         if self._fd is not None and self._unsynced:
-            self._flush_staging()
-            os.fsync(self._fd)
+            try:
+                self._flush_staging()
+                os.fsync(self._fd)
+            except OSError:
+                # A write-back error is reported once: a later fsync would succeed, and a seal
+                # count what the disk lost. Only repair() may end this segment now.
+                self.mark_broken(self.durable_seq)
+                raise
             self._unsynced = False
+            self.durable_seq = self.last_seq
+
+    def note_durable(self, seq: int) -> None:
+        """A group commit's fsync (of its own descriptor) made everything up to `seq` durable."""
+        self.durable_seq = max(self.durable_seq, seq)
 
     def seal_due(self) -> bool:
         """`sync()` would seal the open segment: it is full or ends with a marker."""
@@ -429,7 +442,9 @@ class MachineJournal:
         uncounted, a restart would find neither them nor their count, and give their segment
         numbers and sequences out again (the agent resending into numbers apply has passed)."""
         with self.lock:
-            if not self.handover_due:
+            if not self.handover_due or self.broken_at is not None:
+                # broken: the state here may count records the disk lost (a marker's, say);
+                # repair() writes the state as it ought to be, and its session hands them over
                 return []
             fileio.fsync_dir(self.dir)
             _write_json_atomic(self.dir / "state.json", asdict(self.state))

@@ -229,15 +229,19 @@ class ProcessServer:
             self._refresh(publish=False)
 
     def _monitor_loop(self) -> None:
+        held: set[uuid.UUID] = set()  # journals whose handover waits for their state to be written
         while not self._stop.wait(0.5):
             try:
                 for j in self.journals.all():
                     try:
                         for seg in j.take_handover():  # a seal failed after its rename
                             self.uploader.submit(seg)
+                        held.discard(j.machine)
                     except OSError as e:
-                        log.warning("journal of %s: sealed segments wait in the cache until its state can be "
-                                    "written (%s)", j.machine, e)
+                        if j.machine not in held:  # once, not every half second
+                            held.add(j.machine)
+                            log.warning("journal of %s: sealed segments wait in the cache until its state can be "
+                                        "written (%s)", j.machine, e)
                     seg = j.seal_if_old()
                     if seg is not None:
                         self.uploader.submit(seg)

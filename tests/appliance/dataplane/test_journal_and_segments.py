@@ -455,3 +455,58 @@ def test_a_journal_is_drained_only_with_nothing_open_waiting_or_broken(tmp_path,
     monkeypatch.setattr(journal_module.os, "replace", real_replace)
     assert not j.drained()  # closed, not sealed: it waits for a repair to seal it
     assert j.repair() is not None and not j.drained()
+
+
+def test_a_seal_whose_fsync_fails_leaves_the_segment_to_repair(tmp_path, monkeypatch):
+    """The monitor's seal hears of a write-back error first: the error is reported once, so a
+    second seal would succeed and count what the disk lost. The journal is broken at what was
+    durable, and repair ends the segment there."""
+    j = MachineJournal(tmp_path, M, 1 << 20, 60)
+    append(j, rec(F.Kind.DATA, 1, payload=b"a" * 4096))  # fsynced
+    with j.lock:
+        r = rec(F.Kind.DATA, 2, payload=b"b" * 4096)
+        j.append(r[0], RecordBuffer.of(r[1], r[2]))  # not yet
+    real_fsync = os.fsync
+
+    def fails_once(fd):
+        monkeypatch.setattr(journal_module.os, "fsync", real_fsync)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(journal_module.os, "fsync", fails_once)
+    with pytest.raises(OSError, match="Input/output"):
+        j.seal()
+    assert j.broken_at == 1
+    with pytest.raises(OSError, match="not repaired"):
+        j.seal()
+    sealed = j.repair()
+    assert sealed is not None and [r.header.seq for r in iter_records(sealed.path.read_bytes())] == [1]
+    assert j.last_seq == 1 and MachineJournal(tmp_path, M, 1 << 20, 60).last_seq == 1
+
+
+def test_a_broken_journal_hands_nothing_over_and_keeps_its_state_file(tmp_path, monkeypatch):
+    """A seal's state write failed (handover due), then a marker's fsync failed: the state in
+    memory names that lost marker. Handing over would write it to state.json, and the repair
+    would keep it; the handover waits for the repair, which writes the state as it ought to be."""
+    j = MachineJournal(tmp_path, M, 1 << 20, 60)
+    j.begin_session((8192,))
+    append(j, rec(F.Kind.DATA, 1, payload=b"a" * 4096))
+    real_write = journal_module._write_json_atomic
+
+    def state_write_fails(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(journal_module, "_write_json_atomic", state_write_fails)
+    with pytest.raises(OSError):
+        j.begin_session((16384,))  # seals segment 0; its state is not written
+    monkeypatch.setattr(journal_module, "_write_json_atomic", real_write)
+    assert j.handover_due
+    with j.lock:
+        r = rec(F.Kind.MARKER, 2, offset=5, payload=b"lost")
+        j.append(r[0], RecordBuffer.of(r[1], r[2]))
+    j.mark_broken(1)  # the marker's fsync failed
+    stored = read_state(j.dir)
+    assert j.take_handover() == [] and read_state(j.dir) == stored
+    j.repair()
+    assert read_state(j.dir).last_marker_seq != 2 and j.last_seq == 1
+    # the repair wrote the state counting segment 0 (and sealed 1, cut back to nothing)
+    assert [s.segno for s in j.take_handover()] == [0, 1]

@@ -490,3 +490,34 @@ def test_stop_closes_the_journals_only_after_every_session_ended(pki, tmp_path, 
     finally:
         go_on.set()
         s.close()
+
+
+def test_the_monitor_hands_a_segment_over_only_once_its_state_is_written(pki, tmp_path, machines, monkeypatch):
+    """A seal's state write failed after the rename: uploaded (and deleted) while state.json
+    does not count it, a restart would give its number and sequences out again."""
+    m = machines[0].machine_id
+    store = open_store(str(tmp_path / "storage"))
+    srv = InProcessServer(pki, tmp_path / "cache", machines, store, MasterKey(os.urandom(32)))
+    try:
+        j = srv.server.journals.get(m)
+        j.begin_session(machines[0].disk_sizes)
+        raw = F.encode(F.Frame(F.Kind.DATA, m, seq=1, offset=0, payload=os.urandom(4096)))
+        with j.lock:
+            j.append(F.decode_header(raw[:F.HEADER_SIZE]), journal_module.RecordBuffer.of(raw[:F.HEADER_SIZE],
+                                                                                          raw[F.HEADER_SIZE:]))
+            j.sync()
+        real_write = journal_module._write_json_atomic
+
+        def state_write_fails(path, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(journal_module, "_write_json_atomic", state_write_fails)
+        with pytest.raises(OSError):
+            j.begin_session(tuple(2 * n for n in machines[0].disk_sizes))  # seals segment 0
+        time.sleep(1.5)  # three rounds of the monitor
+        assert j.handover_due and store.list_blobs(f"logs/{m}/") == []
+        monkeypatch.setattr(journal_module, "_write_json_atomic", real_write)
+        wait_until(lambda: store.list_blobs(f"logs/{m}/"), 20, "the segment uploaded once its state is written")
+        assert journal_module.read_state(j.dir).next_segno == 1
+    finally:
+        srv.stop()
