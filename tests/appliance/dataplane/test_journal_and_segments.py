@@ -361,6 +361,19 @@ def test_sizes_of_a_repaired_segment_are_kept(tmp_path):
     assert sealed is not None and sealed.disk_sizes == (8192,) and j.last_seq == 1
 
 
+def state_write_fails(path, data):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def seal_with_the_state_write_failing(j: MachineJournal, monkeypatch, sizes: tuple[int, ...]) -> None:
+    """A session with other sizes seals the open segment, and its state.json write fails."""
+    real_write = journal_module._write_json_atomic
+    monkeypatch.setattr(journal_module, "_write_json_atomic", state_write_fails)
+    with pytest.raises(OSError):
+        j.begin_session(sizes)
+    monkeypatch.setattr(journal_module, "_write_json_atomic", real_write)
+
+
 def test_a_seal_that_fails_halfway_is_finished_by_repair_or_handed_over_later(tmp_path, monkeypatch):
     """The rename fails: the segment, closed, is neither left behind for a second open one nor
     lost; the next repair seals it whole. The state write after the rename fails: the sealed
@@ -389,15 +402,8 @@ def test_a_seal_that_fails_halfway_is_finished_by_repair_or_handed_over_later(tm
 
     j.begin_session((16384,))
     append(j, rec(F.Kind.DATA, 2, payload=b"b" * 4096))
+    seal_with_the_state_write_failing(j, monkeypatch, (8192,))
     real_write = journal_module._write_json_atomic
-
-    def state_write_fails(path, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(journal_module, "_write_json_atomic", state_write_fails)
-    with pytest.raises(OSError):
-        j.begin_session((8192,))
-    monkeypatch.setattr(journal_module, "_write_json_atomic", real_write)
     assert j.handover_due and [(s.segno, s.disk_sizes) for s in j.pending()] == [(0, (8192,)), (1, (16384,))]
     # Handed over (uploaded, deleted) only once state.json counts them: a restart after that
     # must not give their numbers and sequences out again.
@@ -490,15 +496,7 @@ def test_a_broken_journal_hands_nothing_over_and_keeps_its_state_file(tmp_path, 
     j = MachineJournal(tmp_path, M, 1 << 20, 60)
     j.begin_session((8192,))
     append(j, rec(F.Kind.DATA, 1, payload=b"a" * 4096))
-    real_write = journal_module._write_json_atomic
-
-    def state_write_fails(path, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(journal_module, "_write_json_atomic", state_write_fails)
-    with pytest.raises(OSError):
-        j.begin_session((16384,))  # seals segment 0; its state is not written
-    monkeypatch.setattr(journal_module, "_write_json_atomic", real_write)
+    seal_with_the_state_write_failing(j, monkeypatch, (16384,))  # segment 0
     assert j.handover_due
     with j.lock:
         r = rec(F.Kind.MARKER, 2, offset=5, payload=b"lost")
