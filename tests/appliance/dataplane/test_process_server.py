@@ -521,3 +521,23 @@ def test_the_monitor_hands_a_segment_over_only_once_its_state_is_written(pki, tm
         assert journal_module.read_state(j.dir).next_segno == 1
     finally:
         srv.stop()
+
+
+def test_a_connection_whose_handshake_ends_after_stop_is_told_to_retry(pki, tmp_path, machines):
+    """Accepted before stop(), its TLS handshake finished after it (the client slow to say
+    hello): the journals are closed by then, so it must not start a session, and the agent
+    must hear that the server is going away, not a bare hang-up."""
+    m = machines[0].machine_id
+    srv = InProcessServer(pki, tmp_path / "cache", machines, open_store(str(tmp_path / "storage")),
+                          MasterKey(os.urandom(32)), upload_concurrency=0)
+    raw = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    serving = f"ps-conn-{raw.getsockname()[1]}"  # accepted: its thread waits for the client's first byte
+    wait_until(lambda: any(t.name == serving for t in threading.enumerate()), 10, "the connection accepted")
+    srv.stop()
+    s = pki.client_context(m).wrap_socket(raw, server_hostname="127.0.0.1")
+    try:
+        err = read_frame(s)
+        assert err.kind is F.Kind.ERROR and F.error_text(err) == "INTERNAL: the process server is stopping: retry later"
+        assert list((tmp_path / "cache").glob(f"{m}/*.open")) == []
+    finally:
+        s.close()
