@@ -152,9 +152,11 @@ class DiskApplier:
         log.info("%s disk %d: logs start at segment %d", self.machine.hostname, self.disk, since)
 
     def _save(self, position: AppliedPosition) -> None:
-        self.position = position
-        self.metadata = {**self.metadata, **position.as_metadata()}
-        self.store.set_metadata(self.name, self.metadata)
+        # Stored first: a position only this process knew of would let the sweep delete the
+        # log storage still names as next, and an apply started again would wait for it for ever.
+        metadata = {**self.metadata, **position.as_metadata()}
+        self.store.set_metadata(self.name, metadata)
+        self.position, self.metadata = position, metadata
 
     def apply_next(self) -> bool:
         """Apply the next log blob if it is in storage; False when there is none yet."""

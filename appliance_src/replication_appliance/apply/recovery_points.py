@@ -55,12 +55,18 @@ def prune(store: BlobStore, machine: MachineRecord, retention_s: float) -> list[
     points = recovery_points(store, machine)
     if not points:
         return []
-    cutoff = points[-1].time_ns - int(retention_s * 1e9)
+    newest = points[-1]
+    cutoff = newest.time_ns - int(retention_s * 1e9)
     gone = [p for p in points[:-1] if p.time_ns < cutoff]
-    for p in gone:
-        for d, snap in enumerate(p.snapshots):
-            if snap is not None:
-                store.delete_snapshot(replica_name(machine.machine_id, d), snap)
+    # Disk by disk, not point by point: a prune interrupted between two disks leaves snapshots
+    # of a marker that no longer is a point, which a point-by-point prune would never see again.
+    for d in range(len(machine.disk_sizes)):
+        name = replica_name(machine.machine_id, d)
+        for snap in store.list_snapshots(name):
+            meta = snap.metadata
+            if ("marker_seq" in meta and int(meta["marker_seq"]) < newest.seq
+                    and int(meta.get("marker_time_ns", 0)) < cutoff):
+                store.delete_snapshot(name, snap.snapshot_id)
     return gone
 
 
@@ -107,12 +113,16 @@ def export_disk(store: BlobStore, machine: MachineRecord, disk: int, out: Path,
     assert size is not None
     tmp = out.with_name(out.name + ".part")
     written = 0
-    with open(tmp, "wb") as f:
-        f.truncate(size)
-        for start, end in _windows(store.page_ranges(name, snapshot)):
-            fileio.pwrite_all(f.fileno(), store.read_pages(name, start, end - start, snapshot), start)
-            written += end - start
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "wb") as f:
+            f.truncate(size)
+            for start, end in _windows(store.page_ranges(name, snapshot)):
+                fileio.pwrite_all(f.fileno(), store.read_pages(name, start, end - start, snapshot), start)
+                written += end - start
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing partial left behind (a disk-sized sparse file)
+        raise
     return size, written

@@ -388,6 +388,46 @@ def test_apply_takes_up_a_disk_added_after_it_read_the_manifest_before_it_counts
     assert store.read_pages(replica_name(M, 1), 4096, 4096) == bytes([2]) * 4096
 
 
+def test_a_position_storage_did_not_take_is_not_taken_here_either(tmp_path):
+    """The write of apply's position fails after log 1 was applied: this process must go on
+    from what storage holds. Believing itself past log 1, its sweep would delete that log, and
+    an apply started again (from storage's position) would wait for it for ever."""
+    store, keyring, registered, uploader = uploading(tmp_path, ONE)
+    uploader._upload(segment(tmp_path, 0, disks=1))
+    applier = MachineApplier(store, keyring, find_machine(store, "web01"))
+    assert applier.apply_available() == 1
+    uploader._upload(segment(tmp_path, 1, disks=1))
+    real_set = store.set_metadata
+
+    def position_write_fails(name, metadata):
+        if metadata.get("applied_segno") == "1":
+            raise StorageUnavailable("injected outage")
+        real_set(name, metadata)
+
+    store.set_metadata = position_write_fails
+    with pytest.raises(StorageUnavailable):
+        applier.apply_available()
+    store.set_metadata = real_set
+    assert applier.disks[0].position.segno == 0 and applier.sweep() == 0  # log 1 stays
+    restarted = MachineApplier(store, keyring, find_machine(store, "web01"))
+    assert restarted.apply_available() == 1 and restarted.applied_seq() == 19
+
+
+def test_an_export_that_fails_leaves_nothing_behind(tmp_path):
+    store = open_store(str(tmp_path / "storage"))
+    store.create_page_blob(replica_name(M, 0), 16 * 1024 * 1024)
+    store.write_pages(replica_name(M, 0), 0, os.urandom(4096))
+
+    def read_fails(*request):
+        raise StorageUnavailable("injected outage")
+
+    store.read_pages = read_fails
+    out = tmp_path / "disk0.img"
+    with pytest.raises(StorageUnavailable):
+        export_disk(store, ONE, 0, out, None)
+    assert list(tmp_path.glob("disk0.img*")) == []  # no disk-sized .part file either
+
+
 def test_a_disk_start_never_moves_apply_back(tmp_path):
     """A disk applier that went on applying while the manifest changed under it (a log of the
     disk's new start applied, and deleted) is rebuilt at the position it reached, not at the

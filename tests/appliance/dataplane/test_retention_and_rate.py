@@ -22,7 +22,7 @@ from replication_appliance.dataplane.digests import (
 )
 from replication_appliance.dataplane.segment import replica_name
 from replication_appliance.dataplane.session import MachineRecord
-from replication_appliance.storage import open_store
+from replication_appliance.storage import StorageUnavailable, open_store
 
 HOUR_NS = 3600 * 10**9
 
@@ -44,6 +44,34 @@ def test_retention_prunes_old_points_on_every_disk_and_keeps_the_newest(tmp_path
     assert [p.seq for p in prune(store, m, 60)] == [30]  # even a tiny retention keeps the newest
     with pytest.raises(ApplyError, match="between 0 and 15 days"):
         prune(store, m, 16 * 24 * 3600)
+
+
+def test_a_prune_interrupted_between_disks_is_finished_by_the_next(tmp_path):
+    """Storage fails after the old point's snapshot of disk 0 went: its snapshot of disk 1 is
+    no longer part of any point, and must still go with the next prune (not stay for ever)."""
+    store = open_store(str(tmp_path / "storage"))
+    m = MachineRecord(uuid.uuid4(), "web01", (1 << 20, 1 << 20))
+    now = time.time_ns()
+    for d in range(2):
+        store.create_page_blob(replica_name(m.machine_id, d), 1 << 20)
+        for seq, age_h in ((10, 30), (40, 0)):
+            store.snapshot(replica_name(m.machine_id, d), {"marker_seq": str(seq), "marker_id": f"m{seq}",
+                                                            "marker_time_ns": str(now - age_h * HOUR_NS)})
+    real_delete = store.delete_snapshot
+
+    def disk_1_unreachable(name, snapshot_id):
+        if name == replica_name(m.machine_id, 1):
+            raise StorageUnavailable("injected outage")
+        real_delete(name, snapshot_id)
+
+    store.delete_snapshot = disk_1_unreachable
+    with pytest.raises(StorageUnavailable):
+        prune(store, m, 24 * 3600)
+    store.delete_snapshot = real_delete
+    assert [p.seq for p in recovery_points(store, m)] == [40]  # 10 is not a point any more
+    prune(store, m, 24 * 3600)
+    assert [[s.metadata["marker_seq"] for s in store.list_snapshots(replica_name(m.machine_id, d))]
+            for d in range(2)] == [["40"], ["40"]]
 
 
 def test_a_point_missing_on_one_disk_is_not_a_recovery_point(tmp_path):
