@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.handler(args) or 0)
+        with StateDir(args.state_dir).exclusive(create=args.command == "register"):
+            return int(args.handler(args) or 0)
     except ApplianceError as e:
         print(f"mobility-agent {args.command}: {e}", file=sys.stderr)
         return 1

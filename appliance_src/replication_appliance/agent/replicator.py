@@ -73,8 +73,9 @@ class _Initial:
     def __init__(self, state: StateDir, disk: int, st: DiskState, dmap: DigestMap, size: int, budget: int) -> None:
         self.state, self.disk, self.st, self.dmap, self.size, self.budget = state, disk, st, dmap, size, budget
 
-    def checkpoint(self, acked: int) -> None:
+    def checkpoint(self, acked: int, acked_seq: int) -> None:
         self.st.initial_offset = acked
+        self.st.acked_seq = acked_seq  # this cycle's server's (the outbox refuses one that went back)
         self.dmap.save(self.state.digests(self.disk))
         self.state.save_disk(self.disk, self.st)
 
@@ -90,9 +91,11 @@ def _fresh(st: DiskState, dmap: DigestMap | None) -> bool:
     return st.phase == PHASE_INITIAL and dmap is None and st.initial_offset == 0 and st.sent_limit == 0
 
 
-def _needs_resync(st: DiskState, dmap: DigestMap | None, agent_state_lost: bool) -> bool:
-    """Whether the replica may hold data that no digest map describes: the map is missing (lost,
-    or deleted for a resync) after a delta cycle or after initial replication recorded progress;
+def _needs_resync(st: DiskState, dmap: DigestMap | None, agent_state_lost: bool, server_seq: int) -> bool:
+    """Whether the replica may hold data that no digest map describes, or lack data one does: the
+    process server reports less (`server_seq`) than it acknowledged for this state (it lost
+    durable data: its cache was replaced, or the machine moved before the old cache was
+    uploaded); the map is missing (lost, or deleted for a resync) after a delta cycle or after initial replication recorded progress;
     or a delta cycle sent frames and never finished (the map predates them: a block that went
     back to what the map says would not be sent again, and the replica would keep the newer
     data); or the agent's whole state is lost (reinstalled, registered again) while the process
@@ -102,10 +105,10 @@ def _needs_resync(st: DiskState, dmap: DigestMap | None, agent_state_lost: bool)
     replication with a sent limit but no acknowledged progress restarts instead, sending
     everything below the limit in full."""
     if st.phase == PHASE_DELTA:
-        return dmap is None or st.sent_limit > 0
+        return dmap is None or st.sent_limit > 0 or st.acked_seq > server_seq
     if _fresh(st, dmap):
         return agent_state_lost
-    return dmap is None and st.initial_offset > 0
+    return st.initial_offset > 0 and (dmap is None or st.acked_seq > server_seq)
 
 
 class Replicator:
@@ -265,12 +268,12 @@ class Replicator:
             dmap.update(pos, digests, whole)
             pos = end
             if initial and time.monotonic() - last_save > self._checkpoint_every:
-                initial.checkpoint(progress.offset)
+                initial.checkpoint(progress.offset, self.outbox.acked)
                 last_save = time.monotonic()
         if initial:
             # the whole disk is read and queued; checkpoints go on while the rest is acknowledged
             while not self._wait(self.next_seq - 1, last_save + self._checkpoint_every - time.monotonic()):
-                initial.checkpoint(progress.offset)
+                initial.checkpoint(progress.offset, self.outbox.acked)
                 last_save = time.monotonic()
 
     def _remote_digests(self, disk: int, offset: int, blocks: int) -> bytes:
@@ -330,7 +333,16 @@ class Replicator:
             # is applied, so nothing of this cycle may be in flight yet.
             # every disk fresh, yet the process server holds sequences of this machine (its WELCOME)
             state_lost = self.next_seq > 1 and all(_fresh(st, dmap) for st, dmap in zip(states, maps))
-            resync = [_needs_resync(st, dmap, state_lost) for st, dmap in zip(states, maps)]
+            server_seq = self.next_seq - 1  # the WELCOME's
+            resync = [_needs_resync(st, dmap, state_lost, server_seq) for st, dmap in zip(states, maps)]
+            lost = [d for d, st in enumerate(states) if resync[d] and st.acked_seq > server_seq]
+            if lost:
+                log.warning("the process server holds this machine's sequence up to %d, but had acknowledged up to %d: "
+                            "it lost data it had made durable (cache replaced, or the machine moved before its old "
+                            "cache was uploaded); resyncing disk(s) %s", server_seq,
+                            max(states[d].acked_seq for d in lost), ", ".join(map(str, lost)))
+                for d in lost:  # durably, before any frame: a later WELCOME will no longer show the loss
+                    self.state.digests(d).unlink(missing_ok=True)
             order = sorted(range(len(states)), key=lambda d: not resync[d])
             for disk in order:
                 st, dmap = states[disk], maps[disk]
@@ -365,6 +377,7 @@ class Replicator:
                 st.sent_limit = 0  # everything sent is in the map now
                 st.cycles += 1
                 st.last_marker_id = marker_id
+                st.acked_seq = seq
                 self.state.save_disk(disk, st)
             self.report.marker_id, self.report.marker_seq = marker_id, seq
         finally:

@@ -4,11 +4,15 @@
     S/agent.pem, S/agent-key.pem, S/ca.pem   client certificate, its key (0600), appliance CA
     S/disk-<n>.json       phase (initial / delta), initial replication checkpoint and sent limit, cycles
     S/disk-<n>.digests    digest map of what the replica holds (see digests.py)
+    S/agent.lock          locked by the one `register` or `run` using the folder
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +29,29 @@ class AgentStateError(ApplianceError):
 
 def _write_atomic(path: Path, text: str) -> None:
     fileio.replace_file(path, text.encode())
+
+
+def _lock_exclusively(fd: int) -> None:
+    """Lock the file without waiting (OSError: another process holds it); released on close."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _unlock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -58,6 +85,10 @@ class DiskState:
     sent_limit: int = 0
     cycles: int = 0
     last_marker_id: str = ""
+    # The machine's sequence the process server had acknowledged when this state was saved: a
+    # server that later reports less lost data it made durable (its cache replaced, or the
+    # machine moved before the old cache was uploaded), which only a resync repairs.
+    acked_seq: int = 0
     resyncs: int = 0
     bytes_sent: int = 0
 
@@ -74,6 +105,31 @@ class StateDir:
     def cert(self) -> Path: return self.root / "agent.pem"
     @property
     def key(self) -> Path: return self.root / "agent-key.pem"
+
+    @contextlib.contextmanager
+    def exclusive(self, create: bool = False) -> Iterator[None]:
+        """Held by `register` (which `create`s the folder) and `run`: two agents on one state
+        folder would each number the machine's frames and overwrite each other's digest maps
+        and checkpoints."""
+        path = self.root / "agent.lock"
+        if not create and not self.root.is_dir():
+            raise AgentStateError(f"{self.root} holds no registered agent (no such folder): run `mobility-agent "
+                                  "register` first")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise AgentStateError(f"the state folder {self.root} cannot be used: {e.strerror or e}") from None
+        try:
+            try:
+                _lock_exclusively(fd)
+            except OSError:
+                raise AgentStateError(f"another mobility-agent is using {self.root} (it holds {path}): stop it first, "
+                                      "or give this one a state folder of its own") from None
+            yield
+            _unlock(fd)
+        finally:
+            os.close(fd)  # releases the lock too (at once on POSIX, some time after on Windows)
 
     def digests(self, disk: int) -> Path:
         return self.root / f"disk-{disk}.digests"

@@ -139,6 +139,7 @@ def register(subparsers) -> None:
     p = replica.add_parser("export", help="write a replica disk (or a recovery point) as a raw image")
     _common(p)
     p.add_argument("--disk", type=int, required=True, help="disk index in registration order (0 first)")
-    p.add_argument("--recovery-point", help="recovery point id or sequence (default: the current replica)")
+    p.add_argument("--recovery-point", help="recovery point id or sequence (default: the current replica, as apply "
+                   "left it: while apply runs, that may lie between two markers; a recovery point is consistent)")
     p.add_argument("--out", type=Path, required=True, help="raw image file to write")
     p.set_defaults(handler=cmd_export)

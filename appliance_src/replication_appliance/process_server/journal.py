@@ -103,6 +103,11 @@ class JournalState:
     last_marker_seq: int = 0
     last_marker_id: str = ""
     last_marker_time_ns: int = 0
+    # A journal new to this cache numbers on from what storage holds of the machine (uploaded
+    # from another cache, or this one before it was replaced): until it has learnt that, the
+    # process server opens no session for the machine (False in states written before this
+    # was recorded: those journals number on from their own).
+    numbering_unknown: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,10 +156,13 @@ class MachineJournal:
         self.machine = machine
         self.dir = root / str(machine)
         self.dir.mkdir(parents=True, exist_ok=True)
+        new_here = not (self.dir / "state.json").exists() and not any(self.dir.glob("*.open")) \
+            and not any(self.dir.glob("*.sealed"))
         self.max_segment_bytes = max_segment_bytes
         self.max_segment_age = max_segment_age
         self.lock = threading.RLock()
         self.state = read_state(self.dir)
+        self.state.numbering_unknown = self.state.numbering_unknown or new_here
         self._fd: int | None = None
         self._segno = -1
         self._file_bytes = 0  # written to the open segment (a multiple of SEGMENT_ALIGN)
@@ -286,6 +294,27 @@ class MachineJournal:
         self.state.last_marker_seq = h.seq
         self.state.last_marker_id = bytes(payload).decode("ascii", "replace")
         self.state.last_marker_time_ns = h.offset
+
+    def number_after(self, stored_segno: int, stored_seq: int) -> bool:
+        """Number on after what storage holds of the machine, when that is further than this
+        journal got: its newest segment (-1: none) and the newest sequence in it. Else a journal
+        new to this cache would number from 0 again, and one the machine comes back to (moved
+        away and back, or a cache restored from a backup) from where it left off: below what
+        apply has passed, which would skip those records while the agent counts its cycles
+        done. Only with nothing in the cache (a segment waiting here keeps its number). Whether
+        the numbering moved."""
+        with self.lock:
+            if self._fd is not None or self.broken_at is not None:
+                return False
+            moved = stored_segno >= self.state.next_segno or stored_seq > self.state.last_sealed_seq
+            if not moved and not self.state.numbering_unknown:
+                return False
+            self.state.next_segno = max(self.state.next_segno, stored_segno + 1)
+            self.state.last_sealed_seq = max(self.state.last_sealed_seq, stored_seq)
+            self.last_seq = self.durable_seq = self.state.last_sealed_seq
+            self.state.numbering_unknown = False
+            _write_json_atomic(self.dir / "state.json", asdict(self.state))
+            return moved
 
     # -- appending ------------------------------------------------------------------------
     def begin_session(self, disk_sizes: tuple[int, ...]) -> SealedSegment | None:

@@ -74,7 +74,7 @@ class Manifests:
                     m.issued_through = max(m.issued_through, segno)
                     m.issued_seq = max(m.issued_seq, last_seq)
                     break
-            stored_through = self._stored_through(machine)  # only when a disk was added: rare
+            stored_through = stored_through_in(self._store, machine)  # only when a disk was added: rare
         self._store_current(machine, m)
         return manifest
 
@@ -119,18 +119,20 @@ class Manifests:
         except BlobNotFound:
             return None
 
-    def _stored_through(self, machine: uuid.UUID) -> tuple[int, int]:
-        """The newest segment uploaded before (by an earlier run, say) and the newest sequence
-        in those: from the logs of disk 0 (every segment has one; an empty segment's says -1,
-        so the sequence is the most any says) and, as apply deletes logs, its applied position
-        (read after the listing, so a log deleted meanwhile is counted there)."""
-        newest, seq = -1, 0
-        for blob in self._store.list_blobs(logs_prefix(machine, 0)):
-            n = segno_of(blob.name)
-            if n is not None:
-                newest, seq = max(newest, n), max(seq, int(blob.metadata.get("last_seq", 0)))
-        try:
-            meta = self._store.get_metadata(replica_name(machine, 0))
-        except BlobNotFound:
-            meta = {}
-        return max(newest, int(meta.get("applied_segno", -1))), max(seq, int(meta.get("applied_seq", 0)))
+
+def stored_through_in(store: BlobStore, machine: uuid.UUID) -> tuple[int, int]:
+    """The newest segment of `machine` uploaded before (by an earlier run, or another cache) and
+    the newest sequence in those (-1, 0: none): from the logs of disk 0 (every segment has one;
+    an empty segment's says -1, so the sequence is the most any says) and, as apply deletes
+    logs, its applied position (read after the listing, so a log deleted meanwhile is counted
+    there)."""
+    newest, seq = -1, 0
+    for blob in store.list_blobs(logs_prefix(machine, 0)):
+        n = segno_of(blob.name)
+        if n is not None:
+            newest, seq = max(newest, n), max(seq, int(blob.metadata.get("last_seq", 0)))
+    try:
+        meta = store.get_metadata(replica_name(machine, 0))
+    except BlobNotFound:
+        meta = {}
+    return max(newest, int(meta.get("applied_segno", -1))), max(seq, int(meta.get("applied_seq", 0)))

@@ -11,6 +11,8 @@ import ssl
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from ..storage.keyring import DataKeyring
 from .buffers import RecordBufferPool
 from .commit import GroupCommit
 from .journal import Journals, MachineJournal, RecordBuffer
+from .manifests import stored_through_in
 from .resync import logs_applied, replica_digests
 from .stats import HealthReport, Stats, write_report
 from .uploader import Uploader
@@ -72,6 +75,9 @@ class ProcessServerConfig:
     # (buffers.py): many agents at once do not make the server hold many queues.
     queued_budget_bytes: int = 256 * 1024 * 1024
     idle_timeout: float = 300.0
+    # How long a session of a machine this cache has numbered before waits for storage's
+    # numbering (the machine may have been served elsewhere meanwhile) before going on without.
+    storage_check_wait: float = 3.0
 
 
 class _PeerClosed(Exception):
@@ -118,6 +124,9 @@ class ProcessServer:
         self.stats.recovered_torn_bytes = sum(j.recovered_torn_bytes for j in self.journals.all())
         self.uploader = Uploader(store, DataKeyring(store, master_key), self._machine, self.stats,
                                  config.upload_concurrency, config.zstd_level, backoff_max=config.upload_backoff_max)
+        # Reads of where storage stands, for a session that may go on without one (bounded
+        # wait): in an outage they hang for the storage client's timeouts.
+        self._storage_checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="numbering")
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -178,6 +187,7 @@ class ProcessServer:
                 log.warning("%d session(s) did not end within %.0fs of stopping", self._serving, session_wait)
         self.journals.close()
         self.uploader.close(wait=False)
+        self._storage_checks.shutdown(wait=False, cancel_futures=True)
 
     # -- health and back-pressure ---------------------------------------------------------
     def health(self) -> HealthReport:
@@ -377,6 +387,10 @@ class ProcessServer:
                 self.uploader.submit(sealed)
             for seg in journal.pending():  # one sealed just before the failure may not have been handed over
                 self.uploader.submit(seg)
+        if journal.state.numbering_unknown or journal.drained():
+            refusal = self._number_after_storage(record, journal)
+            if refusal is not None:
+                return self._refuse(sock, record.machine_id, refusal)
         try:
             sealed = journal.begin_session(record.disk_sizes)  # a segment holds records of one registration
         except OSError as e:  # the seal could not finish: a repair (next session) or the monitor completes it
@@ -449,6 +463,33 @@ class ProcessServer:
             commit.close()  # the connection broke mid-batch: keep what arrived whole (the agent will learn it)
             with self._lock:
                 self._commits.discard(commit)
+
+    def _number_after_storage(self, record: MachineRecord, journal: MachineJournal) -> FrameError | None:
+        """With nothing of the machine in this cache: number on after what storage holds of it
+        if that is further (first seen here, moved here, moved back, the cache disk replaced or
+        restored). The refusal to send when that cannot be done: a journal new here must know,
+        while one with its own numbering goes on from it through a storage outage, after a
+        short wait."""
+        try:
+            if journal.state.numbering_unknown:
+                segno, seq = stored_through_in(self._store, record.machine_id)
+            else:
+                segno, seq = self._storage_checks.submit(stored_through_in, self._store, record.machine_id).result(
+                    timeout=self.config.storage_check_wait)
+        except (StorageError, FutureTimeout, RuntimeError) as e:  # RuntimeError: stopping (the pool is shut down)
+            if not journal.state.numbering_unknown:
+                log.warning("machine %s: cannot read where its logs stand in cache storage (%s); numbering on from "
+                            "this cache's", record.hostname, str(e) or "no answer in time")
+                return None
+            return FrameError(ErrorCode.INTERNAL, f"the process server cannot read where {record.hostname}'s logs "
+                              f"stand in cache storage ({e}): retry later")
+        try:
+            if journal.number_after(segno, seq):
+                log.info("machine %s: storage holds its logs through segment %d (sequence %d), further than this "
+                         "cache: numbering on from there", record.hostname, segno, seq)
+        except OSError as e:
+            return FrameError(ErrorCode.INTERNAL, f"the process server's cache disk is failing ({e}): retry later")
+        return None
 
     def _digests(self, record: MachineRecord, journal: MachineJournal, h, payload) -> Frame:
         size = record.disk_sizes[h.disk]

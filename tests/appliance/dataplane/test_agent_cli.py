@@ -142,3 +142,24 @@ def test_run_does_not_repeat_a_resync_when_the_heartbeat_after_it_fails(tmp_path
     assert reported == ["continuous", "resync", "continuous", "continuous", "continuous"]
     st = m.state.load_disk(0)
     assert (st.cycles, st.resyncs) == (3, 1)
+
+
+def test_a_second_agent_on_one_state_folder_is_refused(tmp_path, pki):
+    """Two agents on one state folder would number the machine's frames twice over and
+    overwrite each other's maps: the second stops with one line; once the first is gone it runs."""
+    port = free_port()
+    m = registered(tmp_path, pki, "twice01", port)
+    args = [*AGENT, "run", "--once", "--no-heartbeat", "--state-dir", str(m.state.root), "--reconnect-for", "0"]
+    with m.state.exclusive():  # a running agent
+        out = subprocess.run(args, check=False, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert out.stderr.strip().splitlines()[-1] == (
+            f"mobility-agent run: another mobility-agent is using {m.state.root} (it holds "
+            f"{m.state.root / 'agent.lock'}): stop it first, or give this one a state folder of its own")
+    out = subprocess.run(args, check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "process server unreachable" in out.stderr  # past the lock this time
+    missing = tmp_path / "no-such-agent"
+    out = subprocess.run([*AGENT, "run", "--once", "--state-dir", str(missing)], check=False, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and "holds no registered agent (no such folder)" in out.stderr
+    assert not missing.exists()  # a mistyped folder is not made

@@ -48,4 +48,17 @@ def test_disks_dropped_by_a_registration_are_resynced_if_they_come_back(tmp_path
     assert state.digests(0).exists() and state.load_disk(0).cycles == 4
     for disk in (1, 2):
         assert not state.digests(disk).exists()
-        assert _needs_resync(state.load_disk(disk), None, agent_state_lost=False)
+        assert _needs_resync(state.load_disk(disk), None, agent_state_lost=False, server_seq=0)
+
+
+def test_a_server_reporting_less_than_it_acknowledged_asks_for_a_resync():
+    """A process server whose WELCOME is below what it acknowledged for a disk's state lost
+    durable data (cache replaced, machine moved before its old cache was uploaded)."""
+    dmap = DigestMap(MiB)
+    delta = DiskState(phase=PHASE_DELTA, cycles=3, acked_seq=500)
+    initial = DiskState(initial_offset=MiB // 2, sent_limit=MiB, acked_seq=500)
+    for st in (delta, initial):
+        assert not _needs_resync(st, dmap, agent_state_lost=False, server_seq=500)
+        assert _needs_resync(st, dmap, agent_state_lost=False, server_seq=499)
+    # a state saved before the sequence was recorded asks for nothing
+    assert not _needs_resync(DiskState(phase=PHASE_DELTA, cycles=3), dmap, agent_state_lost=False, server_seq=0)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from replication_appliance.agent.link import Link, Outbox, RateLimit
 from replication_appliance.apply.recovery_points import recovery_points
 from replication_appliance.storage import open_store
 
@@ -69,8 +70,6 @@ def own_azurite(tmp_path):
 
 
 def throttled_connect(pki, m, port, rate):
-    from replication_appliance.agent.link import Link, RateLimit
-
     ctx = pki.client_context(m.id)
     return lambda outbox: Link(("127.0.0.1", port), ctx, m.id, outbox, RateLimit(rate))
 
@@ -150,6 +149,9 @@ def test_storage_outage_fills_the_cache_agent_is_throttled_nothing_is_lost(tmp_p
                               "--upload-backoff-max", "2"])
     ps.start()
     try:
+        # The agent has met this process server before the outage: a machine new to a cache is
+        # numbered on from what storage holds of it, so its first session needs storage.
+        Link(("127.0.0.1", ps.port), pki.client_context(m.id), m.id, Outbox(MiB), RateLimit(None)).close()
         rep = replicator(pki, m, ps.port, reconnect_for=60)
         seen = {}
 

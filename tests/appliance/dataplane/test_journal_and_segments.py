@@ -508,3 +508,42 @@ def test_a_broken_journal_hands_nothing_over_and_keeps_its_state_file(tmp_path, 
     assert read_state(j.dir).last_marker_seq != 2 and j.last_seq == 1
     # the repair wrote the state counting segment 0 (and sealed 1, cut back to nothing)
     assert [s.segno for s in j.take_handover()] == [0, 1]
+
+
+def test_a_journal_new_to_the_cache_numbers_on_from_storage_once_told(tmp_path):
+    j = MachineJournal(tmp_path, M, 1 << 20, 60)
+    assert j.state.numbering_unknown
+    assert MachineJournal(tmp_path, M, 1 << 20, 60).state.numbering_unknown  # a restart does not forget it
+    j = MachineJournal(tmp_path, M, 1 << 20, 60)
+    assert not j.number_after(-1, 0) and not j.state.numbering_unknown  # storage holds nothing: from 0
+    j = MachineJournal(tmp_path / "other", M, 1 << 20, 60)
+    assert j.number_after(41, 900)  # storage holds segments up to 41, sequences up to 900
+    assert not j.state.numbering_unknown and j.last_seq == 900
+    sealed = append(j, rec(F.Kind.DATA, 901, payload=b"a" * 512), rec(F.Kind.MARKER, 902, payload=b"m"))
+    assert sealed is not None and sealed.segno == 42
+    restarted = MachineJournal(tmp_path / "other", M, 1 << 20, 60)
+    assert not restarted.state.numbering_unknown and restarted.last_seq == 902
+    assert not restarted.number_after(42, 902)  # storage is where the cache is: nothing moves
+    # the machine was served elsewhere meanwhile, and came back: on after that
+    assert restarted.number_after(50, 1000) and restarted.last_seq == 1000 and restarted.state.next_segno == 51
+    assert MachineJournal(tmp_path / "other", M, 1 << 20, 60).last_seq == 1000
+
+
+def test_a_journal_holding_data_keeps_its_numbering(tmp_path):
+    j = MachineJournal(tmp_path, M, 1 << 20, 60)
+    j.number_after(-1, 0)
+    append(j, rec(F.Kind.DATA, 1, payload=b"a" * 512))  # an open segment
+    assert not j.number_after(9, 99) and j.last_seq == 1
+
+
+def test_a_journal_with_history_here_is_not_new(tmp_path):
+    """A state file of an earlier version (without the field), or segments left by a crash
+    before the first state write: the journal numbers on from its own."""
+    d = tmp_path / str(M)
+    d.mkdir()
+    (d / "state.json").write_text('{"next_segno": 7, "last_sealed_seq": 70}')
+    assert not MachineJournal(tmp_path, M, 1 << 20, 60).state.numbering_unknown
+    other = uuid.uuid4()
+    (tmp_path / str(other)).mkdir()
+    (tmp_path / str(other) / f"{3:012d}.sealed").write_bytes(b"")
+    assert not MachineJournal(tmp_path, other, 1 << 20, 60).state.numbering_unknown
