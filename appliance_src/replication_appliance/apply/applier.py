@@ -214,6 +214,12 @@ def _delete_log(store: BlobStore, name: str) -> None:
         log.warning("log %s not deleted (%s); it is deleted later", name, e)
 
 
+def _missing_text(hostname: str, disk: int, segno: int) -> str:
+    return (f"log {segno} of {hostname} disk {disk} is not in storage while later ones are, and apply cannot go "
+            "past it: unless a process server still holds it, it was lost with the cache disk that received it "
+            "(see 'Numbering against storage' in docs/replication.md).")
+
+
 def _disk_and_segno(name: str) -> tuple[int, int] | None:
     """(disk, segment) of a log blob `logs/<machine>/<disk>/<segno>.log`; None: not a log."""
     parts = name.split("/")
@@ -244,6 +250,7 @@ class MachineApplier:
     def __init__(self, store: BlobStore, keyring: DataKeyring, machine: Manifest | MachineRecord) -> None:
         self.store, self.keyring, self.machine = store, keyring, Manifest.of(machine)
         self.disks = [DiskApplier(store, keyring, self.machine, d) for d in range(len(self.machine.disk_sizes))]
+        self._missing: dict[int, int] = {}  # per disk, its next log if the last sweep found it missing
         self.sweep()  # logs an interruption left behind go when apply starts
         self._swept_at = time.monotonic()
 
@@ -286,7 +293,30 @@ class MachineApplier:
                 if disk >= count or (disk < len(self.disks) and segno <= self.disks[disk].position.segno)]
         for name in gone:
             _delete_log(self.store, name)
+        missing = self._next_missing(logs)
+        for disk, segno in missing.items():
+            if self._missing.get(disk) == segno:  # missing a whole sweep interval, the later ones there
+                log.warning("%s", _missing_text(self.machine.hostname, disk, segno))
+        self._missing = missing
         return len(gone)
+
+    def _next_missing(self, logs: list[tuple[str, tuple[int, int]]]) -> dict[int, int]:
+        """Per disk, its next log when that is not in storage while a later one is. Uploads
+        finish out of order, so for a while that is normal; for long, the log was lost (with the
+        cache that received it) and apply cannot go past it."""
+        out = {}
+        for d, disk in enumerate(self.disks):
+            nxt = disk.position.segno + 1
+            held = {segno for _, (dd, segno) in logs if dd == d}
+            if nxt not in held and any(segno > nxt for segno in held):
+                out[d] = nxt
+        return out
+
+    def missing_logs(self) -> list[str]:
+        """What `_next_missing` finds in storage now, as sentences for an error message."""
+        logs = [(b.name, pos) for b in self.store.list_blobs(f"logs/{self.machine.machine_id}/")
+                if (pos := _disk_and_segno(b.name)) is not None]
+        return [_missing_text(self.machine.hostname, d, segno) for d, segno in self._next_missing(logs).items()]
 
     def apply_available(self) -> int:
         """Apply every log already in storage; returns how many blobs were applied."""
@@ -314,7 +344,8 @@ class MachineApplier:
             if self.applied_seq() >= seq:
                 return
             if time.monotonic() > deadline:
+                missing = " ".join(self.missing_logs())
                 raise ApplyError(f"logs up to sequence {seq} of {self.machine.hostname} did not reach storage within "
-                                 f"{timeout:.0f}s (applied up to {self.applied_seq()}): check the process server's "
-                                 "upload backlog and storage connectivity")
+                                 f"{timeout:.0f}s (applied up to {self.applied_seq()}): " + (missing or
+                                 "check the process server's upload backlog and storage connectivity"))
             time.sleep(poll)
