@@ -119,6 +119,10 @@ class Outbox:
         self.bytes = 0
         self.window = window_bytes
         self.acked = 0
+        # The most any process server acknowledged to this agent before (its disks' states): the
+        # HELLO says so, and a server that cannot tell where the machine stands must not number
+        # below it (the machine was served elsewhere meanwhile).
+        self.acked_before = 0
         self.cond = threading.Condition()
         # read buffers no frame holds any more: reusing them spares a fresh allocation (page
         # faults and zeroing) per chunk; as many are kept as the window can hold at once
@@ -202,7 +206,7 @@ class Link:
             raw.close()
             raise LinkLost(f"no TLS session with the process server at {where}: {e}") from None
         try:
-            self.sock.sendall(encode(Frame(Kind.HELLO, machine)))
+            self.sock.sendall(encode(Frame(Kind.HELLO, machine, seq=max(outbox.acked, outbox.acked_before))))
             welcome = self._read_frame()
             if welcome.kind is Kind.ERROR:
                 raise refusal("process server refused the session", welcome)

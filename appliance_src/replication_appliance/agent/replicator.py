@@ -316,6 +316,7 @@ class Replicator:
         started = time.monotonic()
         self.report = CycleReport()
         self.outbox = Outbox(self._window)
+        self.outbox.acked_before = max(self.state.load_disk(d).acked_seq for d in range(len(self.config.disks)))
         try:
             self._open(fresh=True)
         except (OSError, LinkLost) as e:  # unreachable, or it cannot serve yet (e.g. its database is restarting)

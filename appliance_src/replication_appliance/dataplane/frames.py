@@ -34,7 +34,7 @@ MAX_CONTROL = 64 * 1024
 
 
 class Kind(enum.IntEnum):
-    HELLO = 1  # agent -> server: opens a session for `machine`
+    HELLO = 1  # agent -> server: opens a session for `machine`; seq = the most it was ever acknowledged (0: unknown)
     WELCOME = 2  # server -> agent: seq = last durable sequence of that machine
     DATA = 3  # agent -> server: `length` bytes of disk `disk` at `offset`
     MARKER = 4  # agent -> server: consistency marker; offset = marker time (ns since epoch)

@@ -75,6 +75,13 @@ class GroupCommit:
             self._last_queued = h.seq
             self._cond.notify_all()
 
+    def numbered_on(self, seq: int) -> None:
+        """The journal's numbering moved on to `seq` before anything was queued here (the
+        session's HELLO found storage further than the cache)."""
+        with self._cond:
+            assert not self._records and not self._syncs
+            self._last_queued = self.durable_seq = seq
+
     def wait_durable(self) -> int:
         """Wait until everything queued is fsynced; returns the durable sequence."""
         with self._cond:

@@ -78,6 +78,10 @@ class Manifests:
         self._store_current(machine, m)
         return manifest
 
+    def forget(self, machine: uuid.UUID) -> None:
+        with self._lock:
+            self._machines.pop(machine, None)
+
     def _state(self, machine: uuid.UUID) -> _Machine:
         with self._lock:
             m = self._machines.get(machine)

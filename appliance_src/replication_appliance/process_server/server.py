@@ -11,10 +11,10 @@ import ssl
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ..common.errors import DatabaseError
 from ..common.secrets import MasterKey
@@ -49,6 +49,7 @@ from .stats import HealthReport, Stats, write_report
 from .uploader import Uploader
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 NIL = uuid.UUID(int=0)
 HEALTH_FILE = "health.json"
 TLS_HANDSHAKE = b"\x16"
@@ -124,9 +125,6 @@ class ProcessServer:
         self.stats.recovered_torn_bytes = sum(j.recovered_torn_bytes for j in self.journals.all())
         self.uploader = Uploader(store, DataKeyring(store, master_key), self._machine, self.stats,
                                  config.upload_concurrency, config.zstd_level, backoff_max=config.upload_backoff_max)
-        # Reads of where storage stands, for a session that may go on without one (bounded
-        # wait): in an outage they hang for the storage client's timeouts.
-        self._storage_checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="numbering")
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -187,7 +185,6 @@ class ProcessServer:
                 log.warning("%d session(s) did not end within %.0fs of stopping", self._serving, session_wait)
         self.journals.close()
         self.uploader.close(wait=False)
-        self._storage_checks.shutdown(wait=False, cancel_futures=True)
 
     # -- health and back-pressure ---------------------------------------------------------
     def health(self) -> HealthReport:
@@ -387,10 +384,6 @@ class ProcessServer:
                 self.uploader.submit(sealed)
             for seg in journal.pending():  # one sealed just before the failure may not have been handed over
                 self.uploader.submit(seg)
-        if journal.state.numbering_unknown or journal.drained():
-            refusal = self._number_after_storage(record, journal)
-            if refusal is not None:
-                return self._refuse(sock, record.machine_id, refusal)
         try:
             sealed = journal.begin_session(record.disk_sizes)  # a segment holds records of one registration
         except OSError as e:  # the seal could not finish: a repair (next session) or the monitor completes it
@@ -440,6 +433,11 @@ class ProcessServer:
                 payload = reader.exact(h.length, entry.payload() if entry else None)
                 check_payload(hb, h, payload)
                 if h.kind is Kind.HELLO:
+                    if journal.state.numbering_unknown or journal.drained():
+                        self._number_after_storage(record, journal, h.seq)  # raises the refusal
+                        session.expected_seq = journal.last_seq + 1  # nothing arrived before the HELLO
+                        commit.numbered_on(journal.last_seq)
+                        acked = last = journal.last_seq
                     self._send(sock, Frame(Kind.WELCOME, record.machine_id, seq=journal.last_seq))
                     continue
                 if h.kind is Kind.DIGEST_REQUEST:
@@ -464,32 +462,35 @@ class ProcessServer:
             with self._lock:
                 self._commits.discard(commit)
 
-    def _number_after_storage(self, record: MachineRecord, journal: MachineJournal) -> FrameError | None:
+    def _number_after_storage(self, record: MachineRecord, journal: MachineJournal, acked_before: int) -> None:
         """With nothing of the machine in this cache: number on after what storage holds of it
         if that is further (first seen here, moved here, moved back, the cache disk replaced or
-        restored). The refusal to send when that cannot be done: a journal new here must know,
-        while one with its own numbering goes on from it through a storage outage, after a
-        short wait."""
+        restored). Storage must be read for a journal new here, or when the agent was
+        acknowledged beyond this cache's numbering (`acked_before`, its HELLO's: served
+        elsewhere meanwhile); else a storage outage is waited out briefly and the cache's own
+        numbering goes on. Raises the refusal to send when that cannot be done."""
+        must_know = journal.state.numbering_unknown or acked_before > journal.last_seq
         try:
-            if journal.state.numbering_unknown:
+            if must_know:
                 segno, seq = stored_through_in(self._store, record.machine_id)
             else:
-                segno, seq = self._storage_checks.submit(stored_through_in, self._store, record.machine_id).result(
-                    timeout=self.config.storage_check_wait)
-        except (StorageError, FutureTimeout, RuntimeError) as e:  # RuntimeError: stopping (the pool is shut down)
-            if not journal.state.numbering_unknown:
-                log.warning("machine %s: cannot read where its logs stand in cache storage (%s); numbering on from "
-                            "this cache's", record.hostname, str(e) or "no answer in time")
-                return None
-            return FrameError(ErrorCode.INTERNAL, f"the process server cannot read where {record.hostname}'s logs "
-                              f"stand in cache storage ({e}): retry later")
+                segno, seq = _within(self.config.storage_check_wait, stored_through_in, self._store, record.machine_id)
+        except (StorageError, TimeoutError) as e:
+            if must_know:
+                raise FrameError(ErrorCode.INTERNAL, f"the process server cannot read where {record.hostname}'s logs "
+                                 f"stand in cache storage ({e}): retry later") from None
+            log.warning("machine %s: cannot read where its logs stand in cache storage (%s); numbering on from this "
+                        "cache's", record.hostname, e)
+            return
         try:
-            if journal.number_after(segno, seq):
-                log.info("machine %s: storage holds its logs through segment %d (sequence %d), further than this "
-                         "cache: numbering on from there", record.hostname, segno, seq)
+            moved = journal.number_after(segno, seq)
         except OSError as e:
-            return FrameError(ErrorCode.INTERNAL, f"the process server's cache disk is failing ({e}): retry later")
-        return None
+            raise FrameError(ErrorCode.INTERNAL, f"the process server's cache disk is failing ({e}): retry later") from None
+        if moved:
+            # what this server last knew of the machine's manifest may be stale too
+            self.uploader.forget(record.machine_id)
+            log.info("machine %s: storage holds its logs through segment %d (sequence %d), further than this cache: "
+                     "numbering on from there", record.hostname, segno, seq)
 
     def _digests(self, record: MachineRecord, journal: MachineJournal, h, payload) -> Frame:
         size = record.disk_sizes[h.disk]
@@ -506,6 +507,27 @@ class ProcessServer:
             log.warning("resync digests of %s disk %d unavailable: %s", record.machine_id, h.disk, e)
             return Frame(Kind.DIGESTS, record.machine_id, disk=h.disk, offset=h.offset, flags=Flag.NOT_READY)
         return Frame(Kind.DIGESTS, record.machine_id, disk=h.disk, offset=h.offset, payload=data)
+
+
+def _within(seconds: float, fn: Callable[..., T], *args) -> T:
+    """`fn(*args)`, or TimeoutError once it has taken `seconds` (it runs on in its daemon
+    thread, its answer unused: a storage call in an outage hangs for the client's timeouts)."""
+    done: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            done["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, who raises it
+            done["error"] = e
+
+    t = threading.Thread(target=run, name="within", daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        raise TimeoutError(f"no answer within {seconds:g}s")
+    if "error" in done:
+        raise done["error"]
+    return done["value"]
 
 
 def _shutdown(sock: socket.socket) -> None:

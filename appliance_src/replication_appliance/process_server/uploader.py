@@ -117,6 +117,11 @@ class Uploader:
         seg.remove()
         return True
 
+    def forget(self, machine: uuid.UUID) -> None:
+        """What is known of the machine's manifest is stale (it was served elsewhere meanwhile):
+        read it again from storage at its next upload. Only with none of its segments here."""
+        self._manifests.forget(machine)
+
     def close(self, wait: bool = True) -> None:
         self._stopping.set()
         self._pool.shutdown(wait=wait, cancel_futures=True)

@@ -112,6 +112,9 @@ def run_push_install(request: PushRequest, transport: Transport, sink: ProgressS
                 sink.step("register", "skipped", "already registered with this appliance")
             else:
                 with step("register"):
+                    # An agent registered elsewhere may be running: it holds the state folder
+                    # (one agent per folder); the start step starts it again.
+                    _run(transport, "register", layout.control_command("stop"))
                     disks = request.disks or tuple(_run(transport, "register", layout.discover_disks_command()).stdout.split())
                     registration = Registration(request.control_server, disks, request.hostname, request.host_id)
                     _run(transport, "register", layout.register_command(registration), stdin=request.passphrase + "\n")

@@ -3,6 +3,7 @@ its cache disk replaced. The new journal numbers on from storage (else apply, pa
 numbers, would skip what arrives); what the old cache acknowledged and lost is resynced."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import threading
@@ -10,7 +11,7 @@ import time
 
 import pytest
 from replication_appliance.agent.link import Link, LinkLost, Outbox, RateLimit
-from replication_appliance.apply.applier import MachineApplier
+from replication_appliance.apply.applier import MachineApplier, find_machine
 from replication_appliance.apply.recovery_points import export_disk, recovery_points
 from replication_appliance.common.secrets import MasterKey
 from replication_appliance.storage import StorageUnavailable, open_store
@@ -201,3 +202,49 @@ def test_storage_unreadable_refuses_a_new_machine_and_delays_a_known_one_briefly
     finally:
         store.list_blobs = real_list
         srv.stop()
+
+
+def test_back_on_a_process_server_that_ran_on_its_manifest_and_numbering_are_storage_s(tmp_path, pki):
+    """The first process server went on serving others while the machine was away, got a disk
+    there, and came back, storage slow to answer that once: the server must wait for it (the
+    agent was acknowledged beyond its numbering) and forget the manifest it knew."""
+    store = open_store(str(tmp_path / "storage"))
+    master = MasterKey(os.urandom(32))
+    m = make_machine(tmp_path, "away01", [8 * MiB, 4 * MiB], seed=71, ps_port=0)
+    two_disks, both = m.config, m.record
+    m.config = dataclasses.replace(two_disks, disks=two_disks.disks[:1])
+    m.state.save_config(m.config)
+    first = InProcessServer(pki, tmp_path / "cache-a", [dataclasses.replace(both, disk_sizes=both.disk_sizes[:1])],
+                            store, master, segment_max_age=0.2, storage_check_wait=0.5)
+    try:
+        replicator(pki, m, first.port).run_cycle()
+        wait_uploaded(first.server)
+        first.directory.register(both)  # registered again with a second disk, served elsewhere
+        m.config = two_disks
+        m.state.save_config(m.config)
+        other = InProcessServer(pki, tmp_path / "cache-b", [both], store, master, segment_max_age=0.2)
+        try:
+            for i in range(2):
+                random_writes(m.images[0], 20, seed=72 + i)
+                away = replicator(pki, m, other.port).run_cycle()
+            wait_uploaded(other.server)
+        finally:
+            other.stop()
+        real_list = store.list_blobs
+        slow = [3.0]
+
+        def slow_once(prefix):
+            time.sleep(slow.pop() if slow else 0)
+            return real_list(prefix)
+
+        store.list_blobs = slow_once
+        for disk, image in enumerate(m.images):
+            random_writes(image, 20, seed=75 + disk)
+        back = replicator(pki, m, first.port).run_cycle()
+        store.list_blobs = real_list
+        assert back.marker_seq > away.marker_seq and back.phases == ["disk 0: delta", "disk 1: delta"]
+        wait_uploaded(first.server)
+    finally:
+        first.stop()
+    MachineApplier(store, DataKeyring(store, master), find_machine(store, "away01")).apply_until(back.marker_seq, 60)
+    assert_replica_is_the_source(store, m, tmp_path, back.marker_seq)

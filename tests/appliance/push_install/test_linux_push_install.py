@@ -1,6 +1,7 @@
 """Linux push install for real: sshd on loopback as the target, the agent package copied over
 SFTP, installed under a temporary prefix, registered with a running appliance, first heartbeat
-confirmed; a second run changes nothing; wrong credentials fail clearly; a failed install leaves
+confirmed; a second run changes nothing; a running agent registered elsewhere is registered
+here; wrong credentials fail clearly; a failed install leaves
 the target clean; upgrades keep the registration; each job stages in a new private folder; a
 failed upload fails its job clearly."""
 from __future__ import annotations
@@ -110,6 +111,16 @@ def test_push_install_registers_heartbeats_and_second_run_is_a_no_op(appliance: 
 
     listed = appliance.cli("agents", "jobs", "--data-dir", str(appliance.data_dir.root), "--job", job.id, check=True)
     assert "heartbeat" in listed.stdout and "succeeded" in listed.stdout
+
+    # A running agent registered with another appliance is registered here: it holds its state
+    # folder (one agent per folder), so it is stopped for that, and started again.
+    identity["control_server"] = "elsewhere.example:443"
+    (linux_target.state_dir / "agent.json").write_text(json.dumps(identity))
+    third = push(appliance, linux_target)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert steps(jobs(appliance)[-1])["register"] == "succeeded"
+    assert json.loads((linux_target.state_dir / "agent.json").read_text())["control_server"] == appliance.server
+    assert linux_target.agent_pid() not in (None, pid)
 
 
 def test_wrong_credentials_give_a_clear_error_and_leave_the_target_untouched(appliance: Appliance,
