@@ -2,6 +2,7 @@
 with real content, Azurite, and a process server run in-process or as a killable process."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -159,6 +160,15 @@ def make_machine(root: Path, hostname: str, sizes: list[int], seed: int, ps_port
                          [DiskConfig(str(p), s) for p, s in zip(images, sizes)])
     state.save_config(config)
     return Machine(record, images, state, config)
+
+
+def first_disk_only(m: Machine) -> tuple[AgentConfig, MachineRecord, MachineRecord]:
+    """Register the machine with its first disk only, for a test that adds the others later:
+    (the config with every disk, the record with every disk, the record with the first)."""
+    every_disk, record = m.config, m.record
+    m.config = dataclasses.replace(every_disk, disks=every_disk.disks[:1])
+    m.state.save_config(m.config)
+    return every_disk, record, dataclasses.replace(record, disk_sizes=record.disk_sizes[:1])
 
 
 def replicator(pki: Pki, m: Machine, port: int | None = None, **kw) -> Replicator:

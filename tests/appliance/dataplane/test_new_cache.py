@@ -3,7 +3,6 @@ its cache disk replaced. The new journal numbers on from storage (else apply, pa
 numbers, would skip what arrives); what the old cache acknowledged and lost is resynced."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import threading
@@ -19,6 +18,7 @@ from replication_appliance.storage.keyring import DataKeyring
 
 from .conftest import (
     InProcessServer,
+    first_disk_only,
     make_machine,
     random_writes,
     replicator,
@@ -211,11 +211,8 @@ def test_back_on_a_process_server_that_ran_on_its_manifest_and_numbering_are_sto
     store = open_store(str(tmp_path / "storage"))
     master = MasterKey(os.urandom(32))
     m = make_machine(tmp_path, "away01", [8 * MiB, 4 * MiB], seed=71, ps_port=0)
-    two_disks, both = m.config, m.record
-    m.config = dataclasses.replace(two_disks, disks=two_disks.disks[:1])
-    m.state.save_config(m.config)
-    first = InProcessServer(pki, tmp_path / "cache-a", [dataclasses.replace(both, disk_sizes=both.disk_sizes[:1])],
-                            store, master, segment_max_age=0.2, storage_check_wait=0.5)
+    two_disks, both, one = first_disk_only(m)
+    first = InProcessServer(pki, tmp_path / "cache-a", [one], store, master, segment_max_age=0.2, storage_check_wait=0.5)
     try:
         replicator(pki, m, first.port).run_cycle()
         wait_uploaded(first.server)

@@ -13,7 +13,15 @@ from replication_appliance.dataplane.segment import replica_name
 from replication_appliance.storage import open_store
 from replication_appliance.storage.keyring import DataKeyring
 
-from .conftest import InProcessServer, make_machine, random_writes, replicator, sha256, wait_until
+from .conftest import (
+    InProcessServer,
+    first_disk_only,
+    make_machine,
+    random_writes,
+    replicator,
+    sha256,
+    wait_until,
+)
 
 MiB = 1 << 20
 
@@ -104,11 +112,8 @@ def test_an_agent_that_lost_its_state_and_has_a_new_disk_resyncs_without_waiting
     store = open_store(str(tmp_path / "storage"))
     master = MasterKey(os.urandom(32))
     m = make_machine(tmp_path, "lost02", [8 * MiB, 4 * MiB], seed=35, ps_port=0)
-    full_config, both = m.config, m.record
-    m.config = dataclasses.replace(full_config, disks=full_config.disks[:1])
-    m.state.save_config(m.config)
-    srv = InProcessServer(pki, tmp_path / "cache", [dataclasses.replace(both, disk_sizes=both.disk_sizes[:1])], store,
-                          master, segment_max_age=0.2)
+    full_config, both, one = first_disk_only(m)
+    srv = InProcessServer(pki, tmp_path / "cache", [one], store, master, segment_max_age=0.2)
     try:
         first = replicator(pki, m, srv.port).run_cycle()
         wait_until(lambda: store.list_blobs("machines/"), 20, "the first log uploaded")
