@@ -82,12 +82,13 @@ def nonzero_segments(image: Path):
         yield bytes(buf)
 
 
-def wait_drained(ps: ServerProcess, timeout: float = 1800) -> None:
+def wait_drained(ps: ServerProcess, timeout: float = 1800, after_ingest: bool = True) -> None:
+    """Until the cache is uploaded (`after_ingest`: and something was received first)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             h = ps.health()
-            if h["backlog_bytes"] == 0 and h["ingested_bytes"] > 0:
+            if h["backlog_bytes"] == 0 and (h["ingested_bytes"] > 0 or not after_ingest):
                 return
         except (FileNotFoundError, json.JSONDecodeError):
             pass
@@ -247,9 +248,15 @@ def main() -> int:
             ratios, cpu_ceilings, cpu_costs = [], [], []
             tls_before = raw_tls_run()
             for round_no in range(1, rounds + 1):
+                saved = work / "agent-after-whole-path"
+                if round_no == 1:  # the delta and scan below go on from the whole path's replication
+                    shutil.copytree(m.state.root, saved)
                 for f in m.state.root.glob("disk-*"):  # forget the replication: initial again, into a fresh cache
                     f.unlink()
-                ps2 = ServerProcess(pki, work / f"ps-ingest-{round_no}", [m.record], az.connection_string,
+                # and storage of its own, empty: a cache new to a machine that storage knows numbers on
+                # from storage, and an agent without state against that would resync, not replicate
+                ingest_dir = work / f"ps-ingest-{round_no}"
+                ps2 = ServerProcess(pki, ingest_dir, [m.record], str(ingest_dir / "storage"),
                                     extra=["--upload-concurrency", "0"])
                 ps2.start()
                 rep = replicator(pki, m, ps2.port)  # certificate issued outside the timed part
@@ -291,6 +298,9 @@ def main() -> int:
                  rate(data_bytes, raw_disk), raw_disk / ingest * report.bytes_sent / data_bytes, "context")
 
             # -- 3. delta vs rsync ---------------------------------------------------------------------
+            # the agent and the process server (its cache) as the whole path left them
+            shutil.rmtree(m.state.root)
+            shutil.copytree(work / "agent-after-whole-path", m.state.root)
             before = work / "rsync-dest.img"
             shutil.copyfile(m.images[0], before)
             rng = random.Random(9)
@@ -300,7 +310,7 @@ def main() -> int:
                 for b in changed:
                     f.seek(b * BLOCK)
                     f.write(rng.randbytes(BLOCK))
-            ps3 = ServerProcess(pki, work / "ps-delta", [m.record], az.connection_string)
+            ps3 = ServerProcess(pki, work / "ps", [m.record], az.connection_string)
             ps3.start()
             rep = replicator(pki, m, ps3.port)
             t = time.perf_counter()
@@ -327,8 +337,9 @@ def main() -> int:
                  ours / theirs, "< 0.5")
 
             # -- 4. scan rate ---------------------------------------------------------------------
-            ps4 = ServerProcess(pki, work / "ps-scan", [m.record], az.connection_string)
+            ps4 = ServerProcess(pki, work / "ps", [m.record], az.connection_string)
             ps4.start()
+            wait_drained(ps4, 300, after_ingest=False)  # the delta's segments go up first: the scan is the agent's, not the uploads'
             rep = replicator(pki, m, ps4.port)
             cat = scan = float("inf")
             for _ in range(3):  # alternate, best of three each: the machine is shared
