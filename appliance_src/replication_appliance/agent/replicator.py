@@ -316,13 +316,13 @@ class Replicator:
         started = time.monotonic()
         self.report = CycleReport()
         self.outbox = Outbox(self._window)
-        self.outbox.acked_before = max(self.state.load_disk(d).acked_seq for d in range(len(self.config.disks)))
+        states = [self.state.load_disk(d) for d in range(len(self.config.disks))]
+        self.outbox.acked_before = max(st.acked_seq for st in states)
         try:
             self._open(fresh=True)
         except (OSError, LinkLost) as e:  # unreachable, or it cannot serve yet (e.g. its database is restarting)
             self._reconnect(e, fresh=True)
         try:
-            states = [self.state.load_disk(d) for d in range(len(self.config.disks))]
             maps: list[DigestMap | None] = []
             for disk, dcfg in enumerate(self.config.disks):
                 size = disk_size(dcfg.path)

@@ -31,27 +31,16 @@ def _write_atomic(path: Path, text: str) -> None:
     fileio.replace_file(path, text.encode())
 
 
-def _lock_exclusively(fd: int) -> None:
-    """Lock the file without waiting (OSError: another process holds it); released on close."""
+def _lock(fd: int, exclusive: bool) -> None:
+    """Lock the file without waiting (OSError: another process holds it), or unlock it."""
     try:
         import fcntl
     except ImportError:  # Windows
         import msvcrt
 
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK if exclusive else msvcrt.LK_UNLCK, 1)
     else:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-def _unlock(fd: int) -> None:
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
-
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_UN)
 
 
 @dataclass
@@ -122,12 +111,12 @@ class StateDir:
             raise AgentStateError(f"the state folder {self.root} cannot be used: {e.strerror or e}") from None
         try:
             try:
-                _lock_exclusively(fd)
+                _lock(fd, exclusive=True)
             except OSError:
                 raise AgentStateError(f"another mobility-agent is using {self.root} (it holds {path}): stop it first, "
                                       "or give this one a state folder of its own") from None
             yield
-            _unlock(fd)
+            _lock(fd, exclusive=False)
         finally:
             os.close(fd)  # releases the lock too (at once on POSIX, some time after on Windows)
 

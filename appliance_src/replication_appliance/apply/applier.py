@@ -281,8 +281,7 @@ class MachineApplier:
         """Delete the logs no disk will apply: below a disk's position (an interrupted delete,
         or uploaded again by a restarted process server), and every log of a disk the machine
         no longer has (dropped; registered again, it starts above them). Returns how many."""
-        logs = [(b.name, pos) for b in self.store.list_blobs(f"logs/{self.machine.machine_id}/")
-                if (pos := _disk_and_segno(b.name)) is not None]
+        logs = self._listed_logs()
         # Read after the listing: a log is put after the manifest naming its disk, so a disk
         # listed here that this manifest lacks was dropped, not added unseen.
         try:
@@ -314,9 +313,13 @@ class MachineApplier:
 
     def missing_logs(self) -> list[str]:
         """What `_next_missing` finds in storage now, as sentences for an error message."""
-        logs = [(b.name, pos) for b in self.store.list_blobs(f"logs/{self.machine.machine_id}/")
+        return [_missing_text(self.machine.hostname, d, segno)
+                for d, segno in self._next_missing(self._listed_logs()).items()]
+
+    def _listed_logs(self) -> list[tuple[str, tuple[int, int]]]:
+        """(name, (disk, segment)) of every log of the machine in storage."""
+        return [(b.name, pos) for b in self.store.list_blobs(f"logs/{self.machine.machine_id}/")
                 if (pos := _disk_and_segno(b.name)) is not None]
-        return [_missing_text(self.machine.hostname, d, segno) for d, segno in self._next_missing(logs).items()]
 
     def apply_available(self) -> int:
         """Apply every log already in storage; returns how many blobs were applied."""
